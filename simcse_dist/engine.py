@@ -1,0 +1,154 @@
+"""The only `import deepspeed`: config dict from Config, initialize, grad norm, full weights.
+
+Choices, and why:
+- torch AdamW as a client optimizer (fused on CUDA): DeepSpeed's config optimizer would
+  JIT-compile FusedAdam/CPUAdam, which fails or takes minutes on many machines.
+- a client LambdaLR with HF's linear warmup/decay (what the official SimCSE code trains with),
+  stepped by the engine after each optimizer step; its state is part of engine checkpoints.
+- gradient clipping always set explicitly (DeepSpeed would default to 1.0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import Config
+
+
+def linear_schedule(total_steps: int, warmup_steps: int):
+    """HF's get_linear_schedule_with_warmup as a LambdaLR factor of the optimizer step."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return float(step) / float(max(1, warmup_steps))
+        return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
+
+    return factor
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config generated from ours (+ engine.deepspeed_config merged over it)."""
+    micro = cfg.micro_batch_size(world_size)
+    zero: dict[str, Any] = {"stage": cfg.engine.zero_stage}
+    if cfg.engine.zero_stage >= 2:
+        zero.update(overlap_comm=torch.cuda.is_available(), contiguous_gradients=True)
+    ds: dict[str, Any] = {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.engine.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.engine.precision == "bf16"},
+        "fp16": {"enabled": cfg.engine.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if cfg.engine.deepspeed_config:
+        ds = deep_merge(ds, json.loads(Path(cfg.engine.deepspeed_config).read_text()))
+    return ds
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No decay on biases and LayerNorm weights (1-d tensors), as HF Trainer."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Engine:
+    """Thin wrapper over a DeepSpeed engine: forward, backward, step and what we log."""
+
+    def __init__(self, model: nn.Module, cfg: Config, world_size: int, total_steps: int) -> None:
+        import deepspeed
+
+        warmup = math.ceil(cfg.optim.warmup_ratio * total_steps)
+        optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.optim.weight_decay),
+            lr=cfg.optim.lr,
+            betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
+            eps=cfg.optim.adam_eps,
+            fused=torch.cuda.is_available(),
+        )
+        self.ds_config = deepspeed_config(cfg, world_size)
+        schedule = linear_schedule(total_steps, warmup)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            config=self.ds_config,
+        )
+        self.zero_stage = cfg.engine.zero_stage
+        self._manual_norm = not self._wrapped_optimizer()
+        self._last_norm: torch.Tensor | None = None
+
+    def _wrapped_optimizer(self) -> bool:
+        # ZeRO and DeepSpeed's bf16/fp16 optimizers compute the global norm themselves.
+        return self.zero_stage > 0 or self.engine.bfloat16_enabled() or self.engine.fp16_enabled()
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    def __call__(self, **batch: torch.Tensor) -> torch.Tensor:
+        return self.engine(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """DeepSpeed divides by grad_accum and, at the boundary, averages gradients over ranks."""
+        self.engine.backward(loss)
+        if self._manual_norm and self.engine.is_gradient_accumulation_boundary():
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            self._last_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def grad_norm(self) -> float | None:
+        """Global gradient norm of the last optimizer step, before clipping (a host sync)."""
+        if self._manual_norm:
+            return None if self._last_norm is None else float(self._last_norm)
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """fp32 master weights of every parameter, gathered from ZeRO partitions, on CPU.
+
+        collective: every rank calls this (ZeRO 1-3 assemble partitions with all-reduces).
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, p in self.engine.module.named_parameters():
+            full = safe_get_full_fp32_param(p)
+            state[name] = (p.data if full is None else full).detach().float().cpu().clone()
+        for name, buf in self.engine.module.named_buffers():
+            state[name] = buf.detach().cpu().clone()
+        return state

@@ -1,0 +1,102 @@
+"""Metric sinks behind log(metrics, step) / close(): stdout, metrics.jsonl, wandb (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
+
+
+class StdoutLogger:
+    def __init__(self, write=None) -> None:
+        self.write = write or (lambda s: print(s, file=sys.stdout, flush=True))
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.write(f"step {step}: " + "  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlLogger:
+    """One JSON object per logged step, with a `step` field; flushed per line (crash-safe)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a", encoding="utf-8")
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self.f.write(json.dumps({"step": step, **clean}) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def wandb_has_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+class WandbLogger:
+    def __init__(self, cfg: Config, mode: str) -> None:
+        import wandb  # lazy: slow import, and optional at run time
+
+        out = Path(cfg.train.output_dir)
+        os.environ.setdefault("WANDB_DIR", str(out))
+        self.run = wandb.init(
+            project=cfg.log.wandb_project,
+            name=cfg.log.run_name or out.name,
+            config=cfg.to_dict(),
+            mode=mode,
+            dir=str(out),
+            resume="allow",
+        )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MetricsLogger:
+    """Fans out to every sink on rank 0; a no-op elsewhere."""
+
+    def __init__(self, cfg: Config, is_main: bool, write=None) -> None:
+        self.sinks: list[Any] = []
+        self.write = write or (lambda s: print(s, flush=True))
+        if not is_main:
+            return
+        self.sinks = [StdoutLogger(self.write), JsonlLogger(Path(cfg.train.output_dir) / "metrics.jsonl")]
+        mode = cfg.log.wandb_mode
+        if mode == "online" and not wandb_has_key():
+            self.write("wandb: no API key found (WANDB_API_KEY or ~/.netrc); logging offline instead")
+            mode = "offline"
+        if mode != "disabled":
+            self.sinks.append(WandbLogger(cfg, mode))
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for sink in self.sinks:
+            sink.log(metrics, step)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()

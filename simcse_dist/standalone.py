@@ -1,0 +1,1 @@
+"""simcse-eval and simcse-export (filled in by the evaluation/export issue)."""
