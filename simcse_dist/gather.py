@@ -40,6 +40,24 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    On gloo, torch's all_gather backward emulates reduce-scatter with all_to_all into
+    `empty_like(grad)` buffers; a non-contiguous gradient (e.g. from a transpose after the
+    gather) gives strided buffers that all_to_all fills as if contiguous: silently wrong
+    gradients. Measured here: 1.4x relative error in the supervised layout without this.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """[b, ...] on every rank -> [N*b, ...], rank-major; gradients flow back to their owners.
 
@@ -47,7 +65,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not _active():
         return x
-    return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+    return _ContiguousGrad.apply(torch.cat(dist_fn.all_gather(x.contiguous()), dim=0))
 
 
 @torch.no_grad()

@@ -1,0 +1,26 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from helpers import SHARED_DATA, make_tiny_bert  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    # initializer_range 0.3: a random BERT with the default 0.02 maps every sentence to nearly the
+    # same [CLS] vector (cosine 0.99999), which makes loss gradients cancellation noise.
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), initializer_range=0.3)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA

