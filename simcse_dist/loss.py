@@ -33,12 +33,13 @@ def info_nce(
     hard_negative_weight: added (in log space, i.e. to the logit after /tau) to anchor i's own
                 hard negative, candidate B + label_offset + i, as the official code's z3_weight.
     num_positive_candidates: B; defaults to M (no hard negatives).
-    Cosine similarities and the softmax are computed in fp32 whatever the input dtype.
+    Cosine similarities and the softmax are computed in (at least) fp32 whatever the input dtype.
     """
     b = anchors.shape[0]
     big_b = candidates.shape[0] if num_positive_candidates is None else num_positive_candidates
-    a = F.normalize(anchors.float(), dim=-1)  # [b, d]
-    c = F.normalize(candidates.float(), dim=-1)  # [M, d]
+    dtype = torch.promote_types(anchors.dtype, torch.float32)  # bf16/fp16 -> fp32, fp64 stays
+    a = F.normalize(anchors.to(dtype), dim=-1)  # [b, d]
+    c = F.normalize(candidates.to(dtype), dim=-1)  # [M, d]
     logits = a @ c.T / temperature  # [b, M]
     labels = torch.arange(b, device=logits.device) + label_offset  # [b]
     if hard_negative_weight != 0.0 and candidates.shape[0] > big_b:

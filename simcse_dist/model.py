@@ -11,6 +11,7 @@ Poolers follow the official SimCSE code (princeton-nlp/SimCSE, simcse/models.py)
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -22,6 +23,22 @@ from .config import ModelConfig, resolve_model_path
 SIMCSE_CONFIG_NAME = "simcse_config.json"
 MLP_WEIGHTS_NAME = "simcse_mlp.pt"
 _DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Loading without the HF pooler prints an 'UNEXPECTED pooler.dense.*' report and a progress
+    bar on every rank; both are expected here and only bury the useful output."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
 
 
 class MLPHead(nn.Module):
@@ -90,10 +107,11 @@ class Encoder(nn.Module):
         kwargs = {"config": hf_config}
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
-        try:  # BERT/RoBERTa: SimCSE never uses HF's pooler layer; leaving it out avoids unused params.
-            backbone = AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
-        except TypeError:
-            backbone = AutoModel.from_pretrained(path, **kwargs)
+        with _quiet_transformers():
+            try:  # BERT/RoBERTa: SimCSE never uses HF's pooler layer; leaving it out avoids unused params.
+                backbone = AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
+            except TypeError:
+                backbone = AutoModel.from_pretrained(path, **kwargs)
         return cls(backbone, cfg.pooler, cfg.mlp_only_train)
 
     @property
@@ -126,8 +144,14 @@ def save_encoder(
     tokenizer,
 ) -> None:
     """Write a Hugging Face model directory (config, weights, tokenizer) plus SimCSE's pooling
-    settings. `AutoModel.from_pretrained(out_dir)` loads it; the MLP is kept only where the
-    pooler uses it at test time (cls without mlp_only_train)."""
+    settings, which is also a sentence-transformers model (see export.py for the layout), so
+    `AutoModel.from_pretrained(out_dir)` and `SentenceTransformer(out_dir)` both load it. The MLP
+    is kept only where the pooler uses it at test time (cls without mlp_only_train).
+
+    The states are passed in, not read from `encoder`, because under ZeRO-3 the live parameters
+    are partitions; the trainer gathers full fp32 weights first. `encoder` supplies the config."""
+    from .export import write_sentence_transformers
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     encoder.backbone.save_pretrained(out, state_dict=backbone_state, safe_serialization=True)
@@ -135,5 +159,11 @@ def save_encoder(
     keep_mlp = encoder.pooler == "cls" and not encoder.mlp_only_train
     meta = {"pooler": encoder.pooler, "mlp_only_train": encoder.mlp_only_train, "mlp": keep_mlp}
     (out / SIMCSE_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    if keep_mlp and mlp_state is not None:
-        torch.save({k: v.detach().cpu() for k, v in mlp_state.items()}, out / MLP_WEIGHTS_NAME)
+    if keep_mlp:
+        if mlp_state is None:
+            raise ValueError(f"{out}: pooler cls keeps the MLP at test time, but mlp_state is None")
+        mlp_state = {k: v.detach().cpu() for k, v in mlp_state.items()}
+        torch.save(mlp_state, out / MLP_WEIGHTS_NAME)
+    config = encoder.backbone.config
+    write_sentence_transformers(out, encoder.pooler, keep_mlp, config.hidden_size, config.num_hidden_layers,
+                                mlp_state if keep_mlp else None)

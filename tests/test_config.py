@@ -1,0 +1,123 @@
+"""Config: YAML + dotted overrides -> typed tree; every failure names the field (or file)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import DEMO_DATA, REPO
+
+from simcse_dist.config import Config, ConfigError, load_config, save_config
+from simcse_dist.distributed import DistEnv, DistEnvError
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_papers_unsup_settings():
+    cfg = Config()
+    assert (cfg.model.pooler, cfg.model.temperature, cfg.data.max_seq_len) == ("cls", 0.05, 32)
+    assert (cfg.train.global_batch_size, cfg.optim.lr, cfg.eval.every_steps) == (64, 3e-5, 125)
+
+
+def test_yaml_and_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  global_batch_size: 64\noptim:\n  lr: 1e-5\n")  # YAML 1.1 reads 1e-5 as a string
+    cfg = load_config(y, ["train.global_batch_size=128", "engine.zero_stage=2", "model.dropout=0",
+                          "eval.sts_dev_file=null", "model.name_or_path=my/model"])
+    assert cfg.train.global_batch_size == 128 and cfg.engine.zero_stage == 2
+    assert cfg.optim.lr == 1e-5 and cfg.model.dropout == 0.0 and cfg.eval.sts_dev_file is None
+    assert cfg.model.name_or_path == "my/model"
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.seed=3", "model.pooler=avg", "optim.hard_negative_weight=0.5"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("override,field", [
+    ("train.global_batchsize=3", "train.global_batchsize: unknown key (did you mean train.global_batch_size?)"),
+    ("model.temperature=0", "model.temperature: must be > 0"),
+    ("model.temperature=-0.1", "model.temperature: must be > 0"),
+    ("model.temperature=abc", "model.temperature: expected a number"),
+    ("train.global_batch_size=1.5", "train.global_batch_size: expected an integer"),
+    ("train.global_batch_size=true", "train.global_batch_size: expected an integer"),
+    ("model.pooler=max", "model.pooler: 'max' is not one of cls | cls_before_pooler"),
+    ("engine.zero_stage=4", "engine.zero_stage: must be 0, 1, 2 or 3"),
+    ("engine.precision=fp8", "engine.precision: 'fp8' is not one of fp32 | bf16 | fp16"),
+    ("model.mlp_only_train=maybe", "model.mlp_only_train: expected true/false"),
+    ("model.dropout=1.5", "model.dropout: must be in [0, 1)"),
+    ("data.max_seq_len=0", "data.max_seq_len: must be >= 2"),
+    ("log.wandb_mode=cloud", "log.wandb_mode: 'cloud' is not one of online | offline | disabled"),
+    ("bogus.key=1", "bogus: unknown key"),
+    ("train=3", "expected section.key=value"),
+])
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert field in str(e.value)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("train:\n  epochz: 2\n")
+    with pytest.raises(ConfigError, match=r"train\.epochz: unknown key.*bad\.yaml"):
+        load_config(y)
+    y.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        load_config(y)
+    with pytest.raises(ConfigError, match="--config: file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_batch_divisibility_and_files(tmp_path):
+    cfg = load_config(None, ["train.global_batch_size=64", "train.grad_accum=3",
+                             f"data.train_file={DEMO_DATA / 'wiki-demo.txt'}"])
+    with pytest.raises(ConfigError, match=r"train.global_batch_size: 64 must be divisible by world_size x "
+                                          r"train.grad_accum = 2 x 3 = 6"):
+        cfg.validate(world_size=2)
+    cfg = load_config(None, [f"data.train_file={tmp_path / 'nope.txt'}"])
+    with pytest.raises(ConfigError, match="data.train_file: file not found: .*nope.txt"):
+        cfg.validate(world_size=1)
+    cfg = load_config(None, [f"data.train_file={DEMO_DATA / 'wiki-demo.txt'}", "eval.sts_dev_file=/no/dev.tsv"])
+    with pytest.raises(ConfigError, match="eval.sts_dev_file: file not found"):
+        cfg.validate(world_size=1)
+    cfg = load_config(None, [f"data.train_file={DEMO_DATA / 'wiki-demo.txt'}", "optim.hard_negative_weight=1"])
+    with pytest.raises(ConfigError, match="optim.hard_negative_weight: only used with train.objective=sup"):
+        cfg.validate(world_size=1)
+    with pytest.raises(ConfigError, match="data.train_file: is required"):
+        load_config(None, []).validate(world_size=1)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_validates(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_config(path)
+    # The paper configs name Hub models and hf:// data that this offline machine cannot fetch.
+    offline_only = cfg.model.name_or_path.startswith("bundled:") and not cfg.data.train_file.startswith("hf://")
+    for world in (1, 2):
+        cfg.validate(world_size=world, check_files=offline_only)
+
+
+def test_dist_env_resolution():
+    assert DistEnv.from_env({}) == DistEnv(0, 1, 0, "single")
+    env = DistEnv.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert (env.rank, env.world_size, env.source) == (1, 2, "torchrun/deepspeed")
+    env = DistEnv.from_env({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1"})
+    assert (env.rank, env.world_size, env.local_rank, env.source) == (3, 4, 1, "slurm")
+    with pytest.raises(DistEnvError, match="half-set"):
+        DistEnv.from_env({"RANK": "0", "LOCAL_RANK": "0"})
+    with pytest.raises(DistEnvError, match="outside world size"):
+        DistEnv.from_env({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+
+
+def test_cli_reports_config_errors_before_starting(tmp_path):
+    """A bad value exits 2 with the field named, without starting a process group."""
+    proc = subprocess.run([sys.executable, "-m", "simcse_dist.cli", "--config", str(REPO / "configs/demo.yaml"),
+                           "train.global_batch_size=33", "train.grad_accum=2", f"train.output_dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert "train.global_batch_size: 33 must be divisible by world_size x train.grad_accum = 1 x 2" in proc.stderr
+    assert not (Path(tmp_path) / "config.yaml").exists()
