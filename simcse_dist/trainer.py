@@ -22,6 +22,13 @@ from .model import Encoder, save_encoder
 from .readers import read_sts_pairs, resolve_path
 
 
+def _write(line: str) -> None:
+    """Print above the tqdm bar instead of through it."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line)
+
+
 @dataclass(slots=True)
 class TrainResult:
     steps: int
@@ -35,7 +42,7 @@ class Trainer:
         from transformers import AutoTokenizer
 
         self.cfg, self.env = cfg, env
-        self.say = (lambda s: None) if (quiet or not env.is_main) else (lambda s: print(s, flush=True))
+        self.say = (lambda s: None) if (quiet or not env.is_main) else _write
         self.out = Path(cfg.train.output_dir)
         self.examples, blank = load_examples(cfg.data.train_file, cfg.data.format, cfg.train.objective)
         self.plan = BatchPlan(len(self.examples), cfg.train.global_batch_size, env.world_size, cfg.train.grad_accum)

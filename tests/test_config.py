@@ -121,3 +121,12 @@ def test_cli_reports_config_errors_before_starting(tmp_path):
     assert proc.returncode == 2
     assert "train.global_batch_size: 33 must be divisible by world_size x train.grad_accum = 1 x 2" in proc.stderr
     assert not (Path(tmp_path) / "config.yaml").exists()
+
+
+def test_readme_documents_every_config_key():
+    import dataclasses
+
+    readme = (REPO / "README.md").read_text()
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.type if isinstance(section.type, type) else type(getattr(Config(), section.name))):
+            assert f"{section.name}.{f.name}" in readme, f"README config reference lacks {section.name}.{f.name}"

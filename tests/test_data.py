@@ -1,0 +1,82 @@
+"""Sampler and collator: the same global batches at every world size, equal shares, dynamic padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DEMO_DATA
+from transformers import AutoTokenizer
+
+from simcse_dist.data import BatchPlan, Collator, GlobalBatchSampler, load_examples
+from simcse_dist.readers import DataError
+
+
+def written_out_global_batch(n: int, big_b: int, seed: int, epoch: int, step: int) -> list[int]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return perm[step * big_b:(step + 1) * big_b]
+
+
+@pytest.mark.parametrize("world,accum", [(1, 1), (2, 1), (3, 1), (2, 2), (3, 4)])
+def test_ranks_partition_the_single_process_global_batch(world, accum):
+    n, big_b, seed = 100, 24, 5
+    plan = BatchPlan(n, big_b, world, accum)
+    samplers = [GlobalBatchSampler(plan, r, seed) for r in range(world)]
+    spe = plan.steps_per_epoch
+    assert spe == 4 and plan.dropped_per_epoch == 4
+    seen_epoch0 = []
+    for step in range(2 * spe):
+        epoch, s = divmod(step, spe)
+        per_rank = [dict(smp.iter_steps(step, step + 1))[step] for smp in samplers]
+        for micro in range(accum):
+            chunk = [i for r in range(world) for i in per_rank[r][micro]]  # rank-major concatenation
+            assert all(len(per_rank[r][micro]) == big_b // (world * accum) for r in range(world))
+            expected = written_out_global_batch(n, big_b, seed, epoch, s)
+            size = big_b // accum
+            assert chunk == expected[micro * size:(micro + 1) * size]
+            if epoch == 0:
+                seen_epoch0 += chunk
+    assert len(seen_epoch0) == len(set(seen_epoch0)) == spe * big_b  # nothing seen twice in an epoch
+
+
+def test_epochs_reshuffle_and_no_shuffle_keeps_order():
+    plan = BatchPlan(10, 5, 1, 1)
+    smp = GlobalBatchSampler(plan, 0, seed=0)
+    assert smp.micro_batch(0, 0, 0) != smp.micro_batch(1, 0, 0)
+    assert GlobalBatchSampler(plan, 0, 0, shuffle=False).micro_batch(3, 1, 0) == [5, 6, 7, 8, 9]
+
+
+def test_fewer_examples_than_a_global_batch_is_an_error():
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        GlobalBatchSampler(BatchPlan(10, 16, 1, 1), 0, 0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_bert):
+    return AutoTokenizer.from_pretrained(tiny_bert)
+
+
+def test_unsup_collator_repeats_and_pads_dynamically(tokenizer):
+    col = Collator(tokenizer, max_seq_len=32, objective="unsup")
+    batch = col([("a short one",), ("a somewhat longer sentence than the other",)])
+    ids = batch["input_ids"]
+    longest = len(tokenizer("a somewhat longer sentence than the other")["input_ids"])
+    assert ids.shape == (2, 2, longest) and longest < 32  # padded to the batch, not to max_seq_len
+    assert torch.equal(ids[:, 0], ids[:, 1])
+    assert batch["attention_mask"][0, 0].sum() == len(tokenizer("a short one")["input_ids"])
+
+
+def test_sup_collator_shapes_and_truncation(tokenizer):
+    col = Collator(tokenizer, max_seq_len=8, objective="sup")
+    long = " ".join(["word"] * 50)
+    batch = col([("p one", "h one", "n one"), (long, "h two", "n two")])
+    assert batch["input_ids"].shape == (2, 3, 8)
+    assert batch["input_ids"][1, 0, -1] == tokenizer.sep_token_id  # truncated, still ends with [SEP]
+
+
+def test_load_examples_by_objective():
+    unsup, blank = load_examples(str(DEMO_DATA / "nli-demo.tsv"), None, "unsup")
+    assert all(len(e) == 1 for e in unsup) and blank == 0
+    sup, _ = load_examples(str(DEMO_DATA / "nli-demo.tsv"), None, "sup")
+    assert all(len(e) == 3 for e in sup) and sup[0][0] == unsup[0][0]
+    with pytest.raises(DataError, match="wiki-demo.txt: train.objective=sup needs sent0,sent1"):
+        load_examples(str(DEMO_DATA / "wiki-demo.txt"), None, "sup")
