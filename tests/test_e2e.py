@@ -91,16 +91,25 @@ def test_one_rank_and_two_ranks_log_the_same_loss_and_grad_norm(tiny_bert, tmp_p
 
 
 @pytest.mark.slow
-def test_bf16_smoke_every_zero_stage(tiny_bert, tmp_path):
+def test_bf16_smoke_every_zero_stage_with_sharded_eval(tiny_bert, tmp_path):
+    """bf16 at ZeRO 0-3 on 2 ranks, with STS evaluation (every rank forwards: ZeRO-3 needs it)."""
+    triplets = (DEMO_DATA / "nli-demo.tsv").read_text().splitlines()[1:42]
+    dev = tmp_path / "dev.tsv"  # 41 pairs: an odd count, so the ranks' shares need padding
+    dev.write_text("sentence1\tsentence2\tscore\n" + "".join(
+        f"{t.split(chr(9))[0]}\t{t.split(chr(9))[1 + i % 2]}\t{5.0 if i % 2 == 0 else 1.0}\n"
+        for i, t in enumerate(triplets)))
     run_gloo(REPO / "tests" / "workers" / "train_worker.py", 2, [
         "--out", str(tmp_path), "--stages", "0,1,2,3", f"model.name_or_path={tiny_bert}",
         f"data.train_file={DEMO_DATA / 'nli-demo.tsv'}", "train.objective=sup", "engine.precision=bf16",
         "train.global_batch_size=16", "train.max_steps=4", "log.every_steps=2", "log.wandb_mode=disabled",
-        "log.progress_bar=false"])
+        "log.progress_bar=false", f"eval.sts_dev_file={dev}", "eval.every_steps=2", "eval.batch_size=8"])
     for stage in range(4):
         rows = read_jsonl(tmp_path / f"z{stage}" / "metrics.jsonl")
-        assert [r["step"] for r in rows] == [2, 4]
-        assert all(math.isfinite(r["train/loss"]) and math.isfinite(r["train/grad_norm"]) for r in rows)
+        train = [r for r in rows if "train/loss" in r]
+        assert [r["step"] for r in train] == [2, 4]
+        assert all(math.isfinite(r["train/loss"]) and math.isfinite(r["train/grad_norm"]) for r in train)
+        evals = [r["eval/stsb_spearman"] for r in rows if "eval/stsb_spearman" in r]
+        assert len(evals) == 2 and all(-1 <= e <= 1 for e in evals)
         assert (tmp_path / f"z{stage}" / "best" / "model.safetensors").exists()
 
 

@@ -1,0 +1,56 @@
+"""Generated DeepSpeed config, the LR schedule, and the metric sinks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from simcse_dist.config import load_config
+from simcse_dist.engine import deepspeed_config, linear_schedule
+from simcse_dist.loggers import MetricsLogger
+
+
+def test_deepspeed_config_from_ours_and_expert_merge(tmp_path):
+    expert = tmp_path / "ds.json"
+    expert.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 12345}, "steps_per_print": 7}))
+    cfg = load_config(None, ["train.global_batch_size=64", "train.grad_accum=2", "engine.zero_stage=2",
+                             "engine.precision=bf16", "engine.gradient_clipping=0",
+                             f"engine.deepspeed_config={expert}"])
+    ds = deepspeed_config(cfg, world_size=4)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 8, 2)
+    assert ds["gradient_clipping"] == 0 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["reduce_bucket_size"] == 12345
+    assert ds["steps_per_print"] == 7
+    assert "optimizer" not in ds and "scheduler" not in ds  # client AdamW + LambdaLR: nothing JIT-built
+
+
+def test_linear_schedule_is_hf_linear_warmup_decay():
+    f = linear_schedule(total_steps=10, warmup_steps=2)
+    assert [round(f(s), 4) for s in range(11)] == [0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0]
+    g = linear_schedule(total_steps=4, warmup_steps=0)  # the paper: no warmup, first step at full lr
+    assert [g(s) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+
+
+@pytest.mark.slow
+def test_offline_wandb_without_key_and_jsonl(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "out"))
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'out'}", "log.wandb_mode=online"])
+    said = []
+    logger = MetricsLogger(cfg, is_main=True, write=said.append)
+    logger.log({"train/loss": 1.5, "train/lr": 3e-5}, step=10)
+    logger.close()
+    assert any("logging offline" in s for s in said)
+    assert json.loads((tmp_path / "out" / "metrics.jsonl").read_text()) == {"step": 10, "train/loss": 1.5, "train/lr": 3e-5}
+    assert list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+
+
+def test_non_main_ranks_write_nothing(tmp_path):
+    cfg = load_config(None, [f"train.output_dir={tmp_path}", "log.wandb_mode=offline"])
+    logger = MetricsLogger(cfg, is_main=False)
+    logger.log({"train/loss": 1.0}, step=1)
+    logger.close()
+    assert not any(tmp_path.iterdir())
