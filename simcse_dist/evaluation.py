@@ -1,4 +1,5 @@
-"""STS evaluation: sharded encoding, cosine similarity, Spearman correlation (scipy)."""
+"""STS evaluation: sharded encoding, cosine similarity, Spearman correlation (scipy),
+alignment and uniformity (Wang & Isola 2020; SimCSE's Eq. 2-3)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from scipy.stats import spearmanr
 
 from . import distributed as du
 from .gather import gather_no_grad
+from .loss import alignment, uniformity
 
 EncodeFn = Callable[..., torch.Tensor]
 
@@ -77,3 +79,49 @@ def sts_spearman(
     s1, s2, gold = pairs
     emb = encode(forward, tokenizer, list(s1) + list(s2), device, batch_size)
     return spearman(cosine_scores(emb[: len(s1)], emb[len(s1) :]), gold)
+
+
+def pair_embeddings(
+    forward: EncodeFn,
+    tokenizer,
+    sentences1: Sequence[str],
+    sentences2: Sequence[str],
+    device: torch.device,
+    batch_size: int = 128,
+    max_length: int = 512,
+    show_progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings [n, d] of both sides of n pairs. Each distinct sentence is encoded once (STS
+    sets repeat many), so the cost is that of the unique sentences.
+    collective: every rank calls this with the same sentences."""
+    unique = list(dict.fromkeys([*sentences1, *sentences2]))
+    row = {s: i for i, s in enumerate(unique)}
+    emb = encode(forward, tokenizer, unique, device, batch_size, max_length, show_progress)
+    return emb[[row[s] for s in sentences1]], emb[[row[s] for s in sentences2]]
+
+
+def sts_correlation(emb1: torch.Tensor, emb2: torch.Tensor, gold: Sequence[float]) -> float:
+    """Spearman of cosine(emb1_i, emb2_i) against gold over all pairs given. For STS12-16 pass
+    every subset of a year at once: that is the paper's "all" aggregation."""
+    return spearman(cosine_scores(emb1, emb2), gold)
+
+
+def align_uniform(
+    emb1: torch.Tensor, emb2: torch.Tensor, gold: Sequence[float] | torch.Tensor, threshold: float = 4.0
+) -> dict[str, float]:
+    """The paper's Figure 2 quantities on an STS dev set (lower is better for both):
+
+    align:   E ||f(x) - f(x+)||^2 over the pairs with gold > threshold (positives, as the paper:
+             "STS-B pairs with scores higher than 4");
+    uniform: log E exp(-2 ||f(x) - f(y)||^2) over all pairs of the dev sentences (both sides,
+             repeats kept, as they appear in the set).
+    Embeddings are L2-normalised inside loss.alignment / loss.uniformity.
+    """
+    gold_t = torch.as_tensor(gold, dtype=torch.float64)
+    positive = gold_t > threshold
+    if not bool(positive.any()):
+        raise ValueError(f"align_uniform: no pair has a gold score above {threshold}")
+    return {
+        "align": float(alignment(emb1[positive], emb2[positive])),
+        "uniform": float(uniformity(torch.cat([emb1, emb2]))),
+    }

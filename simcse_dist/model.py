@@ -154,6 +154,11 @@ def save_encoder(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Only what the backbone persists: non-persistent buffers (e.g. BERT's token_type_ids) in a
+    # gathered state would be reported as UNEXPECTED keys on every load.
+    non_persistent = {f"{name}.{buf}" if name else buf for name, module in encoder.backbone.named_modules()
+                      for buf in module._non_persistent_buffers_set}
+    backbone_state = {k: v for k, v in backbone_state.items() if k not in non_persistent}
     encoder.backbone.save_pretrained(out, state_dict=backbone_state, safe_serialization=True)
     tokenizer.save_pretrained(out)
     keep_mlp = encoder.pooler == "cls" and not encoder.mlp_only_train
