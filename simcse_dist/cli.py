@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from .checkpoint import check_output_dir
 from .config import ConfigError, load_config
 from .distributed import DistEnv, DistEnvError
 from .readers import DataError
@@ -16,6 +17,16 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _record(fn):
+    """torchrun's error recording: the failing rank's traceback is what the launcher reports."""
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import record
+    except ImportError:  # pragma: no cover
+        return fn
+    return record(fn)
+
+
+@_record
 def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="simcse-train",
@@ -30,18 +41,28 @@ def train_main(argv: list[str] | None = None) -> int:
         env = DistEnv.from_env()
         cfg = load_config(args.config, args.overrides)
         cfg.validate(env.world_size)  # before any process group exists
+        check_output_dir(cfg)
     except (ConfigError, DistEnvError) as e:
         return _fail(str(e))
 
+    return run_training(cfg, env)
+
+
+def run_training(cfg, env: DistEnv, trainer_cls=None) -> int:
+    """Start the process group, train, tear down. Exit codes: 0 done or stopped with a
+    checkpoint, 2 bad input, 3 non-finite loss (train.on_nonfinite=stop)."""
     from . import distributed as du
-    from .trainer import Trainer
+    from .trainer import NonFiniteLossError, Trainer
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     du.init_distributed(env, cfg.engine.dist_timeout_s)
     try:
-        Trainer(cfg, env).train()
+        (trainer_cls or Trainer)(cfg, env).train()
     except DataError as e:
         return _fail(str(e))
+    except NonFiniteLossError as e:
+        _fail(str(e))
+        return 3
     finally:
         du.teardown()
     return 0

@@ -87,7 +87,11 @@ class TrainConfig:
     seed: int = 42
     """Seeds data order (same for every world size) and dropout (offset by rank)."""
     output_dir: str = "runs/simcse"
-    """Where config.yaml, metrics.jsonl, wandb and best/ are written."""
+    """Where config.yaml, metrics.jsonl, checkpoints/, wandb and best/ are written."""
+    overwrite: bool = False
+    """Discard a different run found in output_dir (its checkpoints, metrics, best/) instead of refusing."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/Inf loss: stop with the step named (last checkpoint kept), or skip that optimizer step."""
 
     def __post_init__(self) -> None:
         _require(self.global_batch_size >= 1, "train.global_batch_size", "must be >= 1")
@@ -140,6 +144,20 @@ class EngineConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    every_steps: int = 500
+    """Save a resumable checkpoint every this many optimizer steps (0: only on stop and at the end)."""
+    keep_last: int = 2
+    """Newest checkpoints kept; best/ is separate and never rotated."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint in output_dir/checkpoints when there is one."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: only on stop/end)")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
 class EvalConfig:
     sts_dev_file: str | None = None
     """STS dev pairs (sentence1, sentence2, score TSV; STS-B CSV; id||s1||s2||score); None: no evaluation."""
@@ -177,6 +195,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def micro_batch_size(self, world_size: int) -> int:
         return self.train.global_batch_size // (world_size * self.train.grad_accum)

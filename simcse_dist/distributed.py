@@ -157,6 +157,15 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise max over ranks (flags that any rank raised). collective: every rank calls this."""
+    if world_size() == 1:
+        return values
+    out = values.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
 def barrier() -> None:
     """collective: every rank calls this."""
     if world_size() > 1:

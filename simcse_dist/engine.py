@@ -74,7 +74,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 class Engine:
     """Thin wrapper over a DeepSpeed engine: forward, backward, step and what we log."""
 
-    def __init__(self, model: nn.Module, cfg: Config, world_size: int, total_steps: int) -> None:
+    def __init__(self, model: nn.Module, cfg: Config, world_size: int, total_steps: int,
+                 load_universal: bool = False) -> None:
         import deepspeed
 
         warmup = math.ceil(cfg.optim.warmup_ratio * total_steps)
@@ -86,6 +87,8 @@ class Engine:
             fused=torch.cuda.is_available(),
         )
         self.ds_config = deepspeed_config(cfg, world_size)
+        if load_universal:  # resuming a ZeRO checkpoint written at another world size
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         schedule = linear_schedule(total_steps, warmup)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
@@ -127,6 +130,25 @@ class Engine:
 
     def step(self) -> None:
         self.engine.step()
+
+    def drop_gradients(self) -> None:
+        """Make the coming boundary step() change no weight (train.on_nonfinite=skip).
+
+        ZeRO 1-3 and DeepSpeed's bf16/fp16 optimizers already skip a step whose gradient norm is
+        not finite; the plain torch AdamW of ZeRO-0 fp32 skips parameters whose grad is None.
+        """
+        if not self._wrapped_optimizer():
+            for p in self.engine.module.parameters():
+                p.grad = None
+            self._last_norm = torch.tensor(float("nan"))
+
+    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False) -> None:
+        """collective: every rank writes its shards."""
+        self.engine.save_checkpoint(save_dir, tag=tag, save_latest=save_latest)
+
+    def load_checkpoint(self, load_dir: str, tag: str):
+        """collective. Model, optimizer, LR schedule and loss scaler."""
+        return self.engine.load_checkpoint(load_dir, tag=tag)
 
     def grad_norm(self) -> float | None:
         """Global gradient norm of the last optimizer step, before clipping (a host sync)."""

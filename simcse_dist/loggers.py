@@ -55,15 +55,35 @@ def wandb_has_key() -> bool:
         return False
 
 
+def truncate_jsonl(path: Path, keep_through_step: int) -> None:
+    """Drop rows after `keep_through_step` (a resumed run writes them again); atomic rewrite."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= keep_through_step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut by a crash mid-write
+            continue
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
+
+
 class WandbLogger:
     def __init__(self, cfg: Config, mode: str) -> None:
         import wandb  # lazy: slow import, and optional at run time
 
         out = Path(cfg.train.output_dir)
         os.environ.setdefault("WANDB_DIR", str(out))
+        id_file = out / ".wandb_id"  # a resumed run continues the same wandb run
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id + "\n")
         self.run = wandb.init(
             project=cfg.log.wandb_project,
             name=cfg.log.run_name or out.name,
+            id=run_id,
             config=cfg.to_dict(),
             mode=mode,
             dir=str(out),

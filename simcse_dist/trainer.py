@@ -1,4 +1,4 @@
-"""The training loop: encode -> gather -> loss -> backward -> step, plus log/eval cadence."""
+"""The training loop: encode -> gather -> loss -> backward -> step, plus log/eval/checkpoint cadence."""
 
 from __future__ import annotations
 
@@ -11,15 +11,21 @@ from pathlib import Path
 import torch
 
 from . import distributed as du
+from .checkpoint import CheckpointManager, check_output_dir, discard_run
 from .config import Config, resolve_model_path, save_config
 from .data import BatchPlan, Collator, GlobalBatchSampler, load_examples
 from .engine import Engine
 from .evaluation import sts_spearman
 from .gather import gather_candidates
-from .loggers import MetricsLogger
+from .loggers import MetricsLogger, truncate_jsonl
 from .loss import simcse_loss
 from .model import Encoder, save_encoder
+from .preempt import StopRequest
 from .readers import read_sts_pairs, resolve_path
+
+
+class NonFiniteLossError(RuntimeError):
+    """train/loss became NaN/Inf and train.on_nonfinite=stop."""
 
 
 def _write(line: str) -> None:
@@ -35,6 +41,28 @@ class TrainResult:
     best_score: float | None
     best_step: int | None
     best_dir: Path
+    stopped: bool = False
+
+
+class Window:
+    """Metrics accumulated between two logging steps, kept on the device (no per-step sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0 = time.perf_counter()
+        self.steps = 0
+        self.tokens = 0
+        self.loss = torch.zeros((), device=self.device)
+
+    def state(self) -> dict:
+        return {"steps": self.steps, "tokens": self.tokens, "loss": float(self.loss)}
+
+    def load(self, state: dict) -> None:
+        self.steps, self.tokens = state["steps"], state["tokens"]
+        self.loss = torch.tensor(state["loss"], device=self.device)
 
 
 class Trainer:
@@ -53,11 +81,18 @@ class Trainer:
         self.collate = Collator(self.tokenizer, cfg.data.max_seq_len, cfg.train.objective)
         self.dev_pairs = read_sts_pairs(resolve_path(cfg.eval.sts_dev_file)) if cfg.eval.sts_dev_file else None
 
+        self.ckpt = CheckpointManager(self.out, cfg.checkpoint.keep_last, env.rank)
+        self.resume_from = self._prepare_output_dir()
+        # ZeRO partitions optimizer state by rank: another world size needs the universal format.
+        self.universal = (self.resume_from is not None
+                          and self.ckpt.saved_world_size(self.resume_from) != env.world_size
+                          and (cfg.engine.zero_stage > 0 or cfg.engine.precision != "fp32"))
         torch.manual_seed(cfg.train.seed)  # identical initial weights (the MLP head) on every rank
         self.encoder = Encoder.from_config(cfg.model)
-        self.engine = Engine(self.encoder, cfg, env.world_size, self.total_steps)
+        self.engine = Engine(self.encoder, cfg, env.world_size, self.total_steps, load_universal=self.universal)
         torch.manual_seed(cfg.train.seed + env.rank)  # each rank draws its own dropout masks
         self.k = 2 if cfg.train.objective == "unsup" else len(self.examples[0])
+        self.window = Window(self.engine.device)
         self.best_score: float | None = None
         self.best_step: int | None = None
         self._announce(blank)
@@ -93,74 +128,151 @@ class Trainer:
         batch = self.collate([self.examples[i] for i in indices])
         return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
 
+    def train_step(self, micro_indices: list[list[int]], stop: StopRequest, step: int) -> bool:
+        """One optimizer step over `grad_accum` micro-batches. Returns True when a stop was
+        requested on any rank (the step is still completed, so the checkpoint is consistent)."""
+        bad = torch.zeros((), dtype=torch.bool, device=self.engine.device)
+        step_loss = torch.zeros((), device=self.engine.device)
+        for i, indices in enumerate(micro_indices):
+            batch = self.micro_batch(indices)
+            self.window.tokens += int(batch["attention_mask"].sum())
+            loss = self.compute_loss(batch)
+            self.engine.backward(loss)
+            bad |= ~torch.isfinite(loss.detach())
+            step_loss += loss.detach().float() / len(micro_indices)
+            if i < len(micro_indices) - 1:
+                self.engine.step()  # non-boundary: DeepSpeed only counts the micro-step
+        # collective, once per step: did any rank see a non-finite loss or a stop request?
+        flags = du.all_reduce_max(torch.stack([bad.float(), torch.tensor(float(stop.requested()),
+                                                                          device=bad.device)]))
+        any_bad, any_stop = (bool(x) for x in flags.tolist())  # note: a host sync point
+        if any_bad:
+            latest = self.ckpt.latest()
+            if self.cfg.train.on_nonfinite == "stop":
+                raise NonFiniteLossError(
+                    f"non-finite train/loss at step {step + 1}; no update applied. Last checkpoint: "
+                    f"{latest or 'none'}. Lower optim.lr, use fp32/bf16, or set train.on_nonfinite=skip")
+            self.say(f"step {step + 1}: non-finite train/loss on some rank; step skipped (train.on_nonfinite=skip)")
+            self.engine.drop_gradients()
+        else:
+            self.window.loss += step_loss
+            self.window.steps += 1
+        self.engine.step()
+        return any_stop
+
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> TrainResult:
-        cfg, log_every = self.cfg, self.cfg.log.every_steps
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.env.is_main:
-            save_config(cfg, self.out / "config.yaml")
+        cfg = self.cfg
+        start = self._start_or_resume()
         logger = MetricsLogger(cfg, self.env.is_main, self.say)
-        bar = self._progress_bar()
-        window = {"t0": time.perf_counter(), "steps": 0, "tokens": 0, "loss": torch.zeros(())}
-        step = 0
+        stop = StopRequest(check_file=self.env.is_main)
+        bar = self._progress_bar(start)
+        stopped = False
         try:
             self.engine.train()
-            for step, micro_indices in self.sampler.iter_steps(0, self.total_steps):
+            for step, micro_indices in self.sampler.iter_steps(start, self.total_steps):
                 lr = self.engine.lr()
-                for indices in micro_indices:
-                    batch = self.micro_batch(indices)
-                    window["tokens"] += int(batch["attention_mask"].sum())
-                    loss = self.compute_loss(batch)
-                    self.engine.backward(loss)
-                    self.engine.step()
-                    window["loss"] = window["loss"] + loss.detach().float().cpu() / len(micro_indices)
-                window["steps"] += 1
+                stopped = self.train_step(micro_indices, stop, step)
                 done = step + 1
-                if done % log_every == 0 or done == self.total_steps:
-                    metrics = self._window_metrics(window, lr)
+                if done % cfg.log.every_steps == 0 or done == self.total_steps:
+                    metrics = self._window_metrics(lr)
                     logger.log(metrics, done)
                     if bar is not None:
                         bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-                    window = {"t0": time.perf_counter(), "steps": 0, "tokens": 0, "loss": torch.zeros(())}
                 if self.dev_pairs is not None and (done % cfg.eval.every_steps == 0 or done == self.total_steps):
                     t_eval = time.perf_counter()
                     logger.log(self.evaluate(done), done)
-                    window["t0"] += time.perf_counter() - t_eval  # throughput excludes evaluation
+                    self.window.t0 += time.perf_counter() - t_eval  # throughput excludes evaluation
+                every = cfg.checkpoint.every_steps
+                if stopped or done == self.total_steps or (every and done % every == 0):
+                    self.save_checkpoint(done)
                 if bar is not None:
                     bar.update(1)
-            if self.dev_pairs is None:
-                self.say("no eval.sts_dev_file: best/ holds the final model")
-                self._export_best()
+                if stopped:
+                    stop.clear_file()
+                    self.say(f"stopped at step {done} ({stop.reason()}): checkpoint saved in {self.ckpt.latest()}; "
+                             "rerun the same command to resume")
+                    break
+            else:
+                if self.dev_pairs is None and start < self.total_steps:
+                    self.say("no eval.sts_dev_file: best/ holds the final model")
+                    self.best_step = self.total_steps
+                    self._export_best()
         finally:
             if bar is not None:
                 bar.close()
             logger.close()
         best_dir = self.out / "best"
-        self.say(f"done: {self.total_steps} steps; best dev spearman {self.best_score} at step {self.best_step}; "
-                 f"model in {best_dir}")
-        return TrainResult(self.total_steps, self.best_score, self.best_step, best_dir)
+        if not stopped:
+            self.say(f"done: {self.total_steps} steps; best dev spearman {self.best_score} at step {self.best_step}; "
+                     f"model in {best_dir}")
+        return TrainResult(self.total_steps, self.best_score, self.best_step, best_dir, stopped)
 
-    def _progress_bar(self):
+    def _prepare_output_dir(self) -> Path | None:
+        """Discard a different run if told to, write config.yaml; return the checkpoint to resume
+        from, if any. collective: every rank."""
+        cfg = self.cfg
+        if self.env.is_main:
+            if cfg.train.overwrite and check_output_dir(cfg):
+                self.say(f"train.overwrite: discarding the different run in {self.out}")
+                discard_run(self.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        du.barrier()
+        return self.ckpt.latest() if cfg.checkpoint.resume else None
+
+    def _start_or_resume(self) -> int:
+        """Load the checkpoint found at start (engine, RNG, counters). Returns the first step to
+        run. collective: every rank."""
+        latest = self.resume_from
+        if latest is None:
+            if self.env.is_main:
+                truncate_jsonl(self.out / "metrics.jsonl", keep_through_step=0)
+            return 0
+        state = self.ckpt.load(self.engine, latest, self.env.world_size, universal=self.universal)
+        step = state["step"]
+        self.best_score, self.best_step = state["best_score"], state["best_step"]
+        if state["world_size"] == self.env.world_size:
+            self.window.load(state["window"])
+        else:
+            self.say(f"resuming at world size {self.env.world_size} from a checkpoint written at world size "
+                     f"{state['world_size']} (same global batch and data order; dropout RNG streams differ, "
+                     "so the losses are not bit-identical to an uninterrupted run)")
+        if self.env.is_main:
+            truncate_jsonl(self.out / "metrics.jsonl", keep_through_step=step)
+        self.say(f"resumed from step {step} ({latest})")
+        return step
+
+    def save_checkpoint(self, step: int) -> None:
+        """collective: every rank calls this."""
+        state = {"step": step, "best_score": self.best_score, "best_step": self.best_step,
+                 "world_size": self.env.world_size, "window": self.window.state(),
+                 "global_batch_size": self.cfg.train.global_batch_size}
+        self.ckpt.save(self.engine, step, state)
+
+    def _progress_bar(self, start: int):
         if not (self.env.is_main and self.cfg.log.progress_bar):
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.total_steps, desc="train", dynamic_ncols=True)
+        return tqdm(total=self.total_steps, initial=start, desc="train", dynamic_ncols=True)
 
-    def _window_metrics(self, window: dict, lr: float) -> dict[str, float]:
+    def _window_metrics(self, lr: float) -> dict[str, float]:
         """Metrics over the steps since the last log. collective: all-reduces loss and tokens."""
-        # The loss is averaged over ranks: each rank's loss is the mean over b local anchors, so
-        # the mean of the rank means is the mean over the global batch.
-        stats = torch.stack([window["loss"] / window["steps"], torch.tensor(float(window["tokens"]))])
-        loss = float(du.all_reduce_mean(stats[:1])[0])
-        tokens = float(du.all_reduce_sum(stats[1:])[0])  # note: this is a host sync point
-        elapsed = max(time.perf_counter() - window["t0"], 1e-9)
-        metrics = {"train/loss": loss, "train/lr": lr}
+        w = self.window
+        # Each rank's loss is the mean over its b local anchors, so the mean over ranks is the
+        # mean over the global batch.
+        stats = torch.stack([w.loss / max(w.steps, 1), torch.tensor(float(w.tokens), device=w.loss.device)])
+        loss = float(du.all_reduce_mean(stats[:1])[0])  # note: this is a host sync point
+        tokens = float(du.all_reduce_sum(stats[1:])[0])
+        elapsed = max(time.perf_counter() - w.t0, 1e-9)
+        metrics = {"train/loss": loss if w.steps else float("nan"), "train/lr": lr}
         norm = self.engine.grad_norm()
         if norm is not None:
             metrics["train/grad_norm"] = norm
-        metrics["train/sentences_per_s"] = window["steps"] * self.cfg.train.global_batch_size / elapsed
+        metrics["train/sentences_per_s"] = w.steps * self.cfg.train.global_batch_size / elapsed
         metrics["train/tokens_per_s"] = tokens / elapsed
+        w.reset()
         return metrics
 
     # -- evaluation and the best model ---------------------------------------------------------

@@ -1,0 +1,43 @@
+"""Run under torchrun or as independent processes: the real training entry path with a fault
+injected by a Trainer subclass (test code only): rank R raises, or its loss turns NaN, at step S."""
+
+import argparse
+import sys
+
+import torch
+
+from simcse_dist.cli import run_training
+from simcse_dist.config import load_config
+from simcse_dist.distributed import DistEnv
+from simcse_dist.trainer import Trainer
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--fault", choices=["raise", "nan"], required=True)
+    p.add_argument("--rank", type=int, default=1)
+    p.add_argument("--step", type=int, default=3)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+
+    class FaultyTrainer(Trainer):
+        calls = 0
+
+        def compute_loss(self, batch):
+            loss = super().compute_loss(batch)
+            FaultyTrainer.calls += 1
+            step = FaultyTrainer.calls // self.cfg.train.grad_accum + 1
+            if self.env.rank == args.rank and FaultyTrainer.calls >= args.step:
+                if args.fault == "raise":
+                    raise RuntimeError(f"injected failure on rank {self.env.rank} at step {step}")
+                return loss * torch.tensor(float("nan"))
+            return loss
+
+    env = DistEnv.from_env()
+    cfg = load_config(None, args.overrides)
+    cfg.validate(env.world_size)
+    return run_training(cfg, env, FaultyTrainer)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
