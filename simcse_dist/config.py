@@ -67,6 +67,9 @@ class DataConfig:
     """Truncation length in tokens; batches are padded dynamically, never to this length."""
     shuffle: bool = True
     """Shuffle the training examples every epoch (seeded by train.seed + epoch)."""
+    drop_last: bool = True
+    """Drop the examples that do not fill a last global batch (the paper's setting); false trains
+    on them in a short batch, padded per rank and masked out of the loss."""
 
     def __post_init__(self) -> None:
         _require(self.max_seq_len >= 2, "data.max_seq_len", f"must be >= 2, got {self.max_seq_len}")
@@ -79,7 +82,13 @@ class TrainConfig:
     global_batch_size: int = 64
     """Examples per optimizer step over all ranks (the paper's batch size)."""
     grad_accum: int = 1
-    """Micro-steps per optimizer step. Negatives come from one micro-step's global micro-batch."""
+    """Micro-steps per optimizer step. Without grad_cache, negatives come from one micro-step."""
+    grad_cache: bool = False
+    """Gradient caching: encode all grad_accum chunks without graphs, take the loss over the whole
+    global batch, then re-encode each chunk (same dropout masks) and back-propagate the cached
+    embedding gradients. Every anchor sees the whole global batch; memory follows the chunk."""
+    mask_duplicates: bool | None = None
+    """Do not score identical texts in a global batch as negatives of each other; None: on for sup."""
     max_steps: int | None = None
     """Stop after this many optimizer steps; None trains train.epochs epochs."""
     epochs: int = 1

@@ -46,6 +46,7 @@ class BatchPlan:
     global_batch_size: int
     world_size: int
     grad_accum: int
+    drop_last: bool = True
 
     @property
     def micro_batch_size(self) -> int:
@@ -53,49 +54,93 @@ class BatchPlan:
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.num_examples // self.global_batch_size
+        full, rest = divmod(self.num_examples, self.global_batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
 
     @property
     def dropped_per_epoch(self) -> int:
-        return self.num_examples - self.steps_per_epoch * self.global_batch_size
+        return self.num_examples % self.global_batch_size if self.drop_last else 0
+
+
+@dataclass(frozen=True, slots=True)
+class MicroBatch:
+    """This rank's rows of one micro-step. Every rank holds the same number of rows (the gather
+    needs equal shapes, ZeRO-3 needs every rank to forward); rows past `valid` are padding
+    (copies of a real example) that the loss masks out."""
+
+    indices: list[int]
+    valid: int
+    full: bool = True
+    """Every rank's share of this micro-step is complete (no padding anywhere)."""
+
+
+def _split(items: list[int], parts: int) -> list[list[int]]:
+    """Contiguous, as even as possible, larger parts first (numpy.array_split's rule)."""
+    q, r = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + q + (1 if i < r else 0)
+        out.append(items[start:end])
+        start = end
+    return out
 
 
 class GlobalBatchSampler:
-    """Index lists of this rank's micro-batches; see the module docstring for the layout."""
+    """Index lists of this rank's micro-batches; see the module docstring for the layout.
+
+    With `drop_last=False` the last global batch of an epoch is short: it is split as evenly
+    as possible over micro-steps and ranks, and shorter shares are padded (`MicroBatch.valid`).
+    """
 
     def __init__(self, plan: BatchPlan, rank: int, seed: int, shuffle: bool = True) -> None:
         if plan.steps_per_epoch == 0:
             raise DataError(
                 f"{plan.num_examples} training examples are fewer than one global batch "
-                f"(train.global_batch_size={plan.global_batch_size})"
+                f"(train.global_batch_size={plan.global_batch_size}); set data.drop_last=false to train on them"
             )
         self.plan, self.rank, self.seed, self.shuffle = plan, rank, seed, shuffle
         self._epoch: int | None = None
-        self._perm: torch.Tensor | None = None
+        self._perm: list[int] = []
 
-    def permutation(self, epoch: int) -> torch.Tensor:
+    def permutation(self, epoch: int) -> list[int]:
         if self._epoch != epoch:
             n = self.plan.num_examples
             if self.shuffle:
                 g = torch.Generator().manual_seed(self.seed + epoch)
-                self._perm = torch.randperm(n, generator=g)
+                self._perm = torch.randperm(n, generator=g).tolist()
             else:
-                self._perm = torch.arange(n)
+                self._perm = list(range(n))
             self._epoch = epoch
         return self._perm
 
-    def micro_batch(self, epoch: int, step_in_epoch: int, micro_step: int) -> list[int]:
-        p = self.plan
-        b = p.micro_batch_size
-        start = step_in_epoch * p.global_batch_size + micro_step * p.world_size * b + self.rank * b
-        return self.permutation(epoch)[start : start + b].tolist()
+    def step_examples(self, epoch: int, step_in_epoch: int) -> list[int]:
+        """The global batch of one optimizer step, in the order one process would see it."""
+        big_b = self.plan.global_batch_size
+        return self.permutation(epoch)[step_in_epoch * big_b:(step_in_epoch + 1) * big_b]
 
-    def iter_steps(self, start_step: int, total_steps: int) -> Iterator[tuple[int, list[list[int]]]]:
-        """Yield (global_step, [indices of each micro-step]) for steps start_step..total_steps-1."""
+    def micro_batches(self, epoch: int, step_in_epoch: int) -> list[MicroBatch]:
+        p = self.plan
+        examples = self.step_examples(epoch, step_in_epoch)
+        out = []
+        for chunk in _split(examples, p.grad_accum):  # one chunk per micro-step
+            shares = _split(chunk, p.world_size)  # rank-major contiguous slices
+            rows = max(1, len(shares[0]))  # the first share is the largest
+            mine = shares[self.rank]
+            filler = (mine or chunk or examples)[:1]
+            full = len(chunk) == rows * p.world_size
+            out.append(MicroBatch(mine + filler * (rows - len(mine)), len(mine), full))
+        return out
+
+    def micro_batch(self, epoch: int, step_in_epoch: int, micro_step: int) -> list[int]:
+        """Indices of one full micro-batch (kept for callers that know batches are full)."""
+        return self.micro_batches(epoch, step_in_epoch)[micro_step].indices
+
+    def iter_steps(self, start_step: int, total_steps: int) -> Iterator[tuple[int, list[MicroBatch]]]:
+        """Yield (global_step, [this rank's MicroBatch per micro-step]) for start_step..total_steps-1."""
         spe = self.plan.steps_per_epoch
         for step in range(start_step, total_steps):
             epoch, s = divmod(step, spe)
-            yield step, [self.micro_batch(epoch, s, a) for a in range(self.plan.grad_accum)]
+            yield step, self.micro_batches(epoch, s)
 
 
 class Collator:

@@ -121,9 +121,11 @@ class Engine:
     def __call__(self, **batch: torch.Tensor) -> torch.Tensor:
         return self.engine(**batch)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """DeepSpeed divides by grad_accum and, at the boundary, averages gradients over ranks."""
-        self.engine.backward(loss)
+    def backward(self, loss: torch.Tensor, scale_wrt_gas: bool = True) -> None:
+        """DeepSpeed divides by grad_accum (unless scale_wrt_gas=False: gradient caching's
+        surrogates already carry the whole step's gradient) and, at the boundary, averages
+        gradients over ranks."""
+        self.engine.backward(loss, scale_wrt_gas=scale_wrt_gas)
         if self._manual_norm and self.engine.is_gradient_accumulation_boundary():
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             self._last_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,8 @@ class WandbLogger:
         out = Path(cfg.train.output_dir)
         os.environ.setdefault("WANDB_DIR", str(out))
         id_file = out / ".wandb_id"  # a resumed run continues the same wandb run
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        out.mkdir(parents=True, exist_ok=True)
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
         self.run = wandb.init(
             project=cfg.log.wandb_project,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -13,12 +14,12 @@ import torch
 from . import distributed as du
 from .checkpoint import CheckpointManager, check_output_dir, discard_run
 from .config import Config, resolve_model_path, save_config
-from .data import BatchPlan, Collator, GlobalBatchSampler, load_examples
+from .data import BatchPlan, Collator, GlobalBatchSampler, MicroBatch, load_examples
 from .engine import Engine
-from .evaluation import sts_spearman
-from .gather import gather_candidates
+from .evaluation import align_uniform, pair_embeddings, sts_correlation
+from .gather import gather_candidates, gather_no_grad
 from .loggers import MetricsLogger, truncate_jsonl
-from .loss import simcse_loss
+from .loss import duplicate_mask, padding_mask, simcse_loss
 from .model import Encoder, save_encoder
 from .preempt import StopRequest
 from .readers import read_sts_pairs, resolve_path
@@ -26,6 +27,27 @@ from .readers import read_sts_pairs, resolve_path
 
 class NonFiniteLossError(RuntimeError):
     """train/loss became NaN/Inf and train.on_nonfinite=stop."""
+
+
+def _rng_state() -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+
+
+def _set_rng_state(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
+
+
+def text_ids(examples: list[tuple[str, ...]], k: int) -> torch.Tensor:
+    """[n, k] stable 63-bit ids of each example's texts (view 0, 1[, 2]); unsup views share one.
+    blake2b, not hash(): Python salts str hashes per process, and ranks must agree."""
+    out = torch.empty(len(examples), k, dtype=torch.long)
+    for i, ex in enumerate(examples):
+        for v in range(k):
+            text = ex[min(v, len(ex) - 1)]
+            out[i, v] = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+    return out
 
 
 def _write(line: str) -> None:
@@ -56,13 +78,15 @@ class Window:
         self.steps = 0
         self.tokens = 0
         self.loss = torch.zeros((), device=self.device)
+        self.masked = torch.zeros((), dtype=torch.long, device=self.device)
 
     def state(self) -> dict:
-        return {"steps": self.steps, "tokens": self.tokens, "loss": float(self.loss)}
+        return {"steps": self.steps, "tokens": self.tokens, "loss": float(self.loss), "masked": int(self.masked)}
 
     def load(self, state: dict) -> None:
         self.steps, self.tokens = state["steps"], state["tokens"]
         self.loss = torch.tensor(state["loss"], device=self.device)
+        self.masked = torch.tensor(state.get("masked", 0), device=self.device)
 
 
 class Trainer:
@@ -73,7 +97,8 @@ class Trainer:
         self.say = (lambda s: None) if (quiet or not env.is_main) else _write
         self.out = Path(cfg.train.output_dir)
         self.examples, blank = load_examples(cfg.data.train_file, cfg.data.format, cfg.train.objective)
-        self.plan = BatchPlan(len(self.examples), cfg.train.global_batch_size, env.world_size, cfg.train.grad_accum)
+        self.plan = BatchPlan(len(self.examples), cfg.train.global_batch_size, env.world_size,
+                              cfg.train.grad_accum, cfg.data.drop_last)
         self.sampler = GlobalBatchSampler(self.plan, env.rank, cfg.train.seed, cfg.data.shuffle)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.plan.steps_per_epoch
         path = resolve_model_path(cfg.model.name_or_path)
@@ -90,8 +115,13 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights (the MLP head) on every rank
         self.encoder = Encoder.from_config(cfg.model)
         self.engine = Engine(self.encoder, cfg, env.world_size, self.total_steps, load_universal=self.universal)
+        self.engine.train()  # from_pretrained returns eval mode: dropout (the augmentation) must be on
         torch.manual_seed(cfg.train.seed + env.rank)  # each rank draws its own dropout masks
         self.k = 2 if cfg.train.objective == "unsup" else len(self.examples[0])
+        md = cfg.train.mask_duplicates
+        self.mask_duplicates = (cfg.train.objective == "sup") if md is None else md
+        self.text_ids = text_ids(self.examples, self.k) if self.mask_duplicates else \
+            torch.zeros(len(self.examples), self.k, dtype=torch.long)
         self.window = Window(self.engine.device)
         self.best_score: float | None = None
         self.best_step: int | None = None
@@ -116,32 +146,101 @@ class Trainer:
         )
 
     # -- one micro-step ------------------------------------------------------------------------
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Local loss of one micro-batch [b, k, L]: this rank's anchors vs the global candidates."""
-        z = self.engine(**batch)  # [b, k, d], all views in one forward
-        anchors, candidates = gather_candidates(z)  # [b, d], [(k-1)*N*b, d]  (collective)
-        b = z.shape[0]
-        return simcse_loss(z, candidates, self.env.rank * b, self.cfg.model.temperature,
-                           self.cfg.optim.hard_negative_weight)
-
-    def micro_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        batch = self.collate([self.examples[i] for i in indices])
+    def micro_batch(self, mb: MicroBatch | list[int]) -> dict[str, torch.Tensor]:
+        """Token ids [b, k, L], plus `row_valid` [b] when some rank pads this micro-step (False
+        for padding rows of a short last batch) and `ids` [b, k] (text ids) when duplicates are
+        masked; on the engine's device."""
+        if not isinstance(mb, MicroBatch):
+            mb = MicroBatch(list(mb), len(mb))
+        batch = self.collate([self.examples[i] for i in mb.indices])
+        if not mb.full:  # some rank pads this micro-step: every rank takes the masked path
+            batch["row_valid"] = torch.arange(len(mb.indices)) < mb.valid
+        if self.mask_duplicates:
+            batch["ids"] = self.text_ids[mb.indices]
         return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
 
-    def train_step(self, micro_indices: list[list[int]], stop: StopRequest, step: int) -> bool:
-        """One optimizer step over `grad_accum` micro-batches. Returns True when a stop was
-        requested on any rank (the step is still completed, so the checkpoint is consistent)."""
-        bad = torch.zeros((), dtype=torch.bool, device=self.engine.device)
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Local loss of one micro-batch [b, k, L]: this rank's anchors vs the global candidates."""
+        extras = {k: batch.pop(k) for k in ("row_valid", "ids") if k in batch}
+        z = self.engine(**batch)  # [b, k, d], all views in one forward
+        return self.loss_from_embeddings(z, **extras)
+
+    def loss_from_embeddings(self, z: torch.Tensor, row_valid: torch.Tensor | None = None,
+                             ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Contrastive loss of local views z [b, k, d]. collective: every rank calls this."""
+        b, k = z.shape[:2]
+        anchors, candidates = gather_candidates(z)  # [b, d], [(k-1)*N*b, d]  (collective)
+        offset, cfg = self.env.rank * b, self.cfg
+        if row_valid is None and ids is None:  # the common case: no masks, no extra collective
+            return simcse_loss(z, candidates, offset, cfg.model.temperature, cfg.optim.hard_negative_weight)
+        if row_valid is None:
+            row_valid = torch.ones(b, dtype=torch.bool, device=z.device)
+        if ids is None:
+            ids = torch.zeros(b, k, dtype=torch.long, device=z.device)
+        # Padding rows and text ids of every rank, in one small collective.
+        meta = gather_no_grad(torch.cat([row_valid.long().unsqueeze(1), ids], dim=1))  # [N*b, 1+k]
+        valid, global_ids = meta[:, 0].bool(), meta[:, 1:]
+        mask = padding_mask(valid, k - 1, b)
+        if self.mask_duplicates:
+            dup = duplicate_mask(global_ids, offset, b) & ~mask & row_valid.unsqueeze(1)
+            self.window.masked += dup.sum()
+            mask = mask | dup
+        normalizer = valid.sum() / self.env.world_size  # mean over the real anchors of all ranks
+        return simcse_loss(z, candidates, offset, cfg.model.temperature, cfg.optim.hard_negative_weight,
+                           mask, row_valid, normalizer)
+
+    def _accumulated_losses(self, micro: list[MicroBatch]) -> torch.Tensor:
+        """Plain accumulation: forward + backward per micro-step; negatives from that micro-step."""
         step_loss = torch.zeros((), device=self.engine.device)
-        for i, indices in enumerate(micro_indices):
-            batch = self.micro_batch(indices)
+        for i, mb in enumerate(micro):
+            batch = self.micro_batch(mb)
             self.window.tokens += int(batch["attention_mask"].sum())
             loss = self.compute_loss(batch)
             self.engine.backward(loss)
-            bad |= ~torch.isfinite(loss.detach())
-            step_loss += loss.detach().float() / len(micro_indices)
-            if i < len(micro_indices) - 1:
+            step_loss = step_loss + loss.detach().float() / len(micro)
+            if i < len(micro) - 1:
                 self.engine.step()  # non-boundary: DeepSpeed only counts the micro-step
+        return step_loss
+
+    def _grad_cache_loss(self, micro: list[MicroBatch]) -> torch.Tensor:
+        """Gradient caching (Gao et al. 2021, arXiv 2101.06983): the loss over the whole global
+        batch with the memory of one chunk. collective: every rank, same number of forwards."""
+        batches = [self.micro_batch(mb) for mb in micro]
+        extras = [{k: b.pop(k) for k in ("row_valid", "ids") if k in b} for b in batches]
+        states, cached = [], []
+        with torch.no_grad():  # (a) encode every chunk without a graph, remembering its RNG state
+            for batch in batches:
+                self.window.tokens += int(batch["attention_mask"].sum())
+                states.append(_rng_state())
+                cached.append(self.engine(**batch))
+        z = torch.cat(cached).detach().requires_grad_()  # [A*b, k, d]
+        row_valid = ids = None  # (b, c) gather every rank's whole step, loss over all of it
+        if any("row_valid" in e for e in extras):
+            row_valid = torch.cat([e.get("row_valid", torch.ones(c.shape[0], dtype=torch.bool, device=c.device))
+                                   for e, c in zip(extras, cached, strict=True)])
+        if self.mask_duplicates:
+            ids = torch.cat([e["ids"] for e in extras])
+        loss = self.loss_from_embeddings(z, row_valid, ids)
+        loss.backward()  # d loss / d z only: z is a leaf; the gather's backward is a collective
+        grads = z.grad.split([c.shape[0] for c in cached])
+        for i, (batch, grad, state) in enumerate(zip(batches, grads, states, strict=True)):
+            _set_rng_state(state)  # (d) same dropout masks as in (a)
+            z_i = self.engine(**batch)
+            self.engine.backward((z_i * grad.to(z_i.dtype)).sum(), scale_wrt_gas=False)
+            if i < len(batches) - 1:
+                self.engine.step()  # non-boundary
+        return loss.detach().float()
+
+    def forward_backward(self, micro: list[MicroBatch]) -> torch.Tensor:
+        """Everything of one optimizer step but the final engine.step(): gradients are then
+        complete (and, at ZeRO 1-3, reduced). Returns this rank's loss for the step."""
+        return self._grad_cache_loss(micro) if self.cfg.train.grad_cache else self._accumulated_losses(micro)
+
+    def train_step(self, micro: list[MicroBatch], stop: StopRequest, step: int) -> bool:
+        """One optimizer step over `grad_accum` micro-batches. Returns True when a stop was
+        requested on any rank (the step is still completed, so the checkpoint is consistent)."""
+        step_loss = self.forward_backward(micro)
+        bad = ~torch.isfinite(step_loss)
         # collective, once per step: did any rank see a non-finite loss or a stop request?
         flags = du.all_reduce_max(torch.stack([bad.float(), torch.tensor(float(stop.requested()),
                                                                           device=bad.device)]))
@@ -262,9 +361,10 @@ class Trainer:
         w = self.window
         # Each rank's loss is the mean over its b local anchors, so the mean over ranks is the
         # mean over the global batch.
-        stats = torch.stack([w.loss / max(w.steps, 1), torch.tensor(float(w.tokens), device=w.loss.device)])
+        stats = torch.stack([w.loss / max(w.steps, 1), torch.tensor(float(w.tokens), device=w.loss.device),
+                             w.masked.float()])
         loss = float(du.all_reduce_mean(stats[:1])[0])  # note: this is a host sync point
-        tokens = float(du.all_reduce_sum(stats[1:])[0])
+        tokens, masked = (float(x) for x in du.all_reduce_sum(stats[1:]))
         elapsed = max(time.perf_counter() - w.t0, 1e-9)
         metrics = {"train/loss": loss if w.steps else float("nan"), "train/lr": lr}
         norm = self.engine.grad_norm()
@@ -272,6 +372,8 @@ class Trainer:
             metrics["train/grad_norm"] = norm
         metrics["train/sentences_per_s"] = w.steps * self.cfg.train.global_batch_size / elapsed
         metrics["train/tokens_per_s"] = tokens / elapsed
+        if self.mask_duplicates:  # (anchor, candidate) pairs masked as false negatives, per step
+            metrics["train/masked_negatives"] = masked / max(w.steps, 1)
         w.reset()
         return metrics
 
@@ -279,10 +381,14 @@ class Trainer:
     def evaluate(self, step: int) -> dict[str, float]:
         """STS dev Spearman; keeps the best model (highest score). collective: every rank."""
         self.engine.eval()
-        score = sts_spearman(self.engine, self.tokenizer, self.dev_pairs, self.engine.device,
-                             self.cfg.eval.batch_size)
+        s1, s2, gold = self.dev_pairs
+        e1, e2 = pair_embeddings(self.engine, self.tokenizer, s1, s2, self.engine.device, self.cfg.eval.batch_size)
         self.engine.train()
+        score = sts_correlation(e1, e2, gold)
         metrics = {"eval/stsb_spearman": score}
+        if max(gold) > 4.0:  # Wang & Isola's alignment needs positives (gold > 4), as the paper's Fig. 2
+            au = align_uniform(e1, e2, gold)
+            metrics.update({"eval/align": au["align"], "eval/uniform": au["uniform"]})
         if self.best_score is None or score > self.best_score:
             self.best_score, self.best_step = score, step
             self._export_best()

@@ -7,21 +7,30 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_simcse_loss(views: torch.Tensor, temperature: float, hard_negative_weight: float = 0.0) -> torch.Tensor:
+def reference_simcse_loss(views: torch.Tensor, temperature: float, hard_negative_weight: float = 0.0,
+                          texts: list[tuple[str, ...]] | None = None) -> torch.Tensor:
     """views [B, k, d]: anchor, positive[, hard negative]. Eq. 1 / Eq. 5 of Gao et al. (2021),
-    one anchor at a time; the hard-negative weight is added to the anchor's own negative logit."""
+    one anchor at a time; the hard-negative weight is added to the anchor's own negative logit.
+
+    With `texts` (the B examples' texts per view), false negatives are left out of anchor i's
+    denominator, as documented: another row's positive whose text equals i's positive or whose
+    anchor text equals i's anchor, and a hard negative whose text equals i's positive."""
     big_b, k, _ = views.shape
     terms = []
     for i in range(big_b):
         h = views[i, 0]
-        pos = torch.stack([F.cosine_similarity(h, views[j, 1], dim=0) for j in range(big_b)]) / temperature
-        logits = [pos]
+        row = [F.cosine_similarity(h, views[i, 1], dim=0) / temperature]  # the positive first
+        for j in range(big_b):
+            if j != i and not (texts and (texts[j][1] == texts[i][1] or texts[j][0] == texts[i][0])):
+                row.append(F.cosine_similarity(h, views[j, 1], dim=0) / temperature)
         if k == 3:
-            neg = torch.stack([F.cosine_similarity(h, views[j, 2], dim=0) for j in range(big_b)]) / temperature
-            neg = neg + hard_negative_weight * F.one_hot(torch.tensor(i), big_b).to(neg.dtype)
-            logits.append(neg)
-        row = torch.cat(logits)
-        terms.append(torch.logsumexp(row, dim=0) - row[i])
+            for j in range(big_b):
+                if texts and texts[j][2] == texts[i][1]:
+                    continue
+                logit = F.cosine_similarity(h, views[j, 2], dim=0) / temperature
+                row.append(logit + (hard_negative_weight if j == i else 0.0))
+        row = torch.stack(row)
+        terms.append(torch.logsumexp(row, dim=0) - row[0])
     return torch.stack(terms).mean()
 
 

@@ -26,7 +26,7 @@ def test_ranks_partition_the_single_process_global_batch(world, accum):
     seen_epoch0 = []
     for step in range(2 * spe):
         epoch, s = divmod(step, spe)
-        per_rank = [dict(smp.iter_steps(step, step + 1))[step] for smp in samplers]
+        per_rank = [[mb.indices for mb in dict(smp.iter_steps(step, step + 1))[step]] for smp in samplers]
         for micro in range(accum):
             chunk = [i for r in range(world) for i in per_rank[r][micro]]  # rank-major concatenation
             assert all(len(per_rank[r][micro]) == big_b // (world * accum) for r in range(world))
@@ -36,6 +36,34 @@ def test_ranks_partition_the_single_process_global_batch(world, accum):
             if epoch == 0:
                 seen_epoch0 += chunk
     assert len(seen_epoch0) == len(set(seen_epoch0)) == spe * big_b  # nothing seen twice in an epoch
+
+
+@pytest.mark.parametrize("world,accum", [(2, 1), (3, 1), (2, 2), (4, 1)])
+def test_without_drop_last_every_example_is_seen_once_per_epoch(world, accum):
+    n, big_b = 29, 12  # 2 full global batches + 5 left over
+    plan = BatchPlan(n, big_b, world, accum, drop_last=False)
+    assert plan.steps_per_epoch == 3 and plan.dropped_per_epoch == 0
+    samplers = [GlobalBatchSampler(plan, r, seed=1) for r in range(world)]
+    seen = []
+    for step in range(3):
+        shares = [dict(smp.iter_steps(step, step + 1))[step] for smp in samplers]
+        for micro in range(accum):
+            rows = {len(shares[r][micro].indices) for r in range(world)}
+            assert len(rows) == 1  # every rank holds the same number of rows (padding included)
+            real = [i for r in range(world) for i in shares[r][micro].indices[:shares[r][micro].valid]]
+            valid = [shares[r][micro].valid for r in range(world)]
+            (row_count,) = rows
+            # "full" means no rank pads this micro-step, and all ranks agree on it
+            assert {shares[r][micro].full for r in range(world)} == {sum(valid) == row_count * world}
+            seen += real
+    assert sorted(seen) == list(range(n))
+    assert seen == written_out_global_batch(n, n, 1, 0, 0)  # the single-process order
+
+
+def test_thirteen_examples_on_two_ranks_split_seven_and_six():
+    plan = BatchPlan(13, 16, 2, 1, drop_last=False)
+    a, b = (GlobalBatchSampler(plan, r, 0, shuffle=False).micro_batches(0, 0)[0] for r in range(2))
+    assert (a.indices, a.valid, b.indices[:6], b.valid, len(b.indices)) == (list(range(7)), 7, list(range(7, 13)), 6, 7)
 
 
 def test_epochs_reshuffle_and_no_shuffle_keeps_order():

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from reference import reference_simcse_loss
 
-from simcse_dist.loss import alignment, info_nce, simcse_loss, uniformity
+from simcse_dist.loss import alignment, duplicate_mask, info_nce, padding_mask, simcse_loss, uniformity
 
 
 def official_layout(z1, z2, z3=None, temp=0.05, hard_negative_weight=0.0):
@@ -95,3 +95,65 @@ def test_alignment_uniformity_written_out():
     # pairwise squared distances of x: 2, 4, 2 -> log mean exp(-2 d)
     expected = math.log((math.exp(-4) + math.exp(-8) + math.exp(-4)) / 3)
     assert uniformity(x).item() == pytest.approx(expected, rel=1e-6)
+
+
+def _ids(texts: list[tuple[str, ...]]) -> torch.Tensor:
+    vocab: dict[str, int] = {}
+    return torch.tensor([[vocab.setdefault(t, len(vocab)) for t in ex] for ex in texts])
+
+
+def _ranks_with_masks(z, ids, valid, world, temp=0.05, w=0.0):
+    """Simulated ranks holding equal row counts (padding included): each rank's local loss with
+    the padding and duplicate masks, normalised by (real anchors)/world; the mean over ranks is
+    what the engine's gradient average produces."""
+    big_b, k, _ = z.shape
+    b = big_b // world
+    candidates = torch.cat([z[:, v] for v in range(1, k)])
+    losses = []
+    for r in range(world):
+        rows = slice(r * b, (r + 1) * b)
+        mask = padding_mask(valid, k - 1, b) | duplicate_mask(ids, r * b, b)
+        losses.append(simcse_loss(z[rows], candidates, r * b, temp, w, mask, valid[rows], valid.sum() / world))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_duplicate_premises_match_the_written_out_masked_formula(world):
+    texts = [("p0", "e0", "c0"), ("p0", "e1", "c1"), ("p2", "e2", "c2"), ("p3", "e2", "c3"),
+             ("p4", "e4", "e5"), ("p5", "e5", "c5")]
+    torch.manual_seed(world)
+    z = torch.randn(6, 3, 8, dtype=torch.float64, requires_grad=True)
+    ref = reference_simcse_loss(z, 0.05, 0.5, texts=texts)
+    got = _ranks_with_masks(z, _ids(texts), torch.ones(6, dtype=torch.bool), world, w=0.5)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-9)
+    assert abs(ref.item() - reference_simcse_loss(z, 0.05, 0.5).item()) > 1e-6  # masking changes the loss
+    (g_ref,) = torch.autograd.grad(ref, z)
+    (g_got,) = torch.autograd.grad(got, z)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-7, atol=1e-10)
+
+
+def test_masked_pair_count_of_a_known_batch():
+    texts = [("p0", "e0", "c0"), ("p0", "e1", "c1"), ("p2", "e0", "c2")]
+    mask = duplicate_mask(_ids(texts), 0, 3)
+    # anchor 0: e1 (same premise p0), e0 of row 2 (= its positive); anchor 1: e0 (same premise);
+    # anchor 2: e0 of row 0 (= its positive). No hard negative equals a positive.
+    assert mask.tolist() == [[False, True, True, False, False, False],
+                             [True, False, False, False, False, False],
+                             [True, False, False, False, False, False]]
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_uneven_ranks_seven_and_six_equal_one_process_on_thirteen(k):
+    torch.manual_seed(k)
+    real = torch.randn(13, k, 8, dtype=torch.float64)
+    # rank 0 holds rows 0-6, rank 1 rows 7-12 plus one padding row (a copy, as the sampler does)
+    padded = torch.cat([real[:7], real[7:], real[7:8]]).requires_grad_()
+    valid = torch.tensor([True] * 13 + [False])
+    got = _ranks_with_masks(padded, torch.arange(14 * k).view(14, k), valid, world=2)
+    leaf = real.clone().requires_grad_()
+    ref = reference_simcse_loss(leaf, 0.05)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-9)
+    (g_got,) = torch.autograd.grad(got, padded)
+    (g_ref,) = torch.autograd.grad(ref, leaf)
+    torch.testing.assert_close(g_got[:13], g_ref, rtol=1e-7, atol=1e-10)
+    assert g_got[13].abs().max() == 0  # the padding row gets no gradient

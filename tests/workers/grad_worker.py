@@ -1,7 +1,8 @@
-"""Run under torchrun: one optimizer step's gradients from the real trainer path, per ZeRO stage.
+"""Run under torchrun: one optimizer step's gradients from the real trainer path.
 
-Writes rank 0's assembled fp32 gradients (after DeepSpeed's reduction, before the optimizer
-step) to <out>/grads-<objective>-z<stage>.pt for the test to compare with a single process.
+For every objective x ZeRO stage x grad_accum asked for, builds a Trainer, runs
+`forward_backward` on one step and writes rank 0's assembled fp32 gradients (after DeepSpeed's
+reduction, before the optimizer step) to <out>/grads-<objective>-z<stage>-a<accum>.pt.
 """
 
 import argparse
@@ -20,31 +21,35 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--stages", default="0,1,2,3")
     p.add_argument("--objectives", default="unsup,sup")
+    p.add_argument("--grad-accums", default="1")
+    p.add_argument("--data-unsup", required=True)
+    p.add_argument("--data-sup", required=True)
+    p.add_argument("--hard-negative-weight", type=float, default=0.0)
+    p.add_argument("--step", type=int, default=0, help="which step's gradients (the last may be short)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     env = du.DistEnv.from_env()
     du.init_distributed(env, timeout_s=120)
     out = Path(args.out)
     for objective in args.objectives.split(","):
-        for stage in map(int, args.stages.split(",")):
-            cfg = load_config(None, [*args.overrides, f"train.objective={objective}", f"engine.zero_stage={stage}",
-                                     f"train.output_dir={out}/run-{objective}-z{stage}"])
-            cfg.validate(env.world_size)
-            trainer = Trainer(cfg, env, quiet=True)
-            _, micro_steps = next(trainer.sampler.iter_steps(0, 1))
-            losses = []
-            for i, indices in enumerate(micro_steps):
-                loss = trainer.compute_loss(trainer.micro_batch(indices))
-                trainer.engine.backward(loss)
-                losses.append(float(loss))
-                if i < len(micro_steps) - 1:
-                    trainer.engine.step()  # a non-boundary step: DeepSpeed only counts the micro-step
-            # collective under ZeRO-3: every rank assembles every gradient
-            grads = {n: safe_get_full_grad(q).detach().float().cpu().clone()
-                     for n, q in trainer.engine.module.named_parameters()}
-            if env.is_main:
-                torch.save({"grads": grads, "rank0_losses": losses}, out / f"grads-{objective}-z{stage}.pt")
-            du.barrier()
+        data = args.data_unsup if objective == "unsup" else args.data_sup
+        hnw = args.hard_negative_weight if objective == "sup" else 0.0
+        for accum in map(int, args.grad_accums.split(",")):
+            for stage in map(int, args.stages.split(",")):
+                name = f"{objective}-z{stage}-a{accum}"
+                cfg = load_config(None, [*args.overrides, f"train.objective={objective}", f"data.train_file={data}",
+                                         f"optim.hard_negative_weight={hnw}", f"train.grad_accum={accum}",
+                                         f"engine.zero_stage={stage}", f"train.output_dir={out}/run-{name}"])
+                cfg.validate(env.world_size)
+                trainer = Trainer(cfg, env, quiet=True)
+                _, micro_steps = next(trainer.sampler.iter_steps(args.step, args.step + 1))
+                loss = float(trainer.forward_backward(micro_steps))
+                # collective under ZeRO-3: every rank assembles every gradient
+                grads = {n: safe_get_full_grad(q).detach().float().cpu().clone()
+                         for n, q in trainer.engine.module.named_parameters()}
+                if env.is_main:
+                    torch.save({"grads": grads, "rank0_loss": loss}, out / f"grads-{name}.pt")
+                du.barrier()
     du.teardown()
 
 

@@ -1,0 +1,86 @@
+"""Peak memory of one training step against the global batch, with and without gradient caching.
+
+Each configuration runs `simcse-train` for `--steps` optimizer steps in a fresh single process
+(the bundled all-MiniLM-L6-v2, fp32, CPU) and reports the peak resident set size of that process
+(ru_maxrss of the child), so the numbers include the model, optimizer and Python overheads.
+With grad_cache the micro-batch (chunk) is fixed and grad_accum = global / chunk.
+
+    python bench/memory.py --globals 64,256,1024 --chunk 32 --output bench/memory.json
+    python bench/memory.py --globals 4096 --chunk 64 --modes cache     # the 4096 check (slow)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WIKI = REPO.parent / "shared" / "data" / "wiki1m-sample.txt"
+
+
+def run_one(global_batch: int, chunk: int, cache: bool, steps: int, data: Path) -> dict:
+    accum = global_batch // chunk if cache else 1
+    with tempfile.TemporaryDirectory() as out:
+        args = [sys.executable, "-m", "simcse_dist.cli", "--config", str(REPO / "configs" / "demo.yaml"),
+                f"data.train_file={data}", f"train.global_batch_size={global_batch}", f"train.grad_accum={accum}",
+                f"train.grad_cache={str(cache).lower()}", f"train.max_steps={steps}", "log.every_steps=1",
+                "log.wandb_mode=disabled", "log.progress_bar=false", "checkpoint.every_steps=0",
+                "engine.zero_stage=0", f"train.output_dir={out}"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        t0 = time.perf_counter()
+        proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        elapsed = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"run failed:\n{proc.stderr[-4000:]}")
+        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    if peak_kib <= before:
+        print("note: ru_maxrss of children is a running maximum; run configs in increasing size", file=sys.stderr)
+    return {"global_batch": global_batch, "mode": "grad_cache" if cache else "one micro-batch",
+            "chunk": chunk if cache else global_batch, "grad_accum": accum, "steps": steps,
+            "peak_rss_gib": round(peak_kib / 2**20, 2), "seconds": round(elapsed, 1),
+            "loss": rows[-1]["train/loss"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--globals", default="64,256,1024")
+    p.add_argument("--chunk", type=int, default=32)
+    p.add_argument("--modes", default="cache,plain", help="cache, plain or both (plain: one micro-batch)")
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--data", default=str(WIKI))
+    p.add_argument("--output")
+    args = p.parse_args()
+    results = []
+    # ru_maxrss over children only grows: run each mode from the smallest batch up, in separate
+    # interpreter processes, so every reported peak belongs to its own configuration.
+    for mode in args.modes.split(","):
+        for g in map(int, args.globals.split(",")):
+            r = subprocess.run([sys.executable, __file__, "--_one", json.dumps([g, args.chunk, mode == "cache",
+                                                                            args.steps, args.data])],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(r.stderr[-4000:])
+            results.append(json.loads(r.stdout))
+            print(json.dumps(results[-1]), flush=True)
+    print("\n| global batch | mode | chunk | grad_accum | peak RSS (GiB) | seconds |\n|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['global_batch']} | {r['mode']} | {r['chunk']} | {r['grad_accum']} | {r['peak_rss_gib']} | {r['seconds']} |")
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--_one":
+        g, chunk, cache, steps, data = json.loads(sys.argv[2])
+        print(json.dumps(run_one(g, chunk, cache, steps, Path(data))))
+    else:
+        main()

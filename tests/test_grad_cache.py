@@ -1,0 +1,42 @@
+"""Gradient caching details that need no second process: RNG replay, memory per chunk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DEMO_DATA
+
+from simcse_dist import distributed as du
+from simcse_dist.config import load_config
+from simcse_dist.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def single_process_group():
+    env = du.DistEnv.from_env({})
+    du.init_distributed(env, timeout_s=60)
+    yield env
+    du.teardown()
+
+
+@pytest.mark.parametrize("objective,data", [("unsup", "wiki-demo.txt"), ("sup", "nli-demo.tsv")])
+def test_rng_replay_reencodes_the_cached_embeddings_bit_for_bit(tiny_bert, tmp_path, single_process_group,
+                                                                 objective, data):
+    """Dropout on: the re-encoding pass must draw the same masks as the cached pass, or the
+    unsupervised positives (two dropout views) would differ between the loss and its gradient."""
+    cfg = load_config(None, [f"model.name_or_path={tiny_bert}", "model.dropout=0.1", f"train.objective={objective}",
+                             f"data.train_file={DEMO_DATA / data}", "train.global_batch_size=16", "train.grad_accum=4",
+                             "train.grad_cache=true", "train.max_steps=1", f"train.output_dir={tmp_path}",
+                             "log.wandb_mode=disabled"])
+    trainer = Trainer(cfg, single_process_group, quiet=True)
+    outputs: list[torch.Tensor] = []
+    trainer.encoder.register_forward_hook(lambda mod, args, out: outputs.append(out.detach().clone()))
+    _, micro = next(trainer.sampler.iter_steps(0, 1))
+    loss = trainer.forward_backward(micro)
+    assert len(outputs) == 8  # 4 cached chunks, then 4 re-encoded ones
+    for cached, again in zip(outputs[:4], outputs[4:], strict=True):
+        assert torch.equal(cached, again)
+    assert not torch.equal(outputs[0][:, 0], outputs[0][:, 1]) or objective == "sup"  # dropout is on
+    # The cached loss is the loss of the re-encoded embeddings (the uncached computation).
+    uncached = trainer.loss_from_embeddings(torch.cat(outputs[4:]))
+    assert loss.item() == pytest.approx(uncached.item(), rel=1e-6)
