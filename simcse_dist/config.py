@@ -366,10 +366,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict, top: dict) -> dict:
+def merge_dicts(base: dict, top: dict) -> dict:
+    """Recursive merge; values of `top` win."""
     out = dict(base)
     for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -387,7 +388,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train:, ...)")
         tree = loaded or {}
-    tree = _merge(tree, parse_overrides(overrides or []))
+    tree = merge_dicts(tree, parse_overrides(overrides or []))
     try:
         return _build(Config, tree, "")
     except ConfigError as e:

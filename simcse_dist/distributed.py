@@ -139,31 +139,27 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks of a small metrics tensor. collective: every rank calls this."""
+def _all_reduce(values: torch.Tensor, op) -> torch.Tensor:
     if world_size() == 1:
         return values
     out = values.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / world_size()
+    dist.all_reduce(out, op=op)
+    return out
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a small metrics tensor. collective: every rank calls this."""
+    return _all_reduce(values, dist.ReduceOp.SUM) / world_size()
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum over ranks. collective: every rank calls this."""
-    if world_size() == 1:
-        return values
-    out = values.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return _all_reduce(values, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     """Element-wise max over ranks (flags that any rank raised). collective: every rank calls this."""
-    if world_size() == 1:
-        return values
-    out = values.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return out
+    return _all_reduce(values, dist.ReduceOp.MAX)
 
 
 def barrier() -> None:

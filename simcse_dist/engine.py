@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import Config
+from .config import Config, merge_dicts
 
 
 def linear_schedule(total_steps: int, warmup_steps: int):
@@ -30,13 +30,6 @@ def linear_schedule(total_steps: int, warmup_steps: int):
         return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
 
     return factor
-
-
-def deep_merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
@@ -58,7 +51,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     if cfg.engine.deepspeed_config:
-        ds = deep_merge(ds, json.loads(Path(cfg.engine.deepspeed_config).read_text()))
+        ds = merge_dicts(ds, json.loads(Path(cfg.engine.deepspeed_config).read_text()))
     return ds
 
 
