@@ -120,8 +120,7 @@ class Trainer:
         self.k = 2 if cfg.train.objective == "unsup" else len(self.examples[0])
         md = cfg.train.mask_duplicates
         self.mask_duplicates = (cfg.train.objective == "sup") if md is None else md
-        self.text_ids = text_ids(self.examples, self.k) if self.mask_duplicates else \
-            torch.zeros(len(self.examples), self.k, dtype=torch.long)
+        self.text_ids = text_ids(self.examples, self.k) if self.mask_duplicates else None
         self.window = Window(self.engine.device)
         self.best_score: float | None = None
         self.best_step: int | None = None
@@ -129,7 +128,8 @@ class Trainer:
 
     def _announce(self, blank: int) -> None:
         p, cfg = self.plan, self.cfg
-        candidates = p.world_size * p.micro_batch_size * (self.k - 1)
+        pool = p.global_batch_size if cfg.train.grad_cache else p.world_size * p.micro_batch_size
+        candidates = pool * (self.k - 1)
         self.say(
             f"data: {p.num_examples} examples from {cfg.data.train_file} ({blank} blank lines skipped); "
             f"{p.steps_per_epoch} steps/epoch, {p.dropped_per_epoch} examples dropped per epoch (drop_last)"
@@ -138,7 +138,9 @@ class Trainer:
             f"batch: world_size {p.world_size} x grad_accum {p.grad_accum} x micro_batch {p.micro_batch_size} "
             f"= global_batch {p.global_batch_size}; {candidates} candidates per anchor "
             f"(1 positive, {candidates - 1} negatives)"
-            + ("; with grad_accum > 1 negatives come from one micro-step only" if p.grad_accum > 1 else "")
+            + ("; gradient caching: negatives from the whole global batch" if cfg.train.grad_cache else
+               "; with grad_accum > 1 negatives come from one micro-step only" if p.grad_accum > 1 else "")
+            + (f"; duplicate texts masked ({self.text_ids.shape[0]} examples hashed)" if self.mask_duplicates else "")
         )
         self.say(
             f"engine: ZeRO-{cfg.engine.zero_stage} {cfg.engine.precision}, {self.total_steps} optimizer steps, "

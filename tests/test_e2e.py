@@ -52,6 +52,7 @@ def test_two_ranks_train_minilm_on_wiki_sample(shared_data, tmp_path):
     evals = [r for r in rows if "eval/stsb_spearman" in r]
     assert [r["step"] for r in evals] == [15, 30]
     assert all(0.5 < r["eval/stsb_spearman"] < 1 for r in evals)  # MiniLM is a strong model already
+    assert all(0 < r["eval/align"] < 2 and -4 < r["eval/uniform"] < 0 for r in evals)  # the paper's Fig. 2 axes
 
     # best/ is the highest-scoring evaluation, and loads with plain transformers.
     from transformers import AutoModel, AutoTokenizer
