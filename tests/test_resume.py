@@ -63,10 +63,15 @@ def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: flo
 
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL the launcher and every rank: nothing gets to clean up."""
-    procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    root = psutil.Process(proc.pid)
+    procs = [*root.children(recursive=True), root]
     for p in procs:
-        p.kill()
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:  # exited on its own between listing and killing
+            pass
     psutil.wait_procs(procs, timeout=30)
+    proc.wait()
 
 
 def last_rows(metrics: Path) -> dict[int, dict]:
