@@ -77,9 +77,16 @@ class Engine:
             lr=cfg.optim.lr,
             betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
             eps=cfg.optim.adam_eps,
-            fused=torch.cuda.is_available(),
+            fused=True,  # CUDA and CPU kernels (torch >= 2.4); the loop version costs ~3% of a CPU step
         )
         self.ds_config = deepspeed_config(cfg, world_size)
+        # ZeRO-0 fp32 hands DeepSpeed a plain torch optimizer, which computes no global norm; we
+        # need the norm for logging anyway, so we clip there once (foreach) and tell DeepSpeed not
+        # to compute it a second time.
+        self._manual_norm = cfg.engine.zero_stage == 0 and cfg.engine.precision == "fp32"
+        self._clip = cfg.engine.gradient_clipping
+        if self._manual_norm:
+            self.ds_config["gradient_clipping"] = 0.0
         if load_universal:  # resuming a ZeRO checkpoint written at another world size
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         schedule = linear_schedule(total_steps, warmup)
@@ -90,12 +97,11 @@ class Engine:
             config=self.ds_config,
         )
         self.zero_stage = cfg.engine.zero_stage
-        self._manual_norm = not self._wrapped_optimizer()
+        if world_size == 1 and self._manual_norm:
+            # One rank: DeepSpeed's gradient "all-reduce" would flatten, divide by 1 and copy back
+            # every gradient (~30 ms of a 1.7 s MiniLM CPU step) for an identity.
+            self.engine.enable_backward_allreduce = False
         self._last_norm: torch.Tensor | None = None
-
-    def _wrapped_optimizer(self) -> bool:
-        # ZeRO and DeepSpeed's bf16/fp16 optimizers compute the global norm themselves.
-        return self.zero_stage > 0 or self.engine.bfloat16_enabled() or self.engine.fp16_enabled()
 
     @property
     def module(self) -> nn.Module:
@@ -120,8 +126,12 @@ class Engine:
         gradients over ranks."""
         self.engine.backward(loss, scale_wrt_gas=scale_wrt_gas)
         if self._manual_norm and self.engine.is_gradient_accumulation_boundary():
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            self._last_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            # Gradients are final here (averaged over ranks): the global norm before clipping.
+            params = [p for p in self.engine.module.parameters() if p.grad is not None]
+            if self._clip > 0:
+                self._last_norm = torch.nn.utils.clip_grad_norm_(params, self._clip, foreach=True)
+            else:
+                self._last_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
 
     def step(self) -> None:
         self.engine.step()
@@ -132,7 +142,7 @@ class Engine:
         ZeRO 1-3 and DeepSpeed's bf16/fp16 optimizers already skip a step whose gradient norm is
         not finite; the plain torch AdamW of ZeRO-0 fp32 skips parameters whose grad is None.
         """
-        if not self._wrapped_optimizer():
+        if self._manual_norm:
             for p in self.engine.module.parameters():
                 p.grad = None
             self._last_norm = torch.tensor(float("nan"))
