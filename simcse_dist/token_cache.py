@@ -16,10 +16,10 @@ either nothing or a complete entry):
 
 The key is sha256 over: the data file's sha256, the tokenizer's name_or_path, a hash of its
 full pipeline (normalizer, pre-tokenizer, vocab, merges, post-processor, padding/truncation
-sides), max_seq_len, the number of columns and `variant`. The file hash covers all bytes:
-sha256 runs at ~1-2 GB/s with SHA extensions (measured in bench/RESULTS.md), i.e. ~0.1 s for
-the 120 MB wiki1m, so a size+mtime shortcut would save nothing worth the risk of missing an
-in-place edit or an rsync that preserves mtimes.
+sides, the inputs it returns), max_seq_len and `variant` (which column selection). The file
+hash covers all bytes: sha256 runs at ~1.9 GB/s here (SHA extensions; bench/RESULTS.md), i.e.
+~0.06 s for the ~110 MB wiki1m, so a size+mtime shortcut would save nothing worth the risk of
+missing an in-place edit or a copy that preserves mtimes.
 
 Where: `cache_dir` if given, else `$SIMCSE_CACHE_DIR`, else `.simcse_cache/` next to the data
 file when that directory is writable, else `~/.cache/simcse-dist`. A directory whose
@@ -103,9 +103,10 @@ def _tokenize_column(tokenizer, texts: Sequence[str], max_seq_len: int,
 
     Fast tokenizers: a private copy of the Rust backend with truncation set exactly as
     transformers sets it for `truncation=True, max_length=max_seq_len` (longest_first, stride 0,
-    the tokenizer's truncation side) and no padding, then `encode_batch_fast` (no char offsets),
-    which is ~1.6x faster than `tokenizer(texts)` because no Python dicts/lists of the
-    BatchEncoding are built. Slow tokenizers go through `tokenizer(...)`.
+    the tokenizer's truncation side) and no padding, then `encode_batch_fast` (no character
+    offsets), converted straight to numpy: no BatchEncoding of Python lists per sentence.
+    The Rust side uses all cores unless TOKENIZERS_PARALLELISM=false. Slow tokenizers go
+    through `tokenizer(...)`.
     """
     n = len(texts)
     lengths = np.empty(n, dtype=np.int64)
@@ -184,10 +185,9 @@ class TokenCache:
 
     # -- building ------------------------------------------------------------------------------
     @staticmethod
-    def cache_key(file_hash: str, tokenizer, max_seq_len: int, num_columns: int | None, variant: str) -> str:
+    def cache_key(file_hash: str, tokenizer, max_seq_len: int, variant: str) -> str:
         parts = {"v": FORMAT_VERSION, "file": file_hash, "tok": str(tokenizer.name_or_path),
-                 "tok_hash": tokenizer_fingerprint(tokenizer), "max_seq_len": max_seq_len,
-                 "columns": num_columns, "variant": variant}
+                 "tok_hash": tokenizer_fingerprint(tokenizer), "max_seq_len": max_seq_len, "variant": variant}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     @classmethod
@@ -206,17 +206,17 @@ class TokenCache:
 
         `columns` holds the texts of each example column ([sent0s] or [sent0s, sent1s, hard_negs]),
         or is a callable returning them, which is called only when a build is needed (so a
-        cache hit does not even parse the file). Pass a callable together with `variant` (e.g.
-        the objective) when the same file is read with different column selections: the column
-        count of a callable is not known before it runs, so the variant keeps the keys apart.
+        cache hit does not even parse the file). The column selection is not part of the key (a
+        callable's is unknown until it runs): read one file with different selections (unsup =
+        sent0 only, sup = all columns) under different `variant`s, e.g. the objective. A list
+        of columns whose shape does not match the entry found raises ValueError.
 
         collective: every rank calls this; `barrier` must be a collective over the same ranks.
         The main rank builds while the others wait in `barrier`; a rank that still finds no
         entry afterwards (a cache dir that is not shared with the main rank, e.g. node-local
         disks with a global is_main) builds its own copy instead of failing.
         """
-        num_cols = None if callable(columns) else len(columns)
-        key = cls.cache_key(file_sha256(path), tokenizer, max_seq_len, num_cols, variant)
+        key = cls.cache_key(file_sha256(path), tokenizer, max_seq_len, variant)
         root = default_cache_root(path, cache_dir)
         entry = root / f"{Path(path).name}.{key[:20]}"
         tokenized = False
@@ -229,6 +229,10 @@ class TokenCache:
             tokenized = True
         cache = cls(entry)
         cache.tokenized = tokenized
+        if not callable(columns) and (cache.num_columns, cache.num_examples) != (len(columns), len(columns[0])):
+            raise ValueError(
+                f"{entry}: cached {cache.num_columns} column(s) x {cache.num_examples} examples, asked for "
+                f"{len(columns)} x {len(columns[0])}: pass a different `variant` for each column selection of a file")
         return cache
 
     @staticmethod

