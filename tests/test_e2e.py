@@ -121,3 +121,18 @@ def test_malformed_row_names_file_and_line(tiny_bert, tmp_path):
                 "train.objective=sup", f"train.output_dir={tmp_path / 'out'}", "log.wandb_mode=disabled"])
     assert proc.returncode == 2
     assert f"{bad}:3: expected 3 fields" in proc.stderr
+
+
+@pytest.mark.slow
+def test_bf16_grad_cache_with_short_last_batch_every_zero_stage(tiny_bert, tmp_path):
+    """Gradient caching through DeepSpeed's bf16 engine at ZeRO 0-3 on 2 ranks, across an epoch
+    end with drop_last=false (216 triplets, 16 per step: step 14 holds the last 8)."""
+    run_gloo(REPO / "tests" / "workers" / "train_worker.py", 2, [
+        "--out", str(tmp_path), "--stages", "0,1,2,3", f"model.name_or_path={tiny_bert}",
+        f"data.train_file={DEMO_DATA / 'nli-demo.tsv'}", "train.objective=sup", "engine.precision=bf16",
+        "train.global_batch_size=16", "train.grad_accum=2", "train.grad_cache=true", "data.drop_last=false",
+        "train.max_steps=14", "log.every_steps=7", "log.wandb_mode=disabled", "log.progress_bar=false"])
+    for stage in range(4):
+        rows = read_jsonl(tmp_path / f"z{stage}" / "metrics.jsonl")
+        assert [r["step"] for r in rows] == [7, 14]
+        assert all(math.isfinite(r["train/loss"]) and math.isfinite(r["train/grad_norm"]) for r in rows)
