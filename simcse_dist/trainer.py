@@ -303,8 +303,11 @@ class Trainer:
                 bar.close()
             logger.close()
         best_dir = self.out / "best"
-        if not stopped:
-            self.say(f"done: {self.total_steps} steps; best dev spearman {self.best_score} at step {self.best_step}; "
+        if not stopped and self.dev_pairs is None:
+            self.say(f"done: {self.total_steps} steps; final model in {best_dir}")
+        elif not stopped:
+            score = "n/a" if self.best_score is None else f"{self.best_score:.4f}"
+            self.say(f"done: {self.total_steps} steps; best dev spearman {score} at step {self.best_step}; "
                      f"model in {best_dir}")
         return TrainResult(self.total_steps, self.best_score, self.best_step, best_dir, stopped)
 
@@ -341,6 +344,9 @@ class Trainer:
         if self.env.is_main:
             truncate_jsonl(self.out / "metrics.jsonl", keep_through_step=step)
         self.say(f"resumed from step {step} ({latest})")
+        if step >= self.total_steps:
+            self.say(f"nothing to train: the run in {self.out} already finished its {self.total_steps} steps "
+                     "(use another train.output_dir, or train.overwrite=true with a changed config)")
         return step
 
     def save_checkpoint(self, step: int) -> None:
