@@ -68,19 +68,6 @@ def spearman(pred: Sequence[float], gold: Sequence[float]) -> float:
     return float(spearmanr(pred, gold).statistic)
 
 
-def sts_spearman(
-    forward: EncodeFn,
-    tokenizer,
-    pairs: tuple[list[str], list[str], list[float]],
-    device: torch.device,
-    batch_size: int = 128,
-) -> float:
-    """Spearman of cosine(s1, s2) against gold. collective: every rank calls this."""
-    s1, s2, gold = pairs
-    emb = encode(forward, tokenizer, list(s1) + list(s2), device, batch_size)
-    return spearman(cosine_scores(emb[: len(s1)], emb[len(s1) :]), gold)
-
-
 def pair_embeddings(
     forward: EncodeFn,
     tokenizer,
