@@ -29,7 +29,7 @@ DS_PATCHES: dict[str, dict] = {
     "nocontig": {"zero_optimization": {"contiguous_gradients": False}},
     "bigbucket": {"zero_optimization": {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000}},
 }
-PATCHES = ("fused", "noar", "clip1", *DS_PATCHES)
+PATCHES = ("fused", "noar", "clip1", "partition", *DS_PATCHES)
 
 
 @contextlib.contextmanager
@@ -49,12 +49,14 @@ def fused_adamw():
         torch.optim.AdamW = original
 
 
-def deepspeed_overrides(patches: list[str], work_dir) -> list[str]:
-    """Config overrides for the DeepSpeed-JSON patches (written to work_dir)."""
+def deepspeed_overrides(patches: list[str], work_dir, stage: int = 0) -> list[str]:
+    """Config overrides for the DeepSpeed-JSON patches (written to work_dir). `partition` sets
+    zero_optimization.stage explicitly, which makes the engine build ZeRO-1/2 even with one rank
+    (engine.built_zero_stage otherwise builds stage 0 there): the DeepSpeed ZeRO-1/2 overhead."""
     import json
     from pathlib import Path
 
-    merged: dict = {}
+    merged: dict = {"zero_optimization": {"stage": stage}} if "partition" in patches else {}
     for name in patches:
         for section, values in DS_PATCHES.get(name, {}).items():
             merged.setdefault(section, {}).update(values)

@@ -18,14 +18,16 @@ implementation for steps/rounds steps, in an order rotated every round, and each
 implementation sees the same sequence of batches.
 
 Implementations (see docs/performance.md for why each is built the way it is):
-- simcse-zN:   `simcse_dist.trainer.Trainer.train_step` at ZeRO stage N (the real path: Collator,
-               Encoder, gather, loss, DeepSpeed engine, clipping, AdamW, LR schedule).
+- simcse-zN:   `simcse_dist.trainer.Trainer.train_step` at ZeRO stage N with the default config
+               (the real path: token cache, Encoder, gather, loss, DeepSpeed engine, clipping,
+               AdamW, LR schedule; with one process ZeRO-1/2 are built as stage 0, see
+               engine.built_zero_stage).
 - plain:       AutoModel + [CLS] + MLP (Linear+Tanh), one forward over both views, InfoNCE with
                tau = 0.05, clip_grad_norm_(1.0), torch AdamW (fused on CUDA), LambdaLR.
 - st-mnrl:     sentence-transformers model (its own pooling) + MultipleNegativesRankingLoss
                (scale 20 = 1/0.05) on pairs (s, s), manual loop with the same optimizer/clipping.
 Optional (--impls): plain-pretok (batches tokenized before timing), plain+fused (fused AdamW on
-CPU too), simcse-z0-cache (the trainer fed by `simcse_dist.token_cache.CachedCollator`), and
+CPU too), simcse-zN-nocache (the trainer with data.token_cache=false: tokenizer in the step), and
 simcse-zN+patch[+patch...] (prototype engine changes from bench/prototypes.py).
 """
 
@@ -163,22 +165,23 @@ class SimcseImpl(Impl):
     `patches` (bench/prototypes.py) are measured prototypes of engine changes, never defaults.
     """
 
-    def __init__(self, s: Setup, stage: int, cached: bool = False, patches: tuple[str, ...] = ()) -> None:
+    def __init__(self, s: Setup, stage: int, cached: bool = True, patches: tuple[str, ...] = ()) -> None:
         from simcse_dist.config import load_config
         from simcse_dist.distributed import DistEnv
         from simcse_dist.preempt import StopRequest
         from simcse_dist.trainer import Trainer
 
-        self.name = f"simcse-z{stage}" + ("-cache" if cached else "") + "".join(f"+{p}" for p in patches)
+        self.name = f"simcse-z{stage}" + ("" if cached else "-nocache") + "".join(f"+{p}" for p in patches)
         overrides = [
             f"model.name_or_path={s.simcse_name}", f"model.dropout={DROPOUT}", f"model.temperature={TEMPERATURE}",
             "model.pooler=cls", f"data.train_file={s.data}", f"data.max_seq_len={s.seq_len}",
             f"train.global_batch_size={s.batch_size}", f"train.max_steps={s.total_steps}",
             f"train.output_dir={s.work_dir / self.name}", "train.overwrite=true", "checkpoint.resume=false",
             "checkpoint.every_steps=0", f"engine.zero_stage={stage}", f"engine.precision={s.precision}",
-            "log.wandb_mode=disabled", "log.progress_bar=false",
+            "log.wandb_mode=disabled", "log.progress_bar=false", f"data.token_cache={str(cached).lower()}",
+            f"data.cache_dir={s.work_dir / 'token-cache'}",
         ]
-        overrides += prototypes.deepspeed_overrides(list(patches), s.work_dir / self.name)
+        overrides += prototypes.deepspeed_overrides(list(patches), s.work_dir / self.name, stage)
         cfg = load_config(None, overrides)
         self.s = s
         with prototypes.fused_adamw() if "fused" in patches else contextlib.nullcontext():
@@ -186,24 +189,10 @@ class SimcseImpl(Impl):
         prototypes.apply(self.trainer, list(patches))
         self.trainer.engine.train()
         self.stop = StopRequest(check_file=False)
-        if cached:
-            self._use_token_cache(s)
         if not s.batches:  # the data order every implementation follows
             s.texts = [ex[0] for ex in self.trainer.examples]
             s.micro = [mi for _, mi in self.trainer.sampler.iter_steps(0, s.total_steps)]
             s.batches = [list(getattr(mi[0], "indices", mi[0])) for mi in s.micro]
-
-    def _use_token_cache(self, s: Setup) -> None:
-        from simcse_dist.token_cache import CachedCollator, TokenCache
-
-        t = self.trainer
-        cache = TokenCache.build_or_load(s.data, [[ex[0] for ex in t.examples]], t.tokenizer, s.seq_len,
-                                         cache_dir=s.work_dir / "token-cache", variant="unsup")
-        cached = CachedCollator(cache, t.tokenizer.pad_token_id, "unsup")
-        # The trainer calls self.collate([self.examples[i] for i in indices]); map the example
-        # objects back to their indices so the rest of its micro_batch() runs unchanged.
-        index_of = {id(ex): i for i, ex in enumerate(t.examples)}
-        t.collate = lambda examples: cached([index_of[id(ex)] for ex in examples])
 
     def step(self, i: int) -> None:
         self.trainer.train_step(self.s.micro[i], self.stop, i)
@@ -317,8 +306,8 @@ def build(name: str, s: Setup) -> Impl:
         unknown = set(patches) - set(prototypes.PATCHES)
         if unknown:
             raise SystemExit(f"--impls: unknown prototype patch {sorted(unknown)} in {name!r}; known: {prototypes.PATCHES}")
-        stage = int(base.removeprefix("simcse-z").removesuffix("-cache"))
-        return SimcseImpl(s, stage, cached=base.endswith("-cache"), patches=tuple(patches))
+        stage = int(base.removeprefix("simcse-z").removesuffix("-nocache"))
+        return SimcseImpl(s, stage, cached=not base.endswith("-nocache"), patches=tuple(patches))
     if name == "plain":
         return PlainImpl(s)
     if name == "plain+fused":
@@ -541,7 +530,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds the timed steps are split into")
     p.add_argument("--impls", default=DEFAULT_IMPLS_CPU,
-                   help=f"comma-separated from {DEFAULT_IMPLS_CPU},plain-pretok,plain+fused,simcse-z0-cache; "
+                   help=f"comma-separated from {DEFAULT_IMPLS_CPU},plain-pretok,plain+fused,simcse-z0-nocache; "
                         f"simcse-zN+patch[+patch] adds prototypes from bench/prototypes.py ({', '.join(prototypes.PATCHES)})")
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--threads", type=int, default=None, help="OMP/intra-op threads (default: all cores)")

@@ -70,9 +70,21 @@ class DataConfig:
     drop_last: bool = True
     """Drop the examples that do not fill a last global batch (the paper's setting); false trains
     on them in a short batch, padded per rank and masked out of the loss."""
+    token_cache: bool = True
+    """Tokenize the training file once (rank 0, the others wait) into memory-mapped token ids keyed
+    by the file's hash, the tokenizer and max_seq_len, reused by every rank and later run; false
+    tokenizes every micro-batch on the fly (same batches either way)."""
+    cache_dir: str | None = None
+    """Where the token cache lives; None: $SIMCSE_CACHE_DIR, else .simcse_cache/ next to the
+    training file when that directory is writable, else ~/.cache/simcse-dist."""
+    num_workers: int | None = None
+    """DataLoader worker processes preparing micro-batches ahead of the step (pinned memory on
+    CUDA); None: 2 on CUDA, 0 on CPU (workers would take cores from the step); 0: in-process."""
 
     def __post_init__(self) -> None:
         _require(self.max_seq_len >= 2, "data.max_seq_len", f"must be >= 2, got {self.max_seq_len}")
+        if self.num_workers is not None:
+            _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
 
 
 @dataclass(kw_only=True, slots=True)

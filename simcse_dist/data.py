@@ -143,6 +143,32 @@ class GlobalBatchSampler:
             yield step, self.micro_batches(epoch, s)
 
 
+class StepKeys(torch.utils.data.Sampler):
+    """(step, micro-step) keys for steps start..total-1, in training order (a DataLoader sampler)."""
+
+    def __init__(self, start: int, total: int, grad_accum: int) -> None:
+        self.start, self.total, self.grad_accum = start, total, grad_accum
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((step, j) for step in range(self.start, self.total) for j in range(self.grad_accum))
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start) * self.grad_accum
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """(step, micro-step) -> `prepare(MicroBatch)` of this rank: what DataLoader workers run.
+    The sampler is deterministic in (seed, epoch, step), so workers need no shared state."""
+
+    def __init__(self, sampler: GlobalBatchSampler, prepare) -> None:
+        self.sampler, self.prepare = sampler, prepare
+
+    def __getitem__(self, key: tuple[int, int]):
+        step, micro_step = key
+        epoch, s = divmod(step, self.sampler.plan.steps_per_epoch)
+        return self.prepare(self.sampler.micro_batches(epoch, s)[micro_step])
+
+
 class Collator:
     """Examples -> {input_ids, attention_mask[, token_type_ids]} of shape [b, k, L].
 

@@ -97,8 +97,9 @@ def default_cache_root(data_path: str | os.PathLike, cache_dir: str | os.PathLik
     return Path.home() / ".cache" / "simcse-dist"
 
 
-def _tokenize_column(tokenizer, texts: Sequence[str], max_seq_len: int,
-                     want_types: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _tokenize_column(tokenizer, texts: Sequence[str], max_seq_len: int, want_types: bool,
+                     progress: Callable[[int], object] = lambda n: None,
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Flat int32 ids, int64 offsets and (if wanted) int8 token types of one column.
 
     Fast tokenizers: a private copy of the Rust backend with truncation set exactly as
@@ -131,6 +132,7 @@ def _tokenize_column(tokenizer, texts: Sequence[str], max_seq_len: int,
             ids = enc["input_ids"]
             types = enc.get("token_type_ids") if want_types else None
         lengths[start : start + len(chunk)] = [len(x) for x in ids]
+        progress(len(chunk))
         id_parts.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32))
         if types is not None:
             type_parts.append(np.fromiter(itertools.chain.from_iterable(types), dtype=np.int8))
@@ -201,6 +203,7 @@ class TokenCache:
         is_main: bool = True,
         barrier: Callable[[], None] = lambda: None,
         variant: str = "",
+        progress: bool = False,
     ) -> TokenCache:
         """Load the entry for (file, tokenizer, max_seq_len, columns); build it first if missing.
 
@@ -214,18 +217,19 @@ class TokenCache:
         collective: every rank calls this; `barrier` must be a collective over the same ranks.
         The main rank builds while the others wait in `barrier`; a rank that still finds no
         entry afterwards (a cache dir that is not shared with the main rank, e.g. node-local
-        disks with a global is_main) builds its own copy instead of failing.
+        disks with a global is_main) builds its own copy instead of failing. `progress` shows a
+        tqdm bar of the sentences tokenized while building.
         """
         key = cls.cache_key(file_sha256(path), tokenizer, max_seq_len, variant)
         root = default_cache_root(path, cache_dir)
         entry = root / f"{Path(path).name}.{key[:20]}"
         tokenized = False
         if is_main and not (entry / "meta.json").exists():
-            cls._build(entry, path, columns, tokenizer, max_seq_len, key)
+            cls._build(entry, path, columns, tokenizer, max_seq_len, key, progress)
             tokenized = True
         barrier()
         if not (entry / "meta.json").exists():
-            cls._build(entry, path, columns, tokenizer, max_seq_len, key)
+            cls._build(entry, path, columns, tokenizer, max_seq_len, key, progress)
             tokenized = True
         cache = cls(entry)
         cache.tokenized = tokenized
@@ -236,7 +240,7 @@ class TokenCache:
         return cache
 
     @staticmethod
-    def _build(entry: Path, path, columns, tokenizer, max_seq_len: int, key: str) -> None:
+    def _build(entry: Path, path, columns, tokenizer, max_seq_len: int, key: str, progress: bool = False) -> None:
         """Tokenize every column into `<entry>.tmp-<pid>/`, then rename it to `entry` (atomic on
         POSIX; if another process won the race, its complete entry is kept and ours dropped)."""
         t0 = time.perf_counter()
@@ -249,10 +253,14 @@ class TokenCache:
         tmp = entry.parent / f"{entry.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(len(c) for c in cols), desc=f"tokenizing {Path(path).name}", unit=" sent",
+                   disable=not progress, dynamic_ncols=True)
         try:
             total_tokens = 0
             for c, texts in enumerate(cols):
-                ids, offsets, types = _tokenize_column(tokenizer, texts, max_seq_len, want_types)
+                ids, offsets, types = _tokenize_column(tokenizer, texts, max_seq_len, want_types, bar.update)
                 total_tokens += int(ids.size)
                 np.save(tmp / f"ids_{c}.npy", ids)
                 np.save(tmp / f"offsets_{c}.npy", offsets)
@@ -274,6 +282,7 @@ class TokenCache:
                 if not (entry / "meta.json").exists():
                     raise
         finally:
+            bar.close()
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from . import distributed as du
 from .checkpoint import CheckpointManager, check_output_dir, discard_run
 from .config import Config, resolve_model_path, save_config
-from .data import BatchPlan, Collator, GlobalBatchSampler, MicroBatch, load_examples
+from .data import BatchPlan, Collator, GlobalBatchSampler, MicroBatch, StepBatches, StepKeys, load_examples
 from .engine import Engine
 from .evaluation import align_uniform, pair_embeddings, sts_correlation
 from .gather import gather_candidates, gather_no_grad
@@ -22,7 +23,8 @@ from .loggers import MetricsLogger, truncate_jsonl
 from .loss import duplicate_mask, padding_mask, simcse_loss
 from .model import Encoder, save_encoder
 from .preempt import StopRequest
-from .readers import read_sts_pairs, resolve_path
+from .readers import detect_format, read_sts_pairs, resolve_path
+from .token_cache import CachedCollator, TokenCache
 
 
 class NonFiniteLossError(RuntimeError):
@@ -96,6 +98,7 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.say = (lambda s: None) if (quiet or not env.is_main) else _write
         self.out = Path(cfg.train.output_dir)
+        self.train_path = resolve_path(cfg.data.train_file)
         self.examples, blank = load_examples(cfg.data.train_file, cfg.data.format, cfg.train.objective)
         self.plan = BatchPlan(len(self.examples), cfg.train.global_batch_size, env.world_size,
                               cfg.train.grad_accum, cfg.data.drop_last)
@@ -103,7 +106,7 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.plan.steps_per_epoch
         path = resolve_model_path(cfg.model.name_or_path)
         self.tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
-        self.collate = Collator(self.tokenizer, cfg.data.max_seq_len, cfg.train.objective)
+        self.collate = self._make_collate()
         self.dev_pairs = read_sts_pairs(resolve_path(cfg.eval.sts_dev_file)) if cfg.eval.sts_dev_file else None
 
         self.ckpt = CheckpointManager(self.out, cfg.checkpoint.keep_last, env.rank)
@@ -147,18 +150,64 @@ class Trainer:
             f"lr {cfg.optim.lr}, clip {cfg.engine.gradient_clipping}, device {self.engine.device}"
         )
 
-    # -- one micro-step ------------------------------------------------------------------------
-    def micro_batch(self, mb: MicroBatch | list[int]) -> dict[str, torch.Tensor]:
-        """Token ids [b, k, L], plus `row_valid` [b] when some rank pads this micro-step (False
-        for padding rows of a short last batch) and `ids` [b, k] (text ids) when duplicates are
-        masked; on the engine's device."""
+    # -- input pipeline ------------------------------------------------------------------------
+    def _make_collate(self) -> Callable[[Sequence[int]], dict[str, torch.Tensor]]:
+        """Example indices -> token id tensors [b, k, L]: sliced from the token cache
+        (data.token_cache, built here on first use) or tokenized on the fly. collective."""
+        cfg = self.cfg
+        if not cfg.data.token_cache:
+            collator = Collator(self.tokenizer, cfg.data.max_seq_len, cfg.train.objective)
+            return lambda indices: collator([self.examples[i] for i in indices])
+        columns = [list(c) for c in zip(*self.examples, strict=True)]
+        # The file's bytes are in the key; the reading (format, columns kept) goes in the variant.
+        variant = f"{cfg.train.objective}|{cfg.data.format or detect_format(self.train_path)}|{len(columns)}"
+        cache = TokenCache.build_or_load(self.train_path, columns, self.tokenizer, cfg.data.max_seq_len,
+                                         cache_dir=cfg.data.cache_dir, is_main=self.env.is_main,
+                                         barrier=du.barrier, variant=variant, progress=self.env.is_main)
+        what = f"built in {cache.meta['build_seconds']:.1f} s" if cache.tokenized else "reused"
+        self.say(f"token cache: {cache.directory} ({what}; {cache.meta['total_tokens']} tokens)")
+        return CachedCollator(cache, self.tokenizer.pad_token_id, cfg.train.objective)
+
+    def num_workers(self) -> int:
+        w = self.cfg.data.num_workers
+        return w if w is not None else (2 if self.engine.device.type == "cuda" else 0)
+
+    def prepare(self, mb: MicroBatch | Sequence[int]) -> dict[str, torch.Tensor]:
+        """Host side of one micro-batch (in a DataLoader worker when data.num_workers > 0): token
+        ids [b, k, L], plus `row_valid` [b] when some rank pads this micro-step (False for padding
+        rows of a short last batch) and `ids` [b, k] (text ids) when duplicates are masked."""
         if not isinstance(mb, MicroBatch):
             mb = MicroBatch(list(mb), len(mb))
-        batch = self.collate([self.examples[i] for i in mb.indices])
+        batch = self.collate(mb.indices)
         if not mb.full:  # some rank pads this micro-step: every rank takes the masked path
             batch["row_valid"] = torch.arange(len(mb.indices)) < mb.valid
         if self.mask_duplicates:
             batch["ids"] = self.text_ids[mb.indices]
+        return batch
+
+    def steps(self, start: int) -> Iterator[tuple[int, list[MicroBatch] | list[dict[str, torch.Tensor]]]]:
+        """(step, one item per micro-step) for steps start..total-1: MicroBatches that
+        `micro_batch` prepares in the step, or, with DataLoader workers, host batches prepared
+        ahead of it (pinned on CUDA, so the copy to the device does not block)."""
+        workers = self.num_workers()
+        if workers == 0:
+            yield from self.sampler.iter_steps(start, self.total_steps)
+            return
+        from torch.utils.data import DataLoader
+
+        a = self.plan.grad_accum
+        loader = DataLoader(StepBatches(self.sampler, self.prepare), batch_size=None,
+                            sampler=StepKeys(start, self.total_steps, a), num_workers=workers,
+                            pin_memory=self.engine.device.type == "cuda", prefetch_factor=4,
+                            generator=torch.Generator())  # its own seed: the dropout RNG is not touched
+        batches = iter(loader)
+        for step in range(start, self.total_steps):
+            yield step, [next(batches) for _ in range(a)]
+
+    # -- one micro-step ------------------------------------------------------------------------
+    def micro_batch(self, mb: MicroBatch | Sequence[int] | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One micro-batch on the engine's device (see `prepare`); `mb` may be prepared already."""
+        batch = mb if isinstance(mb, dict) else self.prepare(mb)
         self.window.tokens += int(batch["attention_mask"].sum())  # on the host tensor: no device sync
         return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
 
@@ -270,7 +319,7 @@ class Trainer:
         stopped = False
         try:
             self.engine.train()
-            for step, micro_indices in self.sampler.iter_steps(start, self.total_steps):
+            for step, micro_indices in self.steps(start):
                 lr = self.engine.lr()
                 stopped = self.train_step(micro_indices, stop, step)
                 done = step + 1

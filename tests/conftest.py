@@ -12,6 +12,13 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 from helpers import SHARED_DATA, make_tiny_bert  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _token_cache_dir(tmp_path_factory) -> None:
+    """Training runs in tests (and their torchrun children) keep token caches in a temp dir,
+    not next to the repo's or ../shared's data files."""
+    os.environ.setdefault("SIMCSE_CACHE_DIR", str(tmp_path_factory.mktemp("token-cache")))
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     # initializer_range 0.3: a random BERT with the default 0.02 maps every sentence to nearly the

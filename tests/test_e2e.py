@@ -37,11 +37,14 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_two_ranks_train_minilm_on_wiki_sample(shared_data, tmp_path):
-    out = tmp_path / "run"
-    ok(cli(["--config", "configs/demo.yaml", f"data.train_file={shared_data / 'wiki1m-sample.txt'}",
-            f"eval.sts_dev_file={shared_data / 'stsb' / 'dev.tsv'}", "eval.every_steps=15", "train.max_steps=30",
-            "train.global_batch_size=16", "log.every_steps=1", "log.wandb_mode=disabled", "engine.zero_stage=2",
-            f"train.output_dir={out}"], launcher="torchrun", nproc=2))
+    out, cache = tmp_path / "run", tmp_path / "token-cache"
+    proc = ok(cli(["--config", "configs/demo.yaml", f"data.train_file={shared_data / 'wiki1m-sample.txt'}",
+                   f"eval.sts_dev_file={shared_data / 'stsb' / 'dev.tsv'}", "eval.every_steps=15", "train.max_steps=30",
+                   "train.global_batch_size=16", "log.every_steps=1", "log.wandb_mode=disabled", "engine.zero_stage=2",
+                   f"train.output_dir={out}", f"data.cache_dir={cache}"], launcher="torchrun", nproc=2))
+    # The token cache: built once by rank 0 while rank 1 waited, one complete entry, nothing left over.
+    assert proc.stdout.count("token cache: ") == 1 and "built in" in proc.stdout
+    assert [p.name.split(".")[0] for p in cache.iterdir()] == ["wiki1m-sample"]
     rows = read_jsonl(out / "metrics.jsonl")
     train = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train] == list(range(1, 31))
