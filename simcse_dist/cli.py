@@ -52,13 +52,14 @@ def run_training(cfg, env: DistEnv, trainer_cls=None) -> int:
     """Start the process group, train, tear down. Exit codes: 0 done or stopped with a
     checkpoint, 2 bad input, 3 non-finite loss (train.on_nonfinite=stop)."""
     from . import distributed as du
+    from .checkpoint import CheckpointLayoutError
     from .trainer import NonFiniteLossError, Trainer
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     du.init_distributed(env, cfg.engine.dist_timeout_s)
     try:
         (trainer_cls or Trainer)(cfg, env).train()
-    except DataError as e:
+    except (DataError, CheckpointLayoutError) as e:
         return _fail(str(e))
     except NonFiniteLossError as e:
         _fail(str(e))

@@ -32,11 +32,40 @@ def linear_schedule(total_steps: int, warmup_steps: int):
     return factor
 
 
+def _offloads(zero: dict[str, Any]) -> bool:
+    return any(str((zero.get(k) or {}).get("device", "none")) not in ("none", "None")
+               for k in ("offload_optimizer", "offload_param"))
+
+
+def built_zero_stage(cfg: Config, world_size: int) -> int:
+    """The ZeRO stage the engine is built with: engine.zero_stage, except that one rank runs
+    ZeRO-1/2 as stage 0.
+
+    ZeRO-1/2 partition optimizer state and gradients over the ranks; with one rank there is
+    nothing to partition, yet DeepSpeed still copies every gradient into its buckets, averages
+    it over one rank, keeps a second fp32 copy of the weights and copies it back into the model
+    after every step (~5% of a MiniLM CPU step; bench/RESULTS.md). Stage 0 does the same update
+    without them. Kept: ZeRO-3 (its parameter hooks are what some one-rank users want to test),
+    any stage whose engine.deepspeed_config offloads to CPU/NVMe (memory, not partitioning),
+    and a stage that engine.deepspeed_config sets explicitly (zero_optimization.stage).
+    Checkpoints record the stage they were written with (checkpoint.py converts between them).
+    """
+    stage = cfg.engine.zero_stage
+    user = json.loads(Path(cfg.engine.deepspeed_config).read_text()) if cfg.engine.deepspeed_config else {}
+    zero = user.get("zero_optimization") or {}
+    if "stage" in zero:
+        return int(zero["stage"])
+    if world_size == 1 and stage in (1, 2) and not _offloads(zero):
+        return 0
+    return stage
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config generated from ours (+ engine.deepspeed_config merged over it)."""
     micro = cfg.micro_batch_size(world_size)
-    zero: dict[str, Any] = {"stage": cfg.engine.zero_stage}
-    if cfg.engine.zero_stage >= 2:
+    stage = built_zero_stage(cfg, world_size)
+    zero: dict[str, Any] = {"stage": stage}
+    if stage >= 2:
         zero.update(overlap_comm=torch.cuda.is_available(), contiguous_gradients=True)
     ds: dict[str, Any] = {
         "train_batch_size": cfg.train.global_batch_size,
@@ -83,7 +112,8 @@ class Engine:
         # ZeRO-0 fp32 hands DeepSpeed a plain torch optimizer, which computes no global norm; we
         # need the norm for logging anyway, so we clip there once (foreach) and tell DeepSpeed not
         # to compute it a second time.
-        self._manual_norm = cfg.engine.zero_stage == 0 and cfg.engine.precision == "fp32"
+        self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])  # as built (built_zero_stage)
+        self._manual_norm = self.zero_stage == 0 and cfg.engine.precision == "fp32"
         self._clip = cfg.engine.gradient_clipping
         if self._manual_norm:
             self.ds_config["gradient_clipping"] = 0.0
@@ -96,7 +126,6 @@ class Engine:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             config=self.ds_config,
         )
-        self.zero_stage = cfg.engine.zero_stage
         if world_size == 1 and self._manual_norm:
             # One rank: DeepSpeed's gradient "all-reduce" would flatten, divide by 1 and copy back
             # every gradient (~30 ms of a 1.7 s MiniLM CPU step) for an identity.
@@ -151,9 +180,10 @@ class Engine:
         """collective: every rank writes its shards."""
         self.engine.save_checkpoint(save_dir, tag=tag, save_latest=save_latest)
 
-    def load_checkpoint(self, load_dir: str, tag: str):
-        """collective. Model, optimizer, LR schedule and loss scaler."""
-        return self.engine.load_checkpoint(load_dir, tag=tag)
+    def load_checkpoint(self, load_dir: str, tag: str, load_optimizer_states: bool = True):
+        """collective. Model, optimizer, LR schedule and loss scaler; without the optimizer state
+        when checkpoint.py sets it itself (a ZeRO checkpoint loaded into a stage-0 engine)."""
+        return self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optimizer_states)
 
     def grad_norm(self) -> float | None:
         """Global gradient norm of the last optimizer step, before clipping (a host sync)."""

@@ -111,10 +111,10 @@ class Trainer:
 
         self.ckpt = CheckpointManager(self.out, cfg.checkpoint.keep_last, env.rank)
         self.resume_from = self._prepare_output_dir()
-        # ZeRO partitions optimizer state by rank: another world size needs the universal format.
-        self.universal = (self.resume_from is not None
-                          and self.ckpt.saved_world_size(self.resume_from) != env.world_size
-                          and (cfg.engine.zero_stage > 0 or cfg.engine.precision != "fp32"))
+        # The checkpoint layout follows the ZeRO stage as built, which depends on the world size
+        # (engine.built_zero_stage): checkpoint.resume_route picks how to load another layout.
+        self.resume_route = None if self.resume_from is None else self.ckpt.route(self.resume_from, cfg, env.world_size)
+        self.universal = self.resume_route is not None and self.resume_route.engine_loads_universal
         torch.manual_seed(cfg.train.seed)  # identical initial weights (the MLP head) on every rank
         self.encoder = Encoder.from_config(cfg.model)
         self.engine = Engine(self.encoder, cfg, env.world_size, self.total_steps, load_universal=self.universal)
@@ -146,7 +146,10 @@ class Trainer:
             + (f"; duplicate texts masked ({self.text_ids.shape[0]} examples hashed)" if self.mask_duplicates else "")
         )
         self.say(
-            f"engine: ZeRO-{cfg.engine.zero_stage} {cfg.engine.precision}, {self.total_steps} optimizer steps, "
+            f"engine: ZeRO-{cfg.engine.zero_stage}"
+            + (f" (built as stage {self.engine.zero_stage}: one rank, nothing to partition)"
+               if self.engine.zero_stage != cfg.engine.zero_stage else "")
+            + f" {cfg.engine.precision}, {self.total_steps} optimizer steps, "
             f"lr {cfg.optim.lr}, clip {cfg.engine.gradient_clipping}, device {self.engine.device}"
         )
 
@@ -381,7 +384,7 @@ class Trainer:
             if self.env.is_main:
                 truncate_jsonl(self.out / "metrics.jsonl", keep_through_step=0)
             return 0
-        state = self.ckpt.load(self.engine, latest, self.env.world_size, universal=self.universal)
+        state = self.ckpt.load(self.engine, latest, self.env.world_size, route=self.resume_route)
         step = state["step"]
         self.best_score, self.best_step = state["best_score"], state["best_step"]
         if state["world_size"] == self.env.world_size:
@@ -401,8 +404,8 @@ class Trainer:
     def save_checkpoint(self, step: int) -> None:
         """collective: every rank calls this."""
         state = {"step": step, "best_score": self.best_score, "best_step": self.best_step,
-                 "world_size": self.env.world_size, "window": self.window.state(),
-                 "global_batch_size": self.cfg.train.global_batch_size}
+                 "world_size": self.env.world_size, "zero_stage_built": self.engine.zero_stage,
+                 "window": self.window.state(), "global_batch_size": self.cfg.train.global_batch_size}
         self.ckpt.save(self.engine, step, state)
 
     def _progress_bar(self, start: int):

@@ -3,7 +3,9 @@ NaN losses, interrupted checkpoint writes, and two runs in one output dir."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,9 +14,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
+import yaml
 from helpers import DEMO_DATA, REPO, read_jsonl
 
-from simcse_dist.checkpoint import CheckpointManager
+from simcse_dist.checkpoint import CheckpointLayoutError, CheckpointManager, Route, resume_route
+from simcse_dist.config import load_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
        "PYTHONPATH": str(REPO)}
@@ -101,7 +106,8 @@ def test_sigkill_between_checkpoints_then_resume_matches_uninterrupted(tiny_bert
 @pytest.mark.slow
 def test_stop_file_then_resume_at_another_world_size(tiny_bert, tmp_path):
     """2 ranks stop on the stop file (what slurm/train.sh's USR1 trap creates), 1 rank resumes
-    the ZeRO-2 checkpoint through DeepSpeed's universal format, keeping the optimizer state."""
+    the ZeRO-2 checkpoint, which one rank builds as stage 0 (engine.built_zero_stage): through
+    DeepSpeed's universal format into the torch AdamW, keeping the optimizer state."""
     ok(run(common(tiny_bert, tmp_path / "ref", **{"model.dropout": 0})))
     stop_file = tmp_path / "STOP"
     args = common(tiny_bert, tmp_path / "run", **{"model.dropout": 0, "checkpoint.every_steps": 0})
@@ -113,12 +119,135 @@ def test_stop_file_then_resume_at_another_world_size(tiny_bert, tmp_path):
     assert "stopped at step" in out and not stop_file.exists()
     (stopped_at, _), = CheckpointManager(tmp_path / "run", 2, 0).complete()
     assert 3 <= stopped_at < 16
+    saved = json.loads((tmp_path / "run" / "checkpoints" / f"step-{stopped_at:08d}" / "trainer_state.json").read_text())
+    assert saved["zero_stage_built"] == 2
     resumed = ok(run(args, nproc=1))
     assert "resuming at world size 1 from a checkpoint written at world size 2" in resumed.stdout
     ref, got = last_rows(tmp_path / "ref" / "metrics.jsonl"), last_rows(tmp_path / "run" / "metrics.jsonl")
     for step in range(stopped_at + 1, 17):  # Adam moments restored: same trajectory to float tolerance
         for k in KEYS:
             assert got[step][k] == pytest.approx(ref[step][k], rel=1e-4), (step, k)
+
+
+def fork_run(src: Path, dst: Path, step: int) -> Path:
+    """A copy of run `src` in `dst` as if it had stopped right after checkpoint `step`."""
+    shutil.copytree(src, dst)
+    for s, d in CheckpointManager(dst, 2, 0).complete():
+        if s > step:
+            shutil.rmtree(d)
+    cfg = yaml.safe_load((dst / "config.yaml").read_text())
+    cfg["train"]["output_dir"] = str(dst)
+    (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return dst / "checkpoints" / f"step-{step:08d}"
+
+
+def max_rel_diff(ref: dict[int, dict], got: dict[int, dict], steps: range) -> float:
+    return max(abs(got[s][k] - ref[s][k]) / abs(ref[s][k]) for s in steps for k in KEYS)
+
+
+@pytest.mark.slow
+def test_one_rank_stage0_checkpoint_resumes_on_two_ranks_with_its_adam_state(tiny_bert, tmp_path):
+    """1 rank runs engine.zero_stage=2 as stage 0 (plain torch AdamW state); 2 ranks resume it as
+    ZeRO-2 through a universal folder written from that state, and follow the uninterrupted run.
+    The control resumes the same checkpoint with its Adam moments and step dropped: it leaves
+    the trajectory by more than the tolerance, so the comparison does see the optimizer state."""
+    kw = {"model.dropout": 0, "checkpoint.keep_last": 8}
+    ok(run(common(tiny_bert, tmp_path / "ref", **kw), nproc=1))
+    ref = last_rows(tmp_path / "ref" / "metrics.jsonl")
+    ckpt = fork_run(tmp_path / "ref", tmp_path / "run", 4)
+    assert json.loads((ckpt / "trainer_state.json").read_text())["zero_stage_built"] == 0
+    resumed = ok(run(common(tiny_bert, tmp_path / "run", **kw), nproc=2))
+    assert "resuming at world size 2 from a checkpoint written at world size 1" in resumed.stdout
+    got = last_rows(tmp_path / "run" / "metrics.jsonl")
+    assert sorted(got) == list(range(1, 17))
+    assert max_rel_diff(ref, got, range(5, 17)) < 1e-4
+
+    control = fork_run(tmp_path / "ref", tmp_path / "control", 4)
+    model_file = control / "engine" / "mp_rank_00_model_states.pt"
+    sd = torch.load(model_file, weights_only=False)
+    assert sd["optimizer"]["state"]  # torch AdamW's state_dict: what 1 rank saved
+    sd["optimizer"]["state"] = {}  # a fresh AdamW: no moments, step 0
+    torch.save(sd, model_file)
+    ok(run(common(tiny_bert, tmp_path / "control", **kw), nproc=2))
+    assert max_rel_diff(ref, last_rows(tmp_path / "control" / "metrics.jsonl"), range(5, 17)) > 3e-4
+
+
+@pytest.mark.slow
+def test_bf16_layout_changes_restore_the_exact_optimizer_state(tiny_bert, tmp_path):
+    """bf16 at engine.zero_stage=2: 1 rank builds stage 0 (DeepSpeed's unfused bf16 optimizer,
+    fp32 masters), 2 ranks ZeRO-2. Loading either checkpoint into the other layout gives every
+    parameter the same fp32 weight, Adam moments and step as loading it into its own layout."""
+    worker = REPO / "tests" / "workers" / "resume_state_worker.py"
+    dumps = {}
+    for written in (1, 2):
+        out = tmp_path / f"w{written}"
+        args = common(tiny_bert, out, steps=4, **{"model.dropout": 0, "engine.precision": "bf16"})
+        ok(run(args, nproc=written))
+        for nproc in (written, 3 - written):
+            dump = tmp_path / f"w{written}-on{nproc}.pt"
+            cmd = [sys.executable, str(worker), "--dump", str(dump), *args]
+            if nproc > 1:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                       *cmd[1:]]
+            ok(subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300))
+            dumps[written, nproc] = torch.load(dump, weights_only=False)
+    assert dumps[1, 2]["route"] == "from_stage0" and dumps[2, 1]["route"] == "into_stage0"
+    for written in (1, 2):
+        own, other = dumps[written, written], dumps[written, 3 - written]
+        assert own["route"] == "direct" and own["step"] == other["step"] == 4
+        assert sorted(own["params"]) == sorted(other["params"])
+        for name, state in own["params"].items():
+            for key, value in state.items():
+                assert torch.equal(value, other["params"][name][key]), (written, name, key)
+
+
+def test_resume_route():
+    """The layout each pair of built stages / world sizes takes (stages as built: 1 rank runs
+    engine.zero_stage=1/2 as stage 0)."""
+    assert resume_route(2, 2, "fp32", 2, 2) is Route.DIRECT
+    assert resume_route(0, 0, "fp32", 1, 1) is Route.DIRECT
+    assert resume_route(0, 0, "bf16", 1, 4) is Route.DIRECT  # stage 0 holds the whole state on every rank
+    assert resume_route(2, 2, "fp32", 2, 4) is Route.UNIVERSAL
+    assert resume_route(3, 3, "bf16", 1, 2) is Route.UNIVERSAL
+    assert resume_route(1, 2, "fp32", 2, 2) is Route.UNIVERSAL
+    assert resume_route(2, 0, "fp32", 2, 1) is Route.INTO_STAGE0
+    assert resume_route(1, 0, "bf16", 4, 1) is Route.INTO_STAGE0
+    assert resume_route(2, 0, "fp32", 1, 1) is Route.INTO_STAGE0  # a 1-rank ZeRO-2 checkpoint from before
+    assert resume_route(0, 2, "fp32", 1, 2) is Route.FROM_STAGE0
+    assert resume_route(0, 1, "bf16", 1, 8) is Route.FROM_STAGE0
+    for args in ((0, 2, "fp16", 1, 2), (2, 0, "fp16", 2, 1), (0, 3, "fp32", 1, 2), (3, 0, "bf16", 2, 1)):
+        assert resume_route(*args) is Route.UNSUPPORTED, args
+    assert [r for r in Route if r.engine_loads_universal] == [Route.UNIVERSAL, Route.FROM_STAGE0]
+
+
+def fake_checkpoint(path: Path, world_size: int, zero_files: bool, **state) -> Path:
+    (path / "engine").mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"step": 4, "world_size": world_size, **state}))
+    if zero_files:
+        (path / "engine" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").touch()
+    return path
+
+
+def test_route_of_checkpoints_with_and_without_the_recorded_stage(tmp_path):
+    """Without zero_stage_built (older checkpoints) the layout is read from the files: code before
+    built_zero_stage wrote a partitioned ZeRO-2 checkpoint at 1 rank too."""
+    cfg = load_config(None, ["engine.zero_stage=2"])
+    old_zero = fake_checkpoint(tmp_path / "old-zero", 1, zero_files=True)
+    old_stage0 = fake_checkpoint(tmp_path / "old-stage0", 1, zero_files=False)
+    new = fake_checkpoint(tmp_path / "new", 2, zero_files=True, zero_stage_built=2)
+    mgr = CheckpointManager(tmp_path, 2, 0)
+    assert [mgr.saved_zero_stage(p, cfg) for p in (old_zero, old_stage0, new)] == [2, 0, 2]
+    assert mgr.route(old_zero, cfg, 1) is Route.INTO_STAGE0
+    assert mgr.route(old_stage0, cfg, 1) is Route.DIRECT
+    assert mgr.route(old_stage0, cfg, 2) is Route.FROM_STAGE0
+    assert mgr.route(new, cfg, 1) is Route.INTO_STAGE0
+    assert mgr.route(new, cfg, 4) is Route.UNIVERSAL
+    fp16 = load_config(None, ["engine.zero_stage=2", "engine.precision=fp16"])
+    with pytest.raises(CheckpointLayoutError) as e:
+        mgr.route(new, fp16, 1)
+    assert str(e.value).startswith(f"{new}: cannot resume a checkpoint written with ZeRO stage 2 fp16 at world "
+                                   "size 2 (optimizer state partitioned over the ranks) in an engine built with "
+                                   "ZeRO stage 0 fp16 at world size 1 (unpartitioned optimizer state)")
 
 
 @pytest.mark.slow

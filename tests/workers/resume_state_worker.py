@@ -1,0 +1,62 @@
+"""Run under torchrun (or alone for one rank): build the Trainer for a run dir holding a
+checkpoint, resume from it, and save (rank 0) each parameter's fp32 weight, Adam moments and
+step as the engine now holds them, by parameter name: what tests compare across layouts."""
+
+import argparse
+
+import torch
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+from simcse_dist import distributed as du
+from simcse_dist.checkpoint import _stage0_groups
+from simcse_dist.config import load_config
+from simcse_dist.trainer import Trainer
+
+
+def optimizer_state(trainer: Trainer) -> dict[str, dict[str, torch.Tensor]]:
+    """collective under ZeRO (full tensors are assembled from the partitions)."""
+    engine = trainer.engine
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    if engine.zero_stage == 0:
+        optimizer, model_groups, master_groups = _stage0_groups(engine.optimizer)
+        names = {p: n for n, p in engine.module.named_parameters()}
+        for params, masters in zip(model_groups, master_groups, strict=True):
+            for p, master in zip(params, masters, strict=True):
+                st = optimizer.state[master]
+                out[names[p]] = {"fp32": master.detach().float().clone(), "exp_avg": st["exp_avg"].clone(),
+                                 "exp_avg_sq": st["exp_avg_sq"].clone(), "step": st["step"].clone()}
+        return out
+    zero = engine.engine.optimizer
+    zero._lazy_init_hp_params_optimizer_state()  # DeepSpeed links the moments to parameters at the first step
+    base = zero.optimizer  # the torch AdamW over the flat partitions
+    steps = {float(st["step"]) for st in base.state.values()}
+    assert len(steps) == 1, steps
+    step = torch.tensor(steps.pop())
+    for name, p in engine.module.named_parameters():
+        out[name] = {"fp32": safe_get_full_fp32_param(p).float().cpu(), "step": step}
+        for key in ("exp_avg", "exp_avg_sq"):
+            out[name][key] = safe_get_full_optimizer_state(p, key).float().cpu()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dump", required=True)
+    p.add_argument("--config")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    env = du.DistEnv.from_env()
+    du.init_distributed(env, timeout_s=120)
+    cfg = load_config(args.config, args.overrides)
+    cfg.validate(env.world_size)
+    trainer = Trainer(cfg, env, quiet=True)
+    step = trainer._start_or_resume()
+    state = optimizer_state(trainer)
+    if env.is_main:
+        torch.save({"step": step, "route": trainer.resume_route.value, "zero_stage": trainer.engine.zero_stage,
+                    "params": state}, args.dump)
+    du.teardown()
+
+
+if __name__ == "__main__":
+    main()
