@@ -23,11 +23,11 @@ Implementations (see docs/performance.md for why each is built the way it is):
                AdamW, LR schedule; with one process ZeRO-1/2 are built as stage 0, see
                engine.built_zero_stage).
 - plain:       AutoModel + [CLS] + MLP (Linear+Tanh), one forward over both views, InfoNCE with
-               tau = 0.05, clip_grad_norm_(1.0), torch AdamW (fused on CUDA), LambdaLR.
+               tau = 0.05, clip_grad_norm_(1.0), torch AdamW (fused: CUDA and CPU kernels), LambdaLR.
 - st-mnrl:     sentence-transformers model (its own pooling) + MultipleNegativesRankingLoss
                (scale 20 = 1/0.05) on pairs (s, s), manual loop with the same optimizer/clipping.
-Optional (--impls): plain-pretok (batches tokenized before timing), plain+fused (fused AdamW on
-CPU too), simcse-zN-nocache (the trainer with data.token_cache=false: tokenizer in the step), and
+Optional (--impls): plain-pretok (batches tokenized before timing), plain-unfused (the per-tensor
+AdamW loop, torch's CPU default), simcse-zN-nocache (the trainer with data.token_cache=false: tokenizer in the step), and
 simcse-zN+patch[+patch...] (prototype engine changes from bench/prototypes.py).
 """
 
@@ -219,10 +219,10 @@ def linear_decay(total: int) -> Callable[[int], float]:
 class PlainImpl(Impl):
     """The hand-tuned reference: what one would write without any framework."""
 
-    def __init__(self, s: Setup, pretokenized: bool = False, fused: bool = False) -> None:
+    def __init__(self, s: Setup, pretokenized: bool = False, fused: bool = True) -> None:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        self.name = ("plain-pretok" if pretokenized else "plain") + ("+fused" if fused else "")
+        self.name = ("plain-pretok" if pretokenized else "plain") + ("" if fused else "-unfused")
         self.s = s
         self.tok = AutoTokenizer.from_pretrained(s.model_dir, use_fast=True)
         config = AutoConfig.from_pretrained(s.model_dir, hidden_dropout_prob=DROPOUT,
@@ -233,7 +233,7 @@ class PlainImpl(Impl):
         self.model.train()
         self.params = [*self.model.parameters(), *self.mlp.parameters()]
         # weight_decay 0: the trainer's default (optim.weight_decay), not torch's 0.01
-        self.opt = torch.optim.AdamW(self.params, lr=3e-5, weight_decay=0.0, fused=fused or s.device.type == "cuda")
+        self.opt = torch.optim.AdamW(self.params, lr=3e-5, weight_decay=0.0, fused=fused)  # hand-tuned: fused kernel on CPU too
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, linear_decay(s.total_steps))
         self.labels = torch.arange(s.batch_size, device=s.device)
         self.pretok: list[dict[str, torch.Tensor]] | None = None
@@ -283,7 +283,7 @@ class STImpl(Impl):
         self.model.train()
         self.loss = MultipleNegativesRankingLoss(self.model, scale=1.0 / TEMPERATURE)
         self.params = list(self.model.parameters())
-        self.opt = torch.optim.AdamW(self.params, lr=3e-5, weight_decay=0.0, fused=s.device.type == "cuda")
+        self.opt = torch.optim.AdamW(self.params, lr=3e-5, weight_decay=0.0, fused=True)  # as plain and the trainer
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, linear_decay(s.total_steps))
 
     def step(self, i: int) -> None:
@@ -310,8 +310,8 @@ def build(name: str, s: Setup) -> Impl:
         return SimcseImpl(s, stage, cached=not base.endswith("-nocache"), patches=tuple(patches))
     if name == "plain":
         return PlainImpl(s)
-    if name == "plain+fused":
-        return PlainImpl(s, fused=True)
+    if name == "plain-unfused":
+        return PlainImpl(s, fused=False)
     if name == "plain-pretok":
         return PlainImpl(s, pretokenized=True)
     if name == "st-mnrl":
@@ -402,7 +402,7 @@ def measure(s: Setup, names: list[str], steps: int, warmup: int, rounds: int, lo
             if left > 0:
                 run(impl, min(per_round, left), timed=True)
         loads.append(round(os.getloadavg()[0], 2))
-        log(f"  round {r + 1}/{rounds}: load {loads[-1]:.2f}; " + ", ".join(
+        log(f"  round {r + 1}/{rounds}: load {loads[-1]:.2f}; median so far: " + ", ".join(
             f"{n} {1000 * statistics.median(t):.0f}ms" for n, t in times.items() if t))
     rows = []
     for impl in impls:
@@ -530,7 +530,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds the timed steps are split into")
     p.add_argument("--impls", default=DEFAULT_IMPLS_CPU,
-                   help=f"comma-separated from {DEFAULT_IMPLS_CPU},plain-pretok,plain+fused,simcse-z0-nocache; "
+                   help=f"comma-separated from {DEFAULT_IMPLS_CPU},plain-pretok,plain-unfused,simcse-z0-nocache; "
                         f"simcse-zN+patch[+patch] adds prototypes from bench/prototypes.py ({', '.join(prototypes.PATCHES)})")
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--threads", type=int, default=None, help="OMP/intra-op threads (default: all cores)")

@@ -44,7 +44,7 @@ def built_zero_stage(cfg: Config, world_size: int) -> int:
     ZeRO-1/2 partition optimizer state and gradients over the ranks; with one rank there is
     nothing to partition, yet DeepSpeed still copies every gradient into its buckets, averages
     it over one rank, keeps a second fp32 copy of the weights and copies it back into the model
-    after every step (~5% of a MiniLM CPU step; bench/RESULTS.md). Stage 0 does the same update
+    after every step (5-9% of a MiniLM CPU step; bench/RESULTS.md runs E, F). Stage 0 does the same update
     without them. Kept: ZeRO-3 (its parameter hooks are what some one-rank users want to test),
     any stage whose engine.deepspeed_config offloads to CPU/NVMe (memory, not partitioning),
     and a stage that engine.deepspeed_config sets explicitly (zero_optimization.stage).
