@@ -31,3 +31,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def single_process_group():
+    """One in-process gloo group (world size 1) for the whole session: DeepSpeed caches its
+    process groups at the first initialize, so a second init after a teardown would hand it
+    stale groups ("Group ... is not registered")."""
+    from simcse_dist import distributed as du
+
+    env = du.DistEnv.from_env({})
+    du.init_distributed(env, timeout_s=60)
+    yield env
+    du.teardown()

@@ -8,17 +8,8 @@ import pytest
 import torch
 from helpers import DEMO_DATA
 
-from simcse_dist import distributed as du
 from simcse_dist.config import load_config
 from simcse_dist.trainer import Trainer
-
-
-@pytest.fixture(scope="module")
-def single_process_group():
-    env = du.DistEnv.from_env({})
-    du.init_distributed(env, timeout_s=60)
-    yield env
-    du.teardown()
 
 
 @pytest.mark.parametrize("objective,data", [("unsup", "wiki-demo.txt"), ("sup", "nli-demo.tsv")])

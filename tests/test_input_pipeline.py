@@ -14,14 +14,6 @@ from simcse_dist.engine import built_zero_stage, deepspeed_config
 from simcse_dist.trainer import Trainer
 
 
-@pytest.fixture(scope="module")
-def single_process_group():
-    env = du.DistEnv.from_env({})
-    du.init_distributed(env, timeout_s=60)
-    yield env
-    du.teardown()
-
-
 def _train(tiny_bert, out, objective, data, *overrides) -> tuple[list[tuple[float, float]], Trainer]:
     cfg = load_config(None, [f"model.name_or_path={tiny_bert}", "model.dropout=0.1", f"train.objective={objective}",
                              f"data.train_file={DEMO_DATA / data}", "train.global_batch_size=8", "train.max_steps=4",
