@@ -75,8 +75,10 @@ def _runs_for_equality(tiny_bert: Path, tmp_path: Path, stage: int, launcher: st
               f"data.train_file={DEMO_DATA / 'wiki-demo.txt'}", "train.global_batch_size=12", "train.max_steps=3",
               "log.every_steps=1", "log.wandb_mode=disabled", "log.progress_bar=false", f"engine.zero_stage={stage}",
               "optim.lr=1e-3"]
-    ok(cli([*common, f"train.output_dir={tmp_path / 'one'}"]))
-    ok(cli([*common, f"train.output_dir={tmp_path / 'two'}"], launcher=launcher, nproc=2))
+    # One rank tokenizes in the step; two ranks read the token cache through a DataLoader worker
+    # each (and, for engine.zero_stage=2, one rank builds stage 0 while two build ZeRO-2).
+    ok(cli([*common, f"train.output_dir={tmp_path / 'one'}", "data.token_cache=false"]))
+    ok(cli([*common, f"train.output_dir={tmp_path / 'two'}", "data.num_workers=1"], launcher=launcher, nproc=2))
     return read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
 
 
