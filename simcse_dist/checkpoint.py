@@ -265,16 +265,26 @@ class CheckpointManager:
         """Convert the ZeRO-partitioned engine state to DeepSpeed's universal format (rank 0 runs
         deepspeed.checkpoint.ds_to_universal once), so another world size can load it.
         collective: every rank calls this."""
-        target = path / UNIVERSAL_TAG
-        if self.rank == 0 and not (target / COMPLETE).exists():
-            tmp = path / f"{UNIVERSAL_TAG}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        def convert(tmp: Path) -> None:
             proc = subprocess.run(
                 [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                  str(path / "engine"), "--output_folder", str(tmp), "--num_extract_workers", "1",
                  "--num_merge_workers", "1", "--inject_missing_state"], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{path}: converting to a universal checkpoint failed:\n{proc.stderr[-3000:]}")
+
+        self._write_universal(path, convert)
+
+    def _write_universal(self, path: Path, write) -> None:
+        """`write(tmp)` fills `<path>/engine_universal.tmp/` on rank 0, once per checkpoint; it is
+        marked COMPLETE and renamed to engine_universal/, so a crash leaves no half folder that a
+        later resume would trust. collective: the other ranks wait in a barrier."""
+        target = path / UNIVERSAL_TAG
+        if self.rank == 0 and not (target / COMPLETE).exists():
+            tmp = path / f"{UNIVERSAL_TAG}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            write(tmp)
             (tmp / COMPLETE).write_text("ok\n")
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
@@ -285,10 +295,8 @@ class CheckpointManager:
         engine/mp_rank_00_model_states.pt), so that a ZeRO-1/2 engine loads it with DeepSpeed's
         universal loader. `module`: the model, for the parameter order of the saved optimizer.
         collective: every rank calls this (rank 0 writes)."""
-        target = path / UNIVERSAL_TAG
-        if self.rank == 0 and not (target / COMPLETE).exists():
-            tmp = path / f"{UNIVERSAL_TAG}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        def write(tmp: Path) -> None:
             (tmp / "zero").mkdir(parents=True)
             model_file = path / "engine" / "mp_rank_00_model_states.pt"
             sd = torch.load(model_file, map_location="cpu", weights_only=False)
@@ -324,10 +332,8 @@ class CheckpointManager:
             torch.save({"param_groups": groups, "ds_version": sd.get("ds_version", "0")},
                        tmp / "zero" / "optimizer_state.pt")
             shutil.copy2(model_file, tmp / model_file.name)  # LR schedule and step counters
-            (tmp / COMPLETE).write_text("ok\n")
-            shutil.rmtree(target, ignore_errors=True)
-            tmp.rename(target)
-        du.barrier()
+
+        self._write_universal(path, write)
 
     @staticmethod
     def universal_into_stage0(engine, folder: Path) -> None:
