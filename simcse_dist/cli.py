@@ -10,11 +10,7 @@ from .checkpoint import check_output_dir
 from .config import ConfigError, load_config
 from .distributed import DistEnv, DistEnvError
 from .readers import DataError
-
-
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    return 2
+from .utils import fail
 
 
 def _record(fn):
@@ -43,7 +39,7 @@ def train_main(argv: list[str] | None = None) -> int:
         cfg.validate(env.world_size)  # before any process group exists
         check_output_dir(cfg)
     except (ConfigError, DistEnvError) as e:
-        return _fail(str(e))
+        return fail(str(e))
 
     return run_training(cfg, env)
 
@@ -60,9 +56,9 @@ def run_training(cfg, env: DistEnv, trainer_cls=None) -> int:
     try:
         (trainer_cls or Trainer)(cfg, env).train()
     except (DataError, CheckpointLayoutError) as e:
-        return _fail(str(e))
+        return fail(str(e))
     except NonFiniteLossError as e:
-        _fail(str(e))
+        fail(str(e))
         return 3
     finally:
         du.teardown()

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 
 Pooler = Literal["cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2"]
+POOLERS: tuple[str, ...] = typing.get_args(Pooler)
+"""The one list of poolers (model.pool implements each; export.py maps each to sentence-transformers)."""
 Objective = Literal["unsup", "sup"]
 Precision = Literal["fp32", "bf16", "fp16"]
 WandbMode = Literal["online", "offline", "disabled"]

@@ -11,35 +11,14 @@ import argparse
 import json
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
+from .config import POOLERS
 from .readers import DataError
 from .sts import PAPER_TASKS, TASKS, StsData, TaskNotFound, check_task, load_task
+from .utils import fail, quiet_transformers
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-@contextmanager
-def _quiet_transformers():
-    """No per-load weight report: saved SimCSE backbones lack BERT's pooler layer on purpose
-    (SimCSE never uses it), which transformers would list as MISSING/UNEXPECTED on every load."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bar:
-            hf_logging.enable_progress_bar()
-
-
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    return 2
 
 
 def format_table(titles: list[str], values: list[float]) -> str:
@@ -85,7 +64,7 @@ def _eval_parser() -> argparse.ArgumentParser:
                    "skipping absent ones (default)")
     p.add_argument("--split", default="test", choices=("test", "dev", "train"))
     p.add_argument("--data-dir", required=True, help="e.g. ../shared/data or ../shared/data/senteval")
-    p.add_argument("--pooler", choices=("cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2"),
+    p.add_argument("--pooler", choices=POOLERS,
                    help="override the saved pooler (needed for a plain HF model)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="inference dtype of the weights")
     p.add_argument("--batch-size", type=int, default=128, help="sentences per forward per rank")
@@ -110,16 +89,16 @@ def eval_cli(argv: list[str] | None = None) -> int:
         data = select_tasks(args.tasks, args.split, args.data_dir,
                             lambda m: print(m, file=sys.stderr) if env.is_main else None)
     except DataError as e:
-        return _fail(str(e))
+        return fail(str(e))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if env.world_size > 1:
         du.init_distributed(env, timeout_s=1800)
     try:
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 encoder, tokenizer, meta = load_encoder(args.model, args.pooler)
         except (ExportError, OSError) as e:
-            return _fail(str(e))
+            return fail(str(e))
         device = du.device_for(env)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
         encoder.to(device=device, dtype=dtype)
@@ -155,17 +134,17 @@ def export_cli(argv: list[str] | None = None) -> int:
     )
     p.add_argument("src", help="run dir, model dir, or any HF encoder dir (then --pooler)")
     p.add_argument("out_dir")
-    p.add_argument("--pooler", choices=("cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2"),
+    p.add_argument("--pooler", choices=POOLERS,
                    help="override (or, for a plain HF model, set) the pooler")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     args = p.parse_args(argv)
     from .export import ExportError, export_model
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             out = export_model(args.src, args.out_dir, args.pooler, args.overwrite)
     except (ExportError, OSError) as e:
-        return _fail(str(e))
+        return fail(str(e))
     meta = json.loads((out / "simcse_config.json").read_text())
     print(f"exported {out}: pooler {meta['pooler']}, MLP {'kept' if meta['mlp'] else 'not used at test time'}; "
           f"load with SentenceTransformer({str(out)!r}) or AutoModel (see docs/evaluation.md)")
@@ -177,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"eval": eval_cli, "export": export_cli}
     if not argv or argv[0] not in commands:
-        return _fail("usage: python -m simcse_dist.standalone eval|export [options]")
+        return fail("usage: python -m simcse_dist.standalone eval|export [options]")
     return commands[argv[0]](argv[1:])
 
 
