@@ -6,10 +6,10 @@ import argparse
 import os
 import sys
 
-from .checkpoint import check_output_dir
 from .config import ConfigError, load_config
 from .distributed import DistEnv, DistEnvError
 from .readers import DataError
+from .rundir import check_output_dir
 from .utils import fail
 
 

@@ -8,7 +8,6 @@ validated against the world size before any process group exists.
 
 from __future__ import annotations
 
-import datetime
 import os
 import socket
 import subprocess
@@ -103,27 +102,18 @@ def device_for(env: DistEnv) -> torch.device:
 
 
 def init_distributed(env: DistEnv, timeout_s: int) -> None:
-    """Start the process group (nccl on GPUs, gloo on CPU) through DeepSpeed.
+    """Start the process group (nccl on GPUs, gloo on CPU; engine.py, the only `import
+    deepspeed`, does it through DeepSpeed).
 
     collective: every rank calls this. `timeout_s` bounds how long a rank waits in a collective
     for a peer that died, so a crash elsewhere ends this rank too instead of hanging.
     """
-    import deepspeed
-    import deepspeed.ops
+    from .engine import init_process_group
 
-    # On CPU DeepSpeed would JIT-compile its shared-memory comm op (1-2 min); gloo suffices.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     _export_rendezvous(env)
     if torch.cuda.is_available():
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(
-        dist_backend=backend,
-        auto_mpi_discovery=False,
-        timeout=datetime.timedelta(seconds=timeout_s),
-        rank=env.rank,
-        world_size=env.world_size,
-    )
+    init_process_group(env.rank, env.world_size, timeout_s)
 
 
 def teardown() -> None:

@@ -10,6 +10,7 @@ Choices, and why:
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 from pathlib import Path
@@ -32,38 +33,34 @@ def linear_schedule(total_steps: int, warmup_steps: int):
     return factor
 
 
-def _offloads(zero: dict[str, Any]) -> bool:
-    return any(str((zero.get(k) or {}).get("device", "none")) not in ("none", "None")
-               for k in ("offload_optimizer", "offload_param"))
-
-
-def built_zero_stage(cfg: Config, world_size: int) -> int:
-    """The ZeRO stage the engine is built with: engine.zero_stage, except that one rank runs
-    ZeRO-1/2 as stage 0.
-
-    ZeRO-1/2 partition optimizer state and gradients over the ranks; with one rank there is
-    nothing to partition, yet DeepSpeed still copies every gradient into its buckets, averages
-    it over one rank, keeps a second fp32 copy of the weights and copies it back into the model
-    after every step (5-9% of a MiniLM CPU step; bench/RESULTS.md runs E, F). Stage 0 does the same update
-    without them. Kept: ZeRO-3 (its parameter hooks are what some one-rank users want to test),
-    any stage whose engine.deepspeed_config offloads to CPU/NVMe (memory, not partitioning),
-    and a stage that engine.deepspeed_config sets explicitly (zero_optimization.stage).
-    Checkpoints record the stage they were written with (checkpoint.py converts between them).
-    """
-    stage = cfg.engine.zero_stage
+def zero_stage(cfg: Config) -> int:
+    """The ZeRO stage the engine is built with: engine.zero_stage, unless engine.deepspeed_config
+    sets zero_optimization.stage (checkpoints record it, checkpoint.py refuses another)."""
     user = json.loads(Path(cfg.engine.deepspeed_config).read_text()) if cfg.engine.deepspeed_config else {}
-    zero = user.get("zero_optimization") or {}
-    if "stage" in zero:
-        return int(zero["stage"])
-    if world_size == 1 and stage in (1, 2) and not _offloads(zero):
-        return 0
-    return stage
+    return int((user.get("zero_optimization") or {}).get("stage", cfg.engine.zero_stage))
+
+
+def init_process_group(rank: int, world_size: int, timeout_s: int) -> None:
+    """Start the process group (nccl on GPUs, gloo on CPU) through DeepSpeed, which adopts it.
+    collective: every rank calls this."""
+    import deepspeed
+    import deepspeed.ops
+
+    # On CPU DeepSpeed would JIT-compile its shared-memory comm op (1-2 min); gloo suffices.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(
+        dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+        auto_mpi_discovery=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        rank=rank,
+        world_size=world_size,
+    )
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config generated from ours (+ engine.deepspeed_config merged over it)."""
     micro = cfg.micro_batch_size(world_size)
-    stage = built_zero_stage(cfg, world_size)
+    stage = zero_stage(cfg)
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 2:
         zero.update(overlap_comm=torch.cuda.is_available(), contiguous_gradients=True)
@@ -98,6 +95,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, cfg: Config, world_size: int, total_steps: int,
                  load_universal: bool = False) -> None:
+        """collective: deepspeed.initialize broadcasts the weights and builds ZeRO's groups."""
         import deepspeed
 
         warmup = math.ceil(cfg.optim.warmup_ratio * total_steps)
@@ -112,7 +110,7 @@ class Engine:
         # ZeRO-0 fp32 hands DeepSpeed a plain torch optimizer, which computes no global norm; we
         # need the norm for logging anyway, so we clip there once (foreach) and tell DeepSpeed not
         # to compute it a second time.
-        self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])  # as built (built_zero_stage)
+        self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
         self._manual_norm = self.zero_stage == 0 and cfg.engine.precision == "fp32"
         self._clip = cfg.engine.gradient_clipping
         if self._manual_norm:
@@ -126,10 +124,10 @@ class Engine:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             config=self.ds_config,
         )
-        if world_size == 1 and self._manual_norm:
-            # One rank: DeepSpeed's gradient "all-reduce" would flatten, divide by 1 and copy back
-            # every gradient (~30 ms of a 1.7 s MiniLM CPU step) for an identity.
-            self.engine.enable_backward_allreduce = False
+        # One rank: DeepSpeed's gradient "all-reduce" would flatten, divide by 1 and copy back
+        # every gradient (~30 ms of a 1.7 s MiniLM CPU step) for an identity; its public
+        # no_sync() skips it (ZeRO-0 only: ZeRO-2/3 partition gradients in that reduction).
+        self._no_sync = world_size == 1 and self._manual_norm
         self._last_norm: torch.Tensor | None = None
 
     @property
@@ -149,11 +147,16 @@ class Engine:
     def __call__(self, **batch: torch.Tensor) -> torch.Tensor:
         return self.engine(**batch)
 
-    def backward(self, loss: torch.Tensor, scale_wrt_gas: bool = True) -> None:
-        """DeepSpeed divides by grad_accum (unless scale_wrt_gas=False: gradient caching's
-        surrogates already carry the whole step's gradient) and, at the boundary, averages
-        gradients over ranks."""
-        self.engine.backward(loss, scale_wrt_gas=scale_wrt_gas)
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        """Add d loss / d theta to the gradients; `loss` is already this micro-step's exact share
+        of the step (step.py divides by grad_accum), so DeepSpeed must not scale it again.
+        After the `last` micro-step the gradients are complete (averaged over ranks); before it,
+        engine.step() only advances DeepSpeed's micro-step counter."""
+        if self._no_sync:
+            with self.engine.no_sync():
+                self.engine.backward(loss, scale_wrt_gas=False)
+        else:
+            self.engine.backward(loss, scale_wrt_gas=False)
         if self._manual_norm and self.engine.is_gradient_accumulation_boundary():
             # Gradients are final here (averaged over ranks): the global norm before clipping.
             params = [p for p in self.engine.module.parameters() if p.grad is not None]
@@ -161,6 +164,8 @@ class Engine:
                 self._last_norm = torch.nn.utils.clip_grad_norm_(params, self._clip, foreach=True)
             else:
                 self._last_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if not last:
+            self.engine.step()
 
     def step(self) -> None:
         self.engine.step()
@@ -180,10 +185,9 @@ class Engine:
         """collective: every rank writes its shards."""
         self.engine.save_checkpoint(save_dir, tag=tag, save_latest=save_latest)
 
-    def load_checkpoint(self, load_dir: str, tag: str, load_optimizer_states: bool = True):
-        """collective. Model, optimizer, LR schedule and loss scaler; without the optimizer state
-        when checkpoint.py sets it itself (a ZeRO checkpoint loaded into a stage-0 engine)."""
-        return self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optimizer_states)
+    def load_checkpoint(self, load_dir: str, tag: str):
+        """collective. Model, optimizer, LR schedule and loss scaler."""
+        return self.engine.load_checkpoint(load_dir, tag=tag)
 
     def grad_norm(self) -> float | None:
         """Global gradient norm of the last optimizer step, before clipping (a host sync)."""

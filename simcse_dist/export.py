@@ -35,9 +35,12 @@ from pathlib import Path
 
 import torch
 
-from .model import MLP_WEIGHTS_NAME, SIMCSE_CONFIG_NAME, Encoder
+from .config import POOLERS
+from .fsutil import atomic_dir
+from .model import Encoder
 
-POOLERS = ("cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2")
+SIMCSE_CONFIG_NAME = "simcse_config.json"
+MLP_WEIGHTS_NAME = "simcse_mlp.pt"
 ST_FORMAT_VERSION = "6.0.0"  # oldest sentence-transformers that reads this layout
 _ST_DIRS = ("1_Pooling", "2_Pooling", "2_Dense", "1_WeightedLayerPooling")
 _TRANSFORMER = "sentence_transformers.base.modules.transformer.Transformer"
@@ -134,6 +137,53 @@ def write_sentence_transformers(
         "prompts": {"document": "", "query": ""},
         "similarity_fn_name": "cosine",
     }, indent=2)
+
+
+def save_encoder(
+    out_dir: str | Path,
+    backbone_state: dict[str, torch.Tensor],
+    mlp_state: dict[str, torch.Tensor] | None,
+    encoder: Encoder,
+    tokenizer,
+) -> None:
+    """Write a Hugging Face model directory (config, weights, tokenizer) plus SimCSE's pooling
+    settings, which is also a sentence-transformers model (layout above), so
+    `AutoModel.from_pretrained(out_dir)` and `SentenceTransformer(out_dir)` both load it. The MLP
+    is kept only where the pooler uses it at test time (cls without mlp_only_train).
+
+    The states are passed in, not read from `encoder`, because under ZeRO-3 the live parameters
+    are partitions; the trainer gathers full fp32 weights first. `encoder` supplies the config."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Only what the backbone persists: non-persistent buffers (e.g. BERT's token_type_ids) in a
+    # gathered state would be reported as UNEXPECTED keys on every load. state_dict()'s keys
+    # are exactly the persistent ones (under ZeRO-3 too: the keys do not depend on partitioning).
+    persistent = set(encoder.backbone.state_dict().keys())
+    backbone_state = {k: v for k, v in backbone_state.items() if k in persistent}
+    encoder.backbone.save_pretrained(out, state_dict=backbone_state, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    keep_mlp = encoder.pooler == "cls" and not encoder.mlp_only_train
+    meta = {"pooler": encoder.pooler, "mlp_only_train": encoder.mlp_only_train, "mlp": keep_mlp}
+    (out / SIMCSE_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    if keep_mlp:
+        if mlp_state is None:
+            raise ValueError(f"{out}: pooler cls keeps the MLP at test time, but mlp_state is None")
+        mlp_state = {k: v.detach().cpu() for k, v in mlp_state.items()}
+        torch.save(mlp_state, out / MLP_WEIGHTS_NAME)
+    config = encoder.backbone.config
+    write_sentence_transformers(out, encoder.pooler, keep_mlp, config.hidden_size, config.num_hidden_layers,
+                                mlp_state if keep_mlp else None)
+
+
+def write_best(out: Path, state: dict[str, torch.Tensor], encoder: Encoder, tokenizer, info: dict) -> Path:
+    """Publish `out` (a run's best/) from a full state dict of the Encoder ("backbone.*",
+    "mlp.*"), atomically: readers see the previous best model or the new one, never neither."""
+    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    mlp = {k.removeprefix("mlp."): v for k, v in state.items() if k.startswith("mlp.")} or None
+    with atomic_dir(out) as tmp:
+        save_encoder(tmp, backbone, mlp, encoder, tokenizer)
+        _write_json(tmp / "best_info.json", info, indent=2)
+    return out
 
 
 # -- reading a model directory back ------------------------------------------------------------
@@ -239,18 +289,10 @@ def load_encoder(model: str | Path, pooler: str | None = None):
     return encoder.eval(), tokenizer, {**meta, "path": str(model_dir)}
 
 
-def export_model(src: str | Path, out_dir: str | Path, pooler: str | None = None, overwrite: bool = False) -> Path:
-    """Copy a model (run dir -> best/) to out_dir as a HF + sentence-transformers model."""
-    model_dir = resolve_model_dir(src)
-    meta = read_pooling(model_dir, pooler)
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
-    if out.resolve() == model_dir.resolve():
-        raise ExportError(f"{out}: the output directory is the model directory")
-    shutil.rmtree(out, ignore_errors=True)
+def _export_into(model_dir: Path, out: Path, meta: dict) -> None:
+    """Write the export of `model_dir` with pooling settings `meta` into the empty dir `out`."""
     # ST module folders ("1_Pooling", "2_Normalize", ...) are rewritten, not copied
-    shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns("[0-9]_*", "best_info.json"))
+    shutil.copytree(model_dir, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("[0-9]_*", "best_info.json"))
     keep_mlp = meta["pooler"] == "cls" and not meta["mlp_only_train"]
     mlp = _mlp_state(model_dir) if keep_mlp else None
     if not keep_mlp:
@@ -266,4 +308,17 @@ def export_model(src: str | Path, out_dir: str | Path, pooler: str | None = None
 
     hf = AutoConfig.from_pretrained(out)
     write_sentence_transformers(out, meta["pooler"], keep_mlp, hf.hidden_size, hf.num_hidden_layers, mlp)
+
+
+def export_model(src: str | Path, out_dir: str | Path, pooler: str | None = None, overwrite: bool = False) -> Path:
+    """Copy a model (run dir -> best/) to out_dir as a HF + sentence-transformers model."""
+    model_dir = resolve_model_dir(src)
+    meta = read_pooling(model_dir, pooler)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+    if out.resolve() == model_dir.resolve():
+        raise ExportError(f"{out}: the output directory is the model directory")
+    with atomic_dir(out) as tmp:
+        _export_into(model_dir, tmp, meta)
     return out

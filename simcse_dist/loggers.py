@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .fsutil import write_text_atomic
 
 
 def _fmt(v: Any) -> str:
@@ -67,9 +68,7 @@ def truncate_jsonl(path: Path, keep_through_step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:  # a line cut by a crash mid-write
             continue
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
 class WandbLogger:

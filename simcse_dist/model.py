@@ -11,34 +11,13 @@ Poolers follow the official SimCSE code (princeton-nlp/SimCSE, simcse/models.py)
 
 from __future__ import annotations
 
-import contextlib
-import json
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from .config import ModelConfig, resolve_model_path
+from .config import POOLERS, ModelConfig, resolve_model_path
+from .utils import quiet_transformers
 
-SIMCSE_CONFIG_NAME = "simcse_config.json"
-MLP_WEIGHTS_NAME = "simcse_mlp.pt"
 _DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Loading without the HF pooler prints an 'UNEXPECTED pooler.dense.*' report and a progress
-    bar on every rank; both are expected here and only bury the useful output."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        hf_logging.enable_progress_bar()
 
 
 class MLPHead(nn.Module):
@@ -71,7 +50,7 @@ def pool(
     elif pooler == "avg_top2":
         tokens = (hidden_states[-2] + hidden_states[-1]) / 2.0
     else:
-        raise ValueError(f"model.pooler: unknown pooler {pooler!r}")
+        raise ValueError(f"model.pooler: unknown pooler {pooler!r}; expected one of {', '.join(POOLERS)}")
     mask = attention_mask.unsqueeze(-1).to(tokens.dtype)  # [n, L, 1]
     return (tokens * mask).sum(1) / mask.sum(1)
 
@@ -107,7 +86,7 @@ class Encoder(nn.Module):
         kwargs = {"config": hf_config}
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
-        with _quiet_transformers():
+        with quiet_transformers():
             try:  # BERT/RoBERTa: SimCSE never uses HF's pooler layer; leaving it out avoids unused params.
                 backbone = AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
             except TypeError:
@@ -134,41 +113,3 @@ class Encoder(nn.Module):
         if self.uses_mlp:
             emb = self.mlp(emb)
         return emb.reshape(*lead, emb.shape[-1])
-
-
-def save_encoder(
-    out_dir: str | Path,
-    backbone_state: dict[str, torch.Tensor],
-    mlp_state: dict[str, torch.Tensor] | None,
-    encoder: Encoder,
-    tokenizer,
-) -> None:
-    """Write a Hugging Face model directory (config, weights, tokenizer) plus SimCSE's pooling
-    settings, which is also a sentence-transformers model (see export.py for the layout), so
-    `AutoModel.from_pretrained(out_dir)` and `SentenceTransformer(out_dir)` both load it. The MLP
-    is kept only where the pooler uses it at test time (cls without mlp_only_train).
-
-    The states are passed in, not read from `encoder`, because under ZeRO-3 the live parameters
-    are partitions; the trainer gathers full fp32 weights first. `encoder` supplies the config."""
-    from .export import write_sentence_transformers
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # Only what the backbone persists: non-persistent buffers (e.g. BERT's token_type_ids) in a
-    # gathered state would be reported as UNEXPECTED keys on every load.
-    non_persistent = {f"{name}.{buf}" if name else buf for name, module in encoder.backbone.named_modules()
-                      for buf in module._non_persistent_buffers_set}
-    backbone_state = {k: v for k, v in backbone_state.items() if k not in non_persistent}
-    encoder.backbone.save_pretrained(out, state_dict=backbone_state, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    keep_mlp = encoder.pooler == "cls" and not encoder.mlp_only_train
-    meta = {"pooler": encoder.pooler, "mlp_only_train": encoder.mlp_only_train, "mlp": keep_mlp}
-    (out / SIMCSE_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    if keep_mlp:
-        if mlp_state is None:
-            raise ValueError(f"{out}: pooler cls keeps the MLP at test time, but mlp_state is None")
-        mlp_state = {k: v.detach().cpu() for k, v in mlp_state.items()}
-        torch.save(mlp_state, out / MLP_WEIGHTS_NAME)
-    config = encoder.backbone.config
-    write_sentence_transformers(out, encoder.pooler, keep_mlp, config.hidden_size, config.num_hidden_layers,
-                                mlp_state if keep_mlp else None)

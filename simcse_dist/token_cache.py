@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .fsutil import publish_dir, staging_dir
+
 FORMAT_VERSION = 1
 ENV_CACHE_DIR = "SIMCSE_CACHE_DIR"
 _CHUNK = 16384  # sentences per tokenizer call: bounds the Python objects alive at once
@@ -250,9 +252,7 @@ class TokenCache:
         probe = tokenizer(cols[0][0] if len(cols[0]) else "x", truncation=True, max_length=max_seq_len)
         want_types = "token_type_ids" in probe
         entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.parent / f"{entry.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = staging_dir(entry, f".tmp-{os.getpid()}")
         from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(len(c) for c in cols), desc=f"tokenizing {Path(path).name}", unit=" sent",
@@ -276,11 +276,7 @@ class TokenCache:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: marks complete
-            try:
-                tmp.rename(entry)
-            except OSError:
-                if not (entry / "meta.json").exists():
-                    raise
+            publish_dir(tmp, entry, replace=False)  # a complete entry another process wrote wins
         finally:
             bar.close()
             shutil.rmtree(tmp, ignore_errors=True)

@@ -22,16 +22,18 @@ def test_rng_replay_reencodes_the_cached_embeddings_bit_for_bit(tiny_bert, tmp_p
                              "train.grad_cache=true", "train.max_steps=1", f"train.output_dir={tmp_path}",
                              "log.wandb_mode=disabled"])
     trainer = Trainer(cfg, single_process_group, quiet=True)
+    trainer.setup()
     outputs: list[torch.Tensor] = []
     trainer.encoder.register_forward_hook(lambda mod, args, out: outputs.append(out.detach().clone()))
-    _, micro = next(trainer.sampler.iter_steps(0, 1))
-    loss = trainer.forward_backward(micro)
+    _, batches = next(trainer.data.steps(0, 1, trainer.engine.device))
+    loss = trainer.forward_backward(batches).loss
     assert len(outputs) == 8  # 4 cached chunks, then 4 re-encoded ones
     for cached, again in zip(outputs[:4], outputs[4:], strict=True):
         assert torch.equal(cached, again)
     assert not torch.equal(outputs[0][:, 0], outputs[0][:, 1]) or objective == "sup"  # dropout is on
     # The cached loss is the loss of the re-encoded embeddings (the uncached computation).
-    uncached = trainer.loss_from_embeddings(torch.cat(outputs[4:]))
+    uncached, _ = trainer.loss_fn(torch.cat(outputs[4:]), None, torch.cat([b.ids for b in batches])
+                                  if batches[0].ids is not None else None)
     assert loss.item() == pytest.approx(uncached.item(), rel=1e-6)
 
 

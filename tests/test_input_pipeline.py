@@ -1,5 +1,5 @@
 """The input pipeline's options change nothing but speed: the token cache and DataLoader workers
-give the same training as tokenizing in the step; and the ZeRO stage the engine builds."""
+give the same training as tokenizing in the step."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from helpers import DEMO_DATA, read_jsonl
 
 from simcse_dist import distributed as du
 from simcse_dist.config import load_config
-from simcse_dist.engine import built_zero_stage, deepspeed_config
 from simcse_dist.trainer import Trainer
 
 
@@ -38,32 +37,8 @@ def test_token_cache_and_workers_train_exactly_as_on_the_fly_tokenization(tiny_b
                             "data.num_workers=1")
     assert len(reference) == 4 and len(set(reference)) == 4
     assert cached == reference and workers == reference and fly_workers == reference
-    assert t1.collate.cache.tokenized and not t2.collate.cache.tokenized  # built once, then reused
+    assert t1.data.collate.cache.tokenized and not t2.data.collate.cache.tokenized  # built once, then reused
     entries = [d for d in cache.iterdir()]
     assert len(entries) == 1 and (entries[0] / "meta.json").exists()
     meta = json.loads((entries[0] / "meta.json").read_text())
     assert meta["num_columns"] == (1 if objective == "unsup" else 3)
-
-
-def _ds_json(tmp_path, zero: dict) -> str:
-    path = tmp_path / f"ds-{len(list(tmp_path.iterdir()))}.json"
-    path.write_text(json.dumps({"zero_optimization": zero}))
-    return str(path)
-
-
-def test_one_rank_builds_zero_1_and_2_as_stage_0(tmp_path):
-    def stage(zero_stage: int, world: int, ds: dict | None = None) -> int:
-        over = [f"engine.zero_stage={zero_stage}", "train.global_batch_size=12"]
-        if ds is not None:
-            over.append(f"engine.deepspeed_config={_ds_json(tmp_path, ds)}")
-        cfg = load_config(None, over)
-        built = built_zero_stage(cfg, world)
-        assert deepspeed_config(cfg, world)["zero_optimization"]["stage"] == built
-        return built
-
-    assert [stage(s, 1) for s in (0, 1, 2, 3)] == [0, 0, 0, 3]
-    assert [stage(s, 2) for s in (0, 1, 2, 3)] == [0, 1, 2, 3]
-    assert stage(2, 1, {"offload_optimizer": {"device": "cpu"}}) == 2  # offload is about memory: kept
-    assert stage(2, 1, {"offload_optimizer": {"device": "none"}}) == 0
-    assert stage(1, 1, {"stage": 1}) == 1  # asked for explicitly in the DeepSpeed JSON
-    assert stage(2, 1, {"reduce_bucket_size": 1000}) == 0

@@ -18,8 +18,8 @@ import torch
 import yaml
 from helpers import DEMO_DATA, REPO, read_jsonl
 
-from simcse_dist.checkpoint import CheckpointLayoutError, CheckpointManager, Route, resume_route
-from simcse_dist.config import load_config
+from simcse_dist.checkpoint import CheckpointLayoutError, CheckpointManager
+from simcse_dist.config import CheckpointConfig
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
        "PYTHONPATH": str(REPO)}
@@ -93,7 +93,7 @@ def test_sigkill_between_checkpoints_then_resume_matches_uninterrupted(tiny_bert
     proc = start(args)
     wait_for_step(tmp_path / "run" / "metrics.jsonl", 6, proc)
     kill_tree(proc)
-    done = [s for s, _ in CheckpointManager(tmp_path / "run", 2, 0).complete()]
+    done = [s for s, _ in CheckpointManager(tmp_path / "run", CheckpointConfig(), 0, 2).complete()]
     assert done and max(done) < 16, done
     resumed = ok(run(args))
     assert f"resumed from step {max(done)}" in resumed.stdout
@@ -106,8 +106,7 @@ def test_sigkill_between_checkpoints_then_resume_matches_uninterrupted(tiny_bert
 @pytest.mark.slow
 def test_stop_file_then_resume_at_another_world_size(tiny_bert, tmp_path):
     """2 ranks stop on the stop file (what slurm/train.sh's USR1 trap creates), 1 rank resumes
-    the ZeRO-2 checkpoint, which one rank builds as stage 0 (engine.built_zero_stage): through
-    DeepSpeed's universal format into the torch AdamW, keeping the optimizer state."""
+    the ZeRO-2 checkpoint through DeepSpeed's universal format, keeping the optimizer state."""
     ok(run(common(tiny_bert, tmp_path / "ref", **{"model.dropout": 0})))
     stop_file = tmp_path / "STOP"
     args = common(tiny_bert, tmp_path / "run", **{"model.dropout": 0, "checkpoint.every_steps": 0})
@@ -117,10 +116,10 @@ def test_stop_file_then_resume_at_another_world_size(tiny_bert, tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
     assert "stopped at step" in out and not stop_file.exists()
-    (stopped_at, _), = CheckpointManager(tmp_path / "run", 2, 0).complete()
+    (stopped_at, _), = CheckpointManager(tmp_path / "run", CheckpointConfig(), 0, 2).complete()
     assert 3 <= stopped_at < 16
     saved = json.loads((tmp_path / "run" / "checkpoints" / f"step-{stopped_at:08d}" / "trainer_state.json").read_text())
-    assert saved["zero_stage_built"] == 2
+    assert saved["zero_stage"] == 2
     resumed = ok(run(args, nproc=1))
     assert "resuming at world size 1 from a checkpoint written at world size 2" in resumed.stdout
     ref, got = last_rows(tmp_path / "ref" / "metrics.jsonl"), last_rows(tmp_path / "run" / "metrics.jsonl")
@@ -132,7 +131,7 @@ def test_stop_file_then_resume_at_another_world_size(tiny_bert, tmp_path):
 def fork_run(src: Path, dst: Path, step: int) -> Path:
     """A copy of run `src` in `dst` as if it had stopped right after checkpoint `step`."""
     shutil.copytree(src, dst)
-    for s, d in CheckpointManager(dst, 2, 0).complete():
+    for s, d in CheckpointManager(dst, CheckpointConfig(), 0, 1).complete():
         if s > step:
             shutil.rmtree(d)
     cfg = yaml.safe_load((dst / "config.yaml").read_text())
@@ -146,37 +145,46 @@ def max_rel_diff(ref: dict[int, dict], got: dict[int, dict], steps: range) -> fl
 
 
 @pytest.mark.slow
-def test_one_rank_stage0_checkpoint_resumes_on_two_ranks_with_its_adam_state(tiny_bert, tmp_path):
-    """1 rank runs engine.zero_stage=2 as stage 0 (plain torch AdamW state); 2 ranks resume it as
-    ZeRO-2 through a universal folder written from that state, and follow the uninterrupted run.
-    The control resumes the same checkpoint with its Adam moments and step dropped: it leaves
-    the trajectory by more than the tolerance, so the comparison does see the optimizer state."""
+def test_one_rank_zero2_checkpoint_resumes_on_two_ranks_with_its_adam_state(tiny_bert, tmp_path):
+    """1 rank runs DeepSpeed's ZeRO-2; 2 ranks resume its checkpoint through DeepSpeed's
+    universal format and follow the uninterrupted run. The control resumes the same checkpoint
+    with its Adam moments zeroed: it leaves the trajectory by more than the tolerance, so the
+    comparison does see the optimizer state."""
     kw = {"model.dropout": 0, "checkpoint.keep_last": 8}
     ok(run(common(tiny_bert, tmp_path / "ref", **kw), nproc=1))
     ref = last_rows(tmp_path / "ref" / "metrics.jsonl")
     ckpt = fork_run(tmp_path / "ref", tmp_path / "run", 4)
-    assert json.loads((ckpt / "trainer_state.json").read_text())["zero_stage_built"] == 0
+    assert json.loads((ckpt / "trainer_state.json").read_text())["zero_stage"] == 2
     resumed = ok(run(common(tiny_bert, tmp_path / "run", **kw), nproc=2))
     assert "resuming at world size 2 from a checkpoint written at world size 1" in resumed.stdout
     got = last_rows(tmp_path / "run" / "metrics.jsonl")
     assert sorted(got) == list(range(1, 17))
     assert max_rel_diff(ref, got, range(5, 17)) < 1e-4
 
+    # Control, test-only surgery: convert with DeepSpeed's own converter into the folder the
+    # manager reuses (engine_universal/ + COMPLETE), then zero the moments in DeepSpeed's
+    # universal layout (zero/<param>/exp_avg*.pt holding {"param": tensor}).
     control = fork_run(tmp_path / "ref", tmp_path / "control", 4)
-    model_file = control / "engine" / "mp_rank_00_model_states.pt"
-    sd = torch.load(model_file, weights_only=False)
-    assert sd["optimizer"]["state"]  # torch AdamW's state_dict: what 1 rank saved
-    sd["optimizer"]["state"] = {}  # a fresh AdamW: no moments, step 0
-    torch.save(sd, model_file)
+    universal = control / "engine_universal"
+    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                    str(control / "engine"), "--output_folder", str(universal), "--num_extract_workers", "1",
+                    "--num_merge_workers", "1", "--inject_missing_state"], check=True, capture_output=True, env=ENV)
+    moments = list(universal.glob("zero/*/exp_avg*.pt"))
+    assert moments
+    for f in moments:
+        state = torch.load(f, weights_only=False)
+        state["param"] = torch.zeros_like(state["param"])
+        torch.save(state, f)
+    (universal / "COMPLETE").write_text("ok\n")
     ok(run(common(tiny_bert, tmp_path / "control", **kw), nproc=2))
     assert max_rel_diff(ref, last_rows(tmp_path / "control" / "metrics.jsonl"), range(5, 17)) > 3e-4
 
 
 @pytest.mark.slow
 def test_bf16_layout_changes_restore_the_exact_optimizer_state(tiny_bert, tmp_path):
-    """bf16 at engine.zero_stage=2: 1 rank builds stage 0 (DeepSpeed's unfused bf16 optimizer,
-    fp32 masters), 2 ranks ZeRO-2. Loading either checkpoint into the other layout gives every
-    parameter the same fp32 weight, Adam moments and step as loading it into its own layout."""
+    """bf16 at ZeRO-2 on 1 and on 2 ranks. Loading either checkpoint at the other world size
+    (DeepSpeed's universal format) gives every parameter the same fp32 weight, Adam moments and
+    step as loading it at its own."""
     worker = REPO / "tests" / "workers" / "resume_state_worker.py"
     dumps = {}
     for written in (1, 2):
@@ -191,7 +199,7 @@ def test_bf16_layout_changes_restore_the_exact_optimizer_state(tiny_bert, tmp_pa
                        *cmd[1:]]
             ok(subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300))
             dumps[written, nproc] = torch.load(dump, weights_only=False)
-    assert dumps[1, 2]["route"] == "from_stage0" and dumps[2, 1]["route"] == "into_stage0"
+    assert dumps[1, 2]["route"] == dumps[2, 1]["route"] == "universal"
     for written in (1, 2):
         own, other = dumps[written, written], dumps[written, 3 - written]
         assert own["route"] == "direct" and own["step"] == other["step"] == 4
@@ -201,53 +209,31 @@ def test_bf16_layout_changes_restore_the_exact_optimizer_state(tiny_bert, tmp_pa
                 assert torch.equal(value, other["params"][name][key]), (written, name, key)
 
 
-def test_resume_route():
-    """The layout each pair of built stages / world sizes takes (stages as built: 1 rank runs
-    engine.zero_stage=1/2 as stage 0)."""
-    assert resume_route(2, 2, "fp32", 2, 2) is Route.DIRECT
-    assert resume_route(0, 0, "fp32", 1, 1) is Route.DIRECT
-    assert resume_route(0, 0, "bf16", 1, 4) is Route.DIRECT  # stage 0 holds the whole state on every rank
-    assert resume_route(2, 2, "fp32", 2, 4) is Route.UNIVERSAL
-    assert resume_route(3, 3, "bf16", 1, 2) is Route.UNIVERSAL
-    assert resume_route(1, 2, "fp32", 2, 2) is Route.UNIVERSAL
-    assert resume_route(2, 0, "fp32", 2, 1) is Route.INTO_STAGE0
-    assert resume_route(1, 0, "bf16", 4, 1) is Route.INTO_STAGE0
-    assert resume_route(2, 0, "fp32", 1, 1) is Route.INTO_STAGE0  # a 1-rank ZeRO-2 checkpoint from before
-    assert resume_route(0, 2, "fp32", 1, 2) is Route.FROM_STAGE0
-    assert resume_route(0, 1, "bf16", 1, 8) is Route.FROM_STAGE0
-    for args in ((0, 2, "fp16", 1, 2), (2, 0, "fp16", 2, 1), (0, 3, "fp32", 1, 2), (3, 0, "bf16", 2, 1)):
-        assert resume_route(*args) is Route.UNSUPPORTED, args
-    assert [r for r in Route if r.engine_loads_universal] == [Route.UNIVERSAL, Route.FROM_STAGE0]
-
-
-def fake_checkpoint(path: Path, world_size: int, zero_files: bool, **state) -> Path:
-    (path / "engine").mkdir(parents=True)
-    (path / "trainer_state.json").write_text(json.dumps({"step": 4, "world_size": world_size, **state}))
-    if zero_files:
-        (path / "engine" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").touch()
+def fake_checkpoint(path: Path, world_size: int, zero_stage: int, fmt: int = 2) -> Path:
+    path.mkdir(parents=True)
+    state = ({"format": 2, "step": 4, "world_size": world_size, "zero_stage": zero_stage, "parts": {}} if fmt == 2 else
+             {"step": 4, "world_size": world_size, "zero_stage_built": zero_stage, "best_score": None,
+              "best_step": None, "window": {}})
+    (path / "trainer_state.json").write_text(json.dumps(state))
     return path
 
 
-def test_route_of_checkpoints_with_and_without_the_recorded_stage(tmp_path):
-    """Without zero_stage_built (older checkpoints) the layout is read from the files: code before
-    built_zero_stage wrote a partitioned ZeRO-2 checkpoint at 1 rank too."""
-    cfg = load_config(None, ["engine.zero_stage=2"])
-    old_zero = fake_checkpoint(tmp_path / "old-zero", 1, zero_files=True)
-    old_stage0 = fake_checkpoint(tmp_path / "old-stage0", 1, zero_files=False)
-    new = fake_checkpoint(tmp_path / "new", 2, zero_files=True, zero_stage_built=2)
-    mgr = CheckpointManager(tmp_path, 2, 0)
-    assert [mgr.saved_zero_stage(p, cfg) for p in (old_zero, old_stage0, new)] == [2, 0, 2]
-    assert mgr.route(old_zero, cfg, 1) is Route.INTO_STAGE0
-    assert mgr.route(old_stage0, cfg, 1) is Route.DIRECT
-    assert mgr.route(old_stage0, cfg, 2) is Route.FROM_STAGE0
-    assert mgr.route(new, cfg, 1) is Route.INTO_STAGE0
-    assert mgr.route(new, cfg, 4) is Route.UNIVERSAL
-    fp16 = load_config(None, ["engine.zero_stage=2", "engine.precision=fp16"])
+def test_universal_only_for_partitioned_state_at_another_world_size(tmp_path):
+    """ZeRO-0 holds the whole optimizer state on every rank: loaded as written at any world size.
+    ZeRO 1-3 at another world size go through DeepSpeed's universal format. A checkpoint whose
+    engine was built at another stage (older versions ran ZeRO-1/2 as stage 0 on one rank) is
+    refused, naming it and both stages."""
+    cfg = CheckpointConfig()
+    on = {w: CheckpointManager(tmp_path, cfg, 0, w) for w in (1, 2, 4)}
+    z2 = fake_checkpoint(tmp_path / "z2", 2, 2)
+    z0 = fake_checkpoint(tmp_path / "z0", 2, 0)
+    assert [on[w].needs_universal(z2, 2) for w in (1, 2, 4)] == [True, False, True]
+    assert [on[w].needs_universal(z0, 0) for w in (1, 2, 4)] == [False, False, False]
+    old = fake_checkpoint(tmp_path / "old", 1, 0, fmt=1)
+    assert not on[1].needs_universal(old, 0)
     with pytest.raises(CheckpointLayoutError) as e:
-        mgr.route(new, fp16, 1)
-    assert str(e.value).startswith(f"{new}: cannot resume a checkpoint written with ZeRO stage 2 fp16 at world "
-                                   "size 2 (optimizer state partitioned over the ranks) in an engine built with "
-                                   "ZeRO stage 0 fp16 at world size 1 (unpartitioned optimizer state)")
+        on[1].needs_universal(old, 2)
+    assert str(e.value).startswith(f"{old}: written by an engine built with ZeRO stage 0, this run builds stage 2")
 
 
 @pytest.mark.slow
@@ -259,7 +245,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tiny_bert, tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
     assert "stopped at step" in out and "(SIGTERM)" in out
-    assert CheckpointManager(tmp_path / "run", 2, 0).latest() is not None
+    assert CheckpointManager(tmp_path / "run", CheckpointConfig(), 0, 2).latest() is not None
 
 
 @pytest.mark.slow
@@ -302,7 +288,7 @@ def test_nonfinite_loss(tiny_bert, tmp_path, policy):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(REPO / "tests" / "workers" / "fault_worker.py"), *args],
                           capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
-    ckpts = [s for s, _ in CheckpointManager(tmp_path / "run", 2, 0).complete()]
+    ckpts = [s for s, _ in CheckpointManager(tmp_path / "run", CheckpointConfig(), 0, 2).complete()]
     if policy == "stop":
         assert proc.returncode != 0
         assert "non-finite train/loss at step 7; no update applied" in proc.stderr
@@ -321,12 +307,12 @@ def test_interrupted_checkpoint_write_leaves_previous_usable(tiny_bert, tmp_path
     ok(run(args, nproc=1))
     reference = last_rows(tmp_path / "run" / "metrics.jsonl")
     root = tmp_path / "run" / "checkpoints"
-    assert [s for s, _ in CheckpointManager(tmp_path / "run", 2, 0).complete()] == [6, 8]
+    assert [s for s, _ in CheckpointManager(tmp_path / "run", CheckpointConfig(), 0, 2).complete()] == [6, 8]
     # A crash while writing step 8: the directory never got its COMPLETE marker nor its final name.
     (root / "step-00000008").rename(root / "step-00000008.tmp")
     (root / "step-00000008.tmp" / "COMPLETE").unlink()
     (root / "step-00000008.tmp" / "engine" / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
-    assert CheckpointManager(tmp_path / "run", 2, 0).latest() == root / "step-00000006"
+    assert CheckpointManager(tmp_path / "run", CheckpointConfig(), 0, 2).latest() == root / "step-00000006"
     resumed = ok(run(args, nproc=1))
     assert "resumed from step 6" in resumed.stdout
     got = last_rows(tmp_path / "run" / "metrics.jsonl")

@@ -21,17 +21,23 @@ def main() -> int:
     args = p.parse_args()
 
     class FaultyTrainer(Trainer):
-        calls = 0
+        """Wraps the loss of every micro-step (step.py calls loss_fn once per micro-step)."""
 
-        def compute_loss(self, batch):
-            loss = super().compute_loss(batch)
-            FaultyTrainer.calls += 1
-            step = FaultyTrainer.calls // self.cfg.train.grad_accum + 1
-            if self.env.rank == args.rank and FaultyTrainer.calls >= args.step:
-                if args.fault == "raise":
-                    raise RuntimeError(f"injected failure on rank {self.env.rank} at step {step}")
-                return loss * torch.tensor(float("nan"))
-            return loss
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, **kw)
+            inner, calls = self.loss_fn, [0]
+
+            def faulty(z, row_valid=None, ids=None):
+                loss, masked = inner(z, row_valid, ids)
+                calls[0] += 1
+                step = calls[0] // self.cfg.train.grad_accum + 1
+                if self.env.rank == args.rank and calls[0] >= args.step:
+                    if args.fault == "raise":
+                        raise RuntimeError(f"injected failure on rank {self.env.rank} at step {step}")
+                    return loss * torch.tensor(float("nan")), masked
+                return loss, masked
+
+            self.loss_fn = faulty
 
     env = DistEnv.from_env()
     cfg = load_config(None, args.overrides)

@@ -16,6 +16,16 @@ from simcse_dist.config import load_config
 from simcse_dist.trainer import Trainer
 
 
+def official_gather_candidates(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """As princeton-nlp/SimCSE's models.py: all_gather without grad, then the local tensor put
+    back in its slot, so gradients reach only this rank's own rows (no cross-rank terms)."""
+    parts = [torch.zeros_like(z) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, z.detach().contiguous())
+    parts[torch.distributed.get_rank()] = z
+    gathered = torch.cat(parts)[:, 1:]
+    return z[:, 0], gathered.transpose(0, 1).reshape(-1, z.shape[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -26,8 +36,14 @@ def main() -> None:
     p.add_argument("--data-sup", required=True)
     p.add_argument("--hard-negative-weight", type=float, default=0.0)
     p.add_argument("--step", type=int, default=0, help="which step's gradients (the last may be short)")
+    p.add_argument("--no-grad-gather", action="store_true",
+                   help="the official SimCSE code's gather (test of the test): no gradient across ranks")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
+    if args.no_grad_gather:
+        import simcse_dist.step
+
+        simcse_dist.step.gather_candidates = official_gather_candidates
     env = du.DistEnv.from_env()
     du.init_distributed(env, timeout_s=120)
     out = Path(args.out)
@@ -42,8 +58,9 @@ def main() -> None:
                                          f"engine.zero_stage={stage}", f"train.output_dir={out}/run-{name}"])
                 cfg.validate(env.world_size)
                 trainer = Trainer(cfg, env, quiet=True)
-                _, micro_steps = next(trainer.sampler.iter_steps(args.step, args.step + 1))
-                loss = float(trainer.forward_backward(micro_steps))
+                trainer.setup()
+                _, batches = next(trainer.data.steps(args.step, args.step + 1, trainer.engine.device))
+                loss = float(trainer.forward_backward(batches).loss)
                 # collective under ZeRO-3: every rank assembles every gradient
                 grads = {n: safe_get_full_grad(q).detach().float().cpu().clone()
                          for n, q in trainer.engine.module.named_parameters()}

@@ -8,7 +8,6 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 from simcse_dist import distributed as du
-from simcse_dist.checkpoint import _stage0_groups
 from simcse_dist.config import load_config
 from simcse_dist.trainer import Trainer
 
@@ -17,17 +16,11 @@ def optimizer_state(trainer: Trainer) -> dict[str, dict[str, torch.Tensor]]:
     """collective under ZeRO (full tensors are assembled from the partitions)."""
     engine = trainer.engine
     out: dict[str, dict[str, torch.Tensor]] = {}
-    if engine.zero_stage == 0:
-        optimizer, model_groups, master_groups = _stage0_groups(engine.optimizer)
-        names = {p: n for n, p in engine.module.named_parameters()}
-        for params, masters in zip(model_groups, master_groups, strict=True):
-            for p, master in zip(params, masters, strict=True):
-                st = optimizer.state[master]
-                out[names[p]] = {"fp32": master.detach().float().clone(), "exp_avg": st["exp_avg"].clone(),
-                                 "exp_avg_sq": st["exp_avg_sq"].clone(), "step": st["step"].clone()}
-        return out
+    assert engine.zero_stage > 0, "reads ZeRO-partitioned optimizer state"
+    # DeepSpeed links the moments to parameters lazily, at the first step: a private call,
+    # needed only to read the state back in this test worker.
     zero = engine.engine.optimizer
-    zero._lazy_init_hp_params_optimizer_state()  # DeepSpeed links the moments to parameters at the first step
+    zero._lazy_init_hp_params_optimizer_state()
     base = zero.optimizer  # the torch AdamW over the flat partitions
     steps = {float(st["step"]) for st in base.state.values()}
     assert len(steps) == 1, steps
@@ -50,10 +43,11 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     cfg.validate(env.world_size)
     trainer = Trainer(cfg, env, quiet=True)
-    step = trainer._start_or_resume()
+    route = "universal" if trainer.ckpt.needs_universal(trainer.ckpt.latest(), cfg.engine.zero_stage) else "direct"
+    step = trainer.setup()
     state = optimizer_state(trainer)
     if env.is_main:
-        torch.save({"step": step, "route": trainer.resume_route.value, "zero_stage": trainer.engine.zero_stage,
+        torch.save({"step": step, "route": route, "zero_stage": trainer.engine.zero_stage,
                     "params": state}, args.dump)
     du.teardown()
 
