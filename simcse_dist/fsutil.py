@@ -88,6 +88,20 @@ def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator:
+    """`with atomic_file(out) as f:` stream into `<out>.tmp-<pid>`; renamed over `out` only if
+    the block completes (large outputs written row by row)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace a small file (config.yaml, metrics.jsonl after a resume) in one rename."""
     path.parent.mkdir(parents=True, exist_ok=True)

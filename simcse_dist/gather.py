@@ -30,11 +30,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
-# torch marks this autograd all-gather deprecated in favour of functional collectives whose
-# backward (reduce_scatter) gloo lacks; it is still the one that works on gloo and nccl alike.
-warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
-warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated")
-
 
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -65,7 +60,13 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not _active():
         return x
-    return _ContiguousGrad.apply(torch.cat(dist_fn.all_gather(x.contiguous()), dim=0))
+    with warnings.catch_warnings():
+        # torch marks this autograd all-gather deprecated in favour of functional collectives
+        # whose backward (reduce_scatter) gloo lacks; it is the one that works on gloo and nccl.
+        warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated")
+        gathered = dist_fn.all_gather(x.contiguous())
+    return _ContiguousGrad.apply(torch.cat(gathered, dim=0))
 
 
 @torch.no_grad()

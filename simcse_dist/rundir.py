@@ -61,8 +61,8 @@ def check_output_dir(cfg: Config) -> list[str]:
 
 def discard_run(out: Path) -> None:
     """What train.overwrite=true removes: the other run's checkpoints, metrics and best model."""
-    for name in ("checkpoints", "best", "best.tmp", "best.old"):
-        shutil.rmtree(out / name, ignore_errors=True)
+    for path in [out / "checkpoints", out / "best", *out.glob("best.tmp*"), out / "best.old"]:
+        shutil.rmtree(path, ignore_errors=True)
     for name in ("metrics.jsonl", "config.yaml", ".wandb_id"):
         (out / name).unlink(missing_ok=True)
 

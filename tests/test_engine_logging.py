@@ -54,3 +54,32 @@ def test_non_main_ranks_write_nothing(tmp_path):
     logger.log({"train/loss": 1.0}, step=1)
     logger.close()
     assert not any(tmp_path.iterdir())
+
+
+def test_deepspeed_details_the_engine_relies_on(tiny_bert, single_process_group):
+    """Pinned because engine.py depends on them: (1) the name of DeepSpeed's shared-memory comm op
+    in `deepspeed.ops.__compatible_ops__` (init_process_group disables it, else every CPU start
+    JIT-compiles it for 1-2 min); (2) at one rank, ZeRO-0 fp32, the public `engine.no_sync()`
+    skips DeepSpeed's identity gradient all-reduce, and the gradient is plain autograd's."""
+    import deepspeed.ops
+    import torch
+
+    from simcse_dist.engine import Engine
+    from simcse_dist.model import Encoder
+
+    assert "deepspeed_shm_comm" in deepspeed.ops.__compatible_ops__
+    cfg = load_config(None, [f"model.name_or_path={tiny_bert}", "model.dropout=0", "train.global_batch_size=4",
+                             "engine.gradient_clipping=0"])
+    torch.manual_seed(0)
+    reference = Encoder.from_config(cfg.model)
+    torch.manual_seed(0)
+    engine = Engine(Encoder.from_config(cfg.model), cfg, world_size=1, total_steps=2)
+    calls = []
+    engine.engine.allreduce_gradients = lambda *a, **k: calls.append(1)
+    ids = torch.randint(1000, 2000, (4, 2, 6))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    engine.backward(engine(**inputs).square().mean())
+    reference(**inputs).square().mean().backward()
+    assert calls == []
+    for (name, p), q in zip(engine.module.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name

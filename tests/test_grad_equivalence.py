@@ -1,5 +1,5 @@
 """N gloo ranks through the real trainer path (DeepSpeed ZeRO 0-3, autograd gather, loss) must
-produce the gradients of one process on the concatenated global batch (DESIGN: the gradient
+produce the gradients of one process on the concatenated global batch (docs/design.md, the gradient
 convention). Gradients are compared, not Adam updates, because Adam hides a uniform scale.
 
 Covered: plain steps (N = 2, 3), gradient accumulation (negatives per micro-step), gradient
