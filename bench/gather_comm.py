@@ -1,7 +1,7 @@
 """Communication per step: the embedding all-gather vs the gradient all-reduce, on gloo.
 
-    python bench/gather_comm.py                    # 2 and 3 ranks, MiniLM and bert-base shapes
-    python bench/gather_comm.py --ranks 2 --output bench/gather.json
+    python -m bench.gather_comm                    # 2 and 3 ranks, MiniLM and bert-base shapes
+    python -m bench.gather_comm --ranks 2 --output bench/gather.json
 
 Each configuration starts N CPU processes (gloo over loopback) and times, median over
 --iters iterations after a warm-up, with a barrier before each:
@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from bench.common import start_result, write_result
 
 # (name, per-rank micro-batch b, views k, embedding dim d, parameters of the encoder)
 SHAPES = [
@@ -107,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-allreduce", action="store_true", help="skip the gradient all-reduce reference")
-    p.add_argument("--output", default=None)
+    p.add_argument("--output", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
+    result = start_result(args, libraries=("torch",))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for world in (int(x) for x in args.ranks.split(",")):
@@ -119,9 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['name']:<22} {r['world_size']:>2} {r['gather_fwd_ms']:>14.3f} {r['gather_fwd_bwd_ms']:>11.3f} "
               f"{r['gather_bytes_sent_per_rank'] / 1e3:>15.1f} {r.get('grad_allreduce_ms', float('nan')):>19.1f} "
               f"{r['grad_allreduce_bytes_sent_per_rank'] / 1e6:>13.1f}")
-    if args.output:
-        result = {"load_avg": os.getloadavg(), "cpu_count": os.cpu_count(), "results": rows}
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    result["results"] = rows
+    write_result(result, args.output)
     return 0
 
 

