@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
@@ -53,7 +54,9 @@ class ModelConfig:
     """Passed to from_pretrained (e.g. sdpa, eager); None lets transformers choose."""
 
     def __post_init__(self) -> None:
-        _require(self.temperature > 0, "model.temperature", f"must be > 0, got {self.temperature}")
+        # inf makes every logit 0: a constant loss ln(candidates) with a zero gradient
+        _require(math.isfinite(self.temperature) and self.temperature > 0, "model.temperature",
+                 f"must be a finite number > 0, got {self.temperature}")
         if self.dropout is not None:
             _require(0 <= self.dropout < 1, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         _require(bool(self.name_or_path), "model.name_or_path", "must not be empty")
@@ -79,6 +82,9 @@ class DataConfig:
     cache_dir: str | None = None
     """Where the token cache lives; None: $SIMCSE_CACHE_DIR, else .simcse_cache/ next to the
     training file when that directory is writable, else ~/.cache/simcse-dist."""
+    allow_changed_data: bool = False
+    """Resume even when a training file changed since the checkpoint (size or content); false
+    refuses, naming the file and what changed."""
     num_workers: int | None = None
     """DataLoader worker processes preparing micro-batches ahead of the step (pinned memory on
     CUDA); None: 2 on CUDA, 0 on CPU (workers would take cores from the step); 0: in-process."""
@@ -139,7 +145,8 @@ class OptimConfig:
     adam_eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(math.isfinite(self.lr) and self.lr > 0, "optim.lr", f"must be a finite number > 0, got {self.lr}")
+        _require(math.isfinite(self.hard_negative_weight), "optim.hard_negative_weight", "must be finite")
         _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _require(0 <= self.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
         _require(0 <= self.adam_beta1 < 1, "optim.adam_beta1", "must be in [0, 1)")
@@ -223,6 +230,22 @@ class Config:
     def micro_batch_size(self, world_size: int) -> int:
         return self.train.global_batch_size // (world_size * self.train.grad_accum)
 
+    def negatives_per_anchor(self, views: int) -> int:
+        """Candidates an anchor is scored against, minus its positive: the rows of its micro-step
+        (the whole global batch with grad_cache) times the candidate views (k - 1)."""
+        rows = self.train.global_batch_size // (1 if self.train.grad_cache else self.train.grad_accum)
+        return rows * (views - 1) - 1
+
+    def check_negatives(self, views: int) -> None:
+        """A batch that leaves an anchor no negative makes the loss 0 whatever the weights."""
+        if self.negatives_per_anchor(views) < 1:
+            rows = "global batch" if self.train.grad_cache or self.train.grad_accum == 1 else "micro-step"
+            raise ConfigError(
+                f"train.global_batch_size: {self.train.global_batch_size} (grad_accum {self.train.grad_accum}) "
+                f"leaves each anchor no negative: a {rows} of one row scores it against its own positive only; "
+                "use a larger batch (the paper: 64 unsup, 512 sup)" + ("" if self.train.grad_accum == 1 else
+                                                                         " or train.grad_cache=true"))
+
     def validate(self, world_size: int, check_files: bool = True) -> None:
         """Cross-field checks that need the world size and the file system; call before init."""
         per_step = world_size * self.train.grad_accum
@@ -232,6 +255,8 @@ class Config:
             f"{self.train.global_batch_size} must be divisible by world_size x train.grad_accum "
             f"= {world_size} x {self.train.grad_accum} = {per_step}",
         )
+        if self.train.objective == "unsup":
+            self.check_negatives(2)  # sup: once the file says pairs or triplets (pipeline.py)
         if self.train.objective == "unsup" and self.optim.hard_negative_weight != 0:
             raise ConfigError("optim.hard_negative_weight: only used with train.objective=sup")
         if self.engine.precision == "fp16" and not _cuda_available():
@@ -401,13 +426,31 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"{path}: invalid YAML: {e}") from e
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train:, ...)")
-        tree = loaded or {}
+        tree = _relative_to(loaded or {}, p.parent.resolve())
     tree = merge_dicts(tree, parse_overrides(overrides or []))
     try:
         return _build(Config, tree, "")
     except ConfigError as e:
         where = f" (in {path})" if path else ""
         raise ConfigError(f"{e}{where}") from None
+
+
+# Paths in a YAML file are relative to that file, so a config works from any directory; paths
+# given as command-line overrides are relative to the working directory, as usual.
+_PATH_KEYS = (("data", "train_file"), ("data", "cache_dir"), ("eval", "sts_dev_file"), ("engine", "deepspeed_config"))
+
+
+def _relative_to(tree: dict, base: Path) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+    for section, key in _PATH_KEYS:
+        value = (out.get(section) or {}).get(key) if isinstance(out.get(section), dict) else None
+        if isinstance(value, str) and value and "://" not in value and not value.startswith(("/", "~")):
+            out[section][key] = os.path.normpath(base / value)
+    model = out.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name_or_path"), str) \
+            and model["name_or_path"].startswith(("./", "../")):
+        model["name_or_path"] = os.path.normpath(base / model["name_or_path"])
+    return out
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

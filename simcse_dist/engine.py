@@ -197,7 +197,16 @@ class Engine:
         return None if norm is None else float(norm)
 
     def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
+        """The learning rate the next optimizer step uses."""
+        return float(self.scheduler.optimizer.param_groups[0]["lr"])
+
+    def sync_lr(self) -> float:
+        """Set the optimizer's learning rates to the schedule's value at the current step: after
+        a resume with more total steps the restored rates are the old schedule's. Returns it."""
+        sch = self.scheduler
+        for group, base, factor in zip(sch.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas, strict=True):
+            group["lr"] = base * factor(sch.last_epoch)
+        return self.lr()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 master weights of every parameter, gathered from ZeRO partitions, on CPU.
