@@ -15,9 +15,11 @@ HUB_TIMEOUT_S = 10
 
 def checkpoint_bytes(cfg: Config, num_params: int) -> tuple[int, int]:
     """(weights, optimizer state) bytes of one checkpoint: weights in the training dtype;
-    optimizer = AdamW's two fp32 moments, plus the fp32 master copy in bf16/fp16."""
+    optimizer = AdamW's two fp32 moments, plus an fp32 master copy in bf16/fp16 and at ZeRO 1-3
+    (whose optimizer keeps its own fp32 partition even in fp32)."""
     weight = 4 if cfg.engine.precision == "fp32" else 2
-    optimizer = 8 + (0 if cfg.engine.precision == "fp32" else 4)
+    master = cfg.engine.precision != "fp32" or cfg.engine.zero_stage > 0
+    optimizer = 8 + (4 if master else 0)
     return num_params * weight, num_params * optimizer
 
 
