@@ -23,6 +23,7 @@ documented universal-checkpointing route; nothing here reads DeepSpeed's files.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -36,7 +37,7 @@ import torch
 
 from . import distributed as du
 from .config import CheckpointConfig
-from .fsutil import publish_dir, staging_dir
+from .fsutil import WriteFailure, explain, free_bytes, human_bytes, probe_writable, publish_dir, staging_dir
 from .state import Stateful
 
 FORMAT = 2
@@ -49,7 +50,7 @@ class CheckpointLayoutError(RuntimeError):
     """A checkpoint that this run cannot load; the message names it and says why."""
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def read_meta(path: Path) -> dict[str, Any]:
     """trainer_state.json, with the flat format-1 fields (before parts were registered) mapped."""
     state = json.loads((path / "trainer_state.json").read_text())
     if state.get("format", 1) == 1:
@@ -101,18 +102,52 @@ class CheckpointManager:
         return done[-1][1] if done else None
 
     # -- saving --------------------------------------------------------------------------------
+    def _room_for(self, final: Path) -> None:
+        """Rank 0, before a checkpoint: the directory takes a file and has room for one more
+        checkpoint of the last one's size (a full disk would fail deep inside torch.save, with
+        the peers waiting in DeepSpeed's barrier)."""
+        final.parent.mkdir(parents=True, exist_ok=True)
+        error = probe_writable(final.parent)
+        if error is not None:
+            raise error
+        last = self.latest()
+        if last is not None:
+            need = self.size(last)
+            free = free_bytes(final.parent)
+            if free < need:
+                raise OSError(errno.ENOSPC, f"~{human_bytes(need)} needed (the size of {last.name}), "
+                              f"{human_bytes(free)} free")
+        staging_dir(final)
+
     def save(self, engine, step: int, meta: dict[str, Any]) -> Path:
-        """collective: every rank calls this. Visible only once complete."""
+        """collective: every rank calls this. Visible only once complete; on a write failure the
+        previous checkpoint stays the newest complete one and the half-written one is removed.
+        Raises fsutil.WriteFailure (on the rank that failed) naming the path and the cause."""
         final = self.root / f"step-{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
-        if self.rank == 0:
-            staging_dir(final)
-        du.barrier()
-        engine.save_checkpoint(str(tmp), tag="engine")
-        if self.rng is not None:
-            torch.save(self.rng.state_dict(), tmp / f"rng-rank{self.rank}.pt")
-        du.barrier()  # every rank's shards and RNG are on disk
-        if self.rank == 0:
+
+        def failure(error: BaseException) -> WriteFailure:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            kept = self.latest()
+            return WriteFailure(f"cannot write checkpoint {explain(tmp, error)}. "
+                                + (f"The previous checkpoint {kept} is intact." if kept else "No checkpoint was kept."))
+
+        du.agreed(lambda: self._room_for(final) if self.rank == 0 else None, failure)
+        try:  # DeepSpeed's own barriers are inside: a rank failing here cannot reach an agreement
+            engine.save_checkpoint(str(tmp), tag="engine")
+        except (OSError, RuntimeError) as e:
+            raise failure(e) from e
+
+        def finish() -> None:
+            if self.rng is not None:
+                torch.save(self.rng.state_dict(), tmp / f"rng-rank{self.rank}.pt")
+
+        du.agreed(finish, failure)  # every rank's shards and RNG are on disk
+
+        def publish() -> None:
+            if self.rank != 0:
+                return
             state = {"format": FORMAT, "step": step, "world_size": self.world_size, **meta,
                      "parts": {name: part.state_dict() for name, part in self.parts.items()}}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
@@ -123,15 +158,21 @@ class CheckpointManager:
             publish_dir(tmp, final)
             for _, old in self.complete()[: -self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-        du.barrier()
+
+        du.agreed(publish, failure)
         return final
+
+    @staticmethod
+    def size(path: Path) -> int:
+        """Bytes of a checkpoint as written (without a universal copy made on resume)."""
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and UNIVERSAL_TAG not in f.parts)
 
     # -- loading -------------------------------------------------------------------------------
     def needs_universal(self, path: Path, zero_stage: int) -> bool:
         """Whether resuming `path` in an engine built with `zero_stage` at this world size goes
         through DeepSpeed's universal format (decided before the engine is built: the engine
         needs checkpoint.load_universal). Raises CheckpointLayoutError when it cannot resume."""
-        meta = _read_meta(path)
+        meta = read_meta(path)
         saved_stage, saved_world = meta["zero_stage"], meta["world_size"]
         if saved_stage is not None and saved_stage != zero_stage:
             raise CheckpointLayoutError(
@@ -159,7 +200,7 @@ class CheckpointManager:
     def load(self, engine, path: Path, universal: bool) -> dict[str, Any]:
         """Restore the engine, every part and (at the same world size) this rank's RNG.
         Returns the checkpoint's metadata. collective: every rank calls this."""
-        meta = _read_meta(path)
+        meta = read_meta(path)
         tag = "engine"
         if universal:
             self._to_universal(path)

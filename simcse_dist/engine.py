@@ -128,6 +128,11 @@ class Engine:
         # every gradient (~30 ms of a 1.7 s MiniLM CPU step) for an identity; its public
         # no_sync() skips it (ZeRO-0 only: ZeRO-2/3 partition gradients in that reduction).
         self._no_sync = world_size == 1 and self._manual_norm
+        # fp16 at ZeRO-0: DeepSpeed's engine.backward scales the loss only for ZeRO optimizers
+        # (or torch autocast), while its FP16_(Unfused)Optimizer.step() still divides the
+        # gradients by the loss scale: updates 2^16 times too small and a scale that only grows
+        # (upstream PR #8393). We scale the loss by the optimizer's public `loss_scale` ourselves.
+        self._scale_fp16 = cfg.engine.precision == "fp16" and self.zero_stage == 0
         self._last_norm: torch.Tensor | None = None
 
     @property
@@ -152,6 +157,8 @@ class Engine:
         of the step (step.py divides by grad_accum), so DeepSpeed must not scale it again.
         After the `last` micro-step the gradients are complete (averaged over ranks); before it,
         engine.step() only advances DeepSpeed's micro-step counter."""
+        if self._scale_fp16:
+            loss = loss * self.engine.optimizer.loss_scale
         if self._no_sync:
             with self.engine.no_sync():
                 self.engine.backward(loss, scale_wrt_gas=False)
@@ -197,7 +204,16 @@ class Engine:
         return None if norm is None else float(norm)
 
     def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
+        """The learning rate the next optimizer step uses."""
+        return float(self.scheduler.optimizer.param_groups[0]["lr"])
+
+    def sync_lr(self) -> float:
+        """Set the optimizer's learning rates to the schedule's value at the current step: after
+        a resume with more total steps the restored rates are the old schedule's. Returns it."""
+        sch = self.scheduler
+        for group, base, factor in zip(sch.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas, strict=True):
+            group["lr"] = base * factor(sch.last_epoch)
+        return self.lr()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 master weights of every parameter, gathered from ZeRO partitions, on CPU.

@@ -38,6 +38,7 @@ import torch
 from .config import POOLERS
 from .fsutil import atomic_dir
 from .model import Encoder
+from .utils import quiet_transformers
 
 SIMCSE_CONFIG_NAME = "simcse_config.json"
 MLP_WEIGHTS_NAME = "simcse_mlp.pt"
@@ -139,6 +140,46 @@ def write_sentence_transformers(
     }, indent=2)
 
 
+def _base_tensors(model_dir: str, names: set[str]) -> dict[str, torch.Tensor]:
+    """Tensors `names` from a Hugging Face checkpoint directory (safetensors, sharded or not, or
+    pytorch_model.bin); those it lacks are left out."""
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"] if (root / "model.safetensors").is_file() else [])
+    out: dict[str, torch.Tensor] = {}
+    if files:
+        from safetensors import safe_open
+
+        for name in files:
+            with safe_open(str(root / name), "pt") as f:
+                out.update({k: f.get_tensor(k) for k in names & set(f.keys())})
+    elif (root / "pytorch_model.bin").is_file():
+        state = torch.load(root / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        out = {k: v for k, v in state.items() if k in names}
+    return out
+
+
+def pooler_weights(config, base_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Weights of the architecture's HF pooler layer (a Linear + Tanh on [CLS] that SimCSE never
+    uses and trains without), saved so that `AutoModel.from_pretrained` and sentence-transformers
+    load our directories without a MISSING-weights report: the base checkpoint's own where it
+    has them, else HF's initialisation (normal(0, initializer_range), zero bias; seeded)."""
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        full = AutoModel.from_config(config)  # the default build includes the pooler
+    shapes = {k: v.shape for k, v in full.state_dict().items() if k.startswith("pooler.")}
+    if not shapes:
+        return {}
+    base = _base_tensors(str(base_dir), set(shapes)) if Path(base_dir).is_dir() else {}
+    g = torch.Generator().manual_seed(0)
+    std = getattr(config, "initializer_range", 0.02)
+    return {k: base[k] if k in base and base[k].shape == shape else
+            torch.zeros(shape) if k.endswith("bias") else torch.randn(shape, generator=g) * std
+            for k, shape in shapes.items()}
+
+
 def save_encoder(
     out_dir: str | Path,
     backbone_state: dict[str, torch.Tensor],
@@ -159,9 +200,10 @@ def save_encoder(
     # gathered state would be reported as UNEXPECTED keys on every load. state_dict()'s keys
     # are exactly the persistent ones (under ZeRO-3 too: the keys do not depend on partitioning).
     persistent = set(encoder.backbone.state_dict().keys())
-    backbone_state = {k: v for k, v in backbone_state.items() if k in persistent}
-    encoder.backbone.save_pretrained(out, state_dict=backbone_state, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    backbone_state = {**pooler_weights(encoder.backbone.config, encoder.backbone.name_or_path), **{k: v for k, v in backbone_state.items() if k in persistent}}
+    with quiet_transformers():  # no "Writing model shards" bar in the training log
+        encoder.backbone.save_pretrained(out, state_dict=backbone_state, safe_serialization=True)
+        tokenizer.save_pretrained(out)
     keep_mlp = encoder.pooler == "cls" and not encoder.mlp_only_train
     meta = {"pooler": encoder.pooler, "mlp_only_train": encoder.mlp_only_train, "mlp": keep_mlp}
     (out / SIMCSE_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
@@ -278,10 +320,11 @@ def load_encoder(model: str | Path, pooler: str | None = None):
 
     model_dir = resolve_model_dir(model)
     meta = read_pooling(model_dir, pooler)
-    try:  # SimCSE never uses HF's pooler layer
-        backbone = AutoModel.from_pretrained(model_dir, add_pooling_layer=False)
-    except TypeError:
-        backbone = AutoModel.from_pretrained(model_dir)
+    with quiet_transformers():  # the saved pooler weights are UNEXPECTED without the pooler layer
+        try:  # SimCSE never uses HF's pooler layer
+            backbone = AutoModel.from_pretrained(model_dir, add_pooling_layer=False)
+        except TypeError:
+            backbone = AutoModel.from_pretrained(model_dir)
     encoder = Encoder(backbone, meta["pooler"], bool(meta["mlp_only_train"]))
     if encoder.mlp is not None and meta["mlp"]:
         encoder.mlp.load_state_dict(_mlp_state(model_dir))
@@ -307,6 +350,14 @@ def _export_into(model_dir: Path, out: Path, meta: dict) -> None:
     from transformers import AutoConfig
 
     hf = AutoConfig.from_pretrained(out)
+    weights = out / "model.safetensors"
+    if weights.is_file():  # directories written before the pooler weights were shipped
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(weights))
+        missing = {k: v for k, v in pooler_weights(hf, model_dir).items() if k not in state}
+        if missing:
+            save_file({**state, **missing}, str(weights), metadata={"format": "pt"})
     write_sentence_transformers(out, meta["pooler"], keep_mlp, hf.hidden_size, hf.num_hidden_layers, mlp)
 
 

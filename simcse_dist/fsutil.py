@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 import shutil
 from collections.abc import Iterator
@@ -108,3 +109,65 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+class WriteFailure(RuntimeError):
+    """Writing run output failed (disk full, read-only, I/O error); the message names the path
+    and the cause in words. The CLI exits with EXIT_WRITE_FAILURE."""
+
+
+EXIT_WRITE_FAILURE = 4
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def free_bytes(path: Path) -> int:
+    """Free space for this user on the file system holding `path` (or its nearest parent)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    st = os.statvfs(p)
+    return st.f_bavail * st.f_frsize
+
+
+def probe_writable(directory: Path) -> OSError | None:
+    """Create and remove a small file in `directory`; the error, if any (root ignores permission
+    bits, so only trying tells a read-only or full file system)."""
+    probe = Path(directory) / f".simcse-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+        return None
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        return e
+
+
+def explain(path: Path, error: BaseException) -> str:
+    """`<path>: <cause in words>` for a failed write, diagnosing errors that do not carry an
+    errno (torch.save reports a full disk as 'unexpected pos ...')."""
+    code = getattr(error, "errno", None)
+    if code is None:
+        probe = probe_writable(Path(path) if Path(path).is_dir() else Path(path).parent)
+        code = getattr(probe, "errno", None)
+    words = {errno.ENOSPC: "the disk is full (ENOSPC)", errno.EDQUOT: "the disk quota is exceeded (EDQUOT)",
+             errno.EROFS: "the file system is read-only (EROFS)", errno.EACCES: "permission denied (EACCES)",
+             errno.EIO: "an I/O error from the device (EIO)"}
+    cause = words.get(code, f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}")
+    detail = getattr(error, "strerror", None)
+    if code in words and detail and detail != os.strerror(code):
+        cause += f": {detail}"
+        return f"{path}: {cause}"
+    with contextlib.suppress(OSError):
+        cause += f"; {human_bytes(free_bytes(Path(path)))} free there"
+    return f"{path}: {cause}"

@@ -89,7 +89,10 @@ class WandbLogger:
             mode=mode,
             dir=str(out),
             resume="allow",
+            settings=wandb.Settings(silent=True),  # one line from us instead of wandb's banner and summary
         )
+        where = self.run.url if mode == "online" else f"{self.run.dir.removesuffix('/files')} (upload: wandb sync)"
+        self.line = f"wandb: {mode} run {run_id} in {where}"
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log(metrics, step=step)
@@ -113,6 +116,7 @@ class MetricsLogger:
             mode = "offline"
         if mode != "disabled":
             self.sinks.append(WandbLogger(cfg, mode))
+            self.write(self.sinks[-1].line)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for sink in self.sinks:

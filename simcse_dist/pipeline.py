@@ -8,6 +8,7 @@ step's micro-batches, prepared in the step or ahead of it by DataLoader workers.
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -40,10 +41,25 @@ class InputPipeline:
                               cfg.train.grad_accum, cfg.data.drop_last)
         self.sampler = GlobalBatchSampler(self.plan, env.rank, cfg.train.seed, cfg.data.shuffle)
         self.k = 2 if cfg.train.objective == "unsup" else len(self.examples[0])
+        cfg.check_negatives(self.k)
         md = cfg.train.mask_duplicates
         self.mask_duplicates = (cfg.train.objective == "sup") if md is None else md
         self.text_ids = text_ids(self.examples, self.k) if self.mask_duplicates else None
         self.collate: Callable[[Sequence[int]], dict[str, torch.Tensor]] | None = None
+
+    def describe(self) -> list[str]:
+        """The start-up lines: the data, and the batch arithmetic with the negatives per anchor."""
+        p, cfg = self.plan, self.cfg
+        candidates = cfg.negatives_per_anchor(self.k) + 1
+        return [
+            f"data: {p.num_examples} examples from {cfg.data.train_file} ({self.blank_lines} blank lines skipped); "
+            f"{p.steps_per_epoch} steps/epoch, {p.dropped_per_epoch} examples dropped per epoch (drop_last)",
+            f"batch: world_size {p.world_size} x grad_accum {p.grad_accum} x micro_batch {p.micro_batch_size} "
+            f"= global_batch {p.global_batch_size}; {candidates} candidates per anchor (1 positive, {candidates - 1} "
+            "negatives)" + ("; gradient caching: negatives from the whole global batch" if cfg.train.grad_cache else
+                            "; with grad_accum > 1 negatives come from one micro-step only" if p.grad_accum > 1 else "")
+            + (f"; duplicate texts masked ({p.num_examples} examples hashed)" if self.mask_duplicates else ""),
+        ]
 
     def setup(self, say) -> None:
         """Example indices -> token id tensors [b, k, L]: sliced from the token cache
@@ -58,7 +74,8 @@ class InputPipeline:
         variant = f"{cfg.train.objective}|{cfg.data.format or detect_format(self.train_path)}|{len(columns)}"
         cache = TokenCache.build_or_load(self.train_path, columns, self.tokenizer, cfg.data.max_seq_len,
                                          cache_dir=cfg.data.cache_dir, is_main=self.env.is_main,
-                                         barrier=du.barrier, variant=variant, progress=self.env.is_main)
+                                         barrier=du.barrier, variant=variant,
+                                         progress=self.env.is_main and sys.stderr.isatty())
         what = f"built in {cache.meta['build_seconds']:.1f} s" if cache.tokenized else "reused"
         say(f"token cache: {cache.directory} ({what}; {cache.meta['total_tokens']} tokens)")
         self.collate = CachedCollator(cache, self.tokenizer.pad_token_id, cfg.train.objective)

@@ -5,8 +5,8 @@ message names the file and, where it applies, the 1-based line number.
 """
 
 import csv
+import gzip
 import json
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -81,9 +81,10 @@ def resolve_path(path: str) -> str:
 
 
 def _lines(path: str) -> Iterator[tuple[int, str]]:
-    """Yield (1-based line number, line incl. newline) of a UTF-8 file (BOM tolerated)."""
+    """Yield (1-based line number, line incl. newline) of a UTF-8 file (BOM tolerated; .gz read
+    through gzip)."""
     try:
-        with open(path, "rb") as f:
+        with (gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")) as f:
             for n, raw in enumerate(f, 1):
                 try:
                     yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
@@ -211,43 +212,3 @@ def read_train_examples(path: str, fmt: str | None = None) -> tuple[list[tuple[s
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples, ReadStats(path=path, rows=len(examples), blank_lines=blank)
-
-
-def read_sts_pairs(path: str) -> tuple[list[str], list[str], list[float]]:
-    """Read STS pairs with gold scores, the layout detected from the first non-blank line:
-    a TSV with a header naming sentence1, sentence2 and score (extra columns allowed);
-    the original STS-B file (no header, TAB-separated: genre, file, year, id, score,
-    sentence1, sentence2, extra fields ignored); or Chinese 'id||sentence1||sentence2||score'."""
-    sents1, sents2, scores = [], [], []
-    layout = None  # (separator, sentence1 index, sentence2 index, score index, exact field count)
-    for n, line in _lines(path):
-        line = line.rstrip("\r\n")
-        if not line.strip():
-            continue
-        if layout is None:
-            cols = [c.strip().lower() for c in line.split("\t")]
-            if "||" in line:
-                layout = ("||", 1, 2, 3, 4)
-            elif {"sentence1", "sentence2", "score"} <= set(cols):
-                layout = ("\t", cols.index("sentence1"), cols.index("sentence2"), cols.index("score"), len(cols))
-                continue
-            else:
-                layout = ("\t", 5, 6, 4, None)
-        sep, i1, i2, i_score, exact = layout
-        fields = line.split(sep)
-        if exact is not None and len(fields) != exact:
-            raise DataError(f"{path}:{n}: expected {exact} {sep!r}-separated fields, got {len(fields)}")
-        if exact is None and len(fields) < 7:
-            raise DataError(f"{path}:{n}: expected at least 7 TAB-separated fields ({_STS_B_FIELDS}), got {len(fields)}")
-        try:
-            score = float(fields[i_score])
-        except ValueError:
-            score = math.nan
-        if not math.isfinite(score):
-            raise DataError(f"{path}:{n}: score {fields[i_score]!r} is not a number")
-        sents1.append(fields[i1].strip())
-        sents2.append(fields[i2].strip())
-        scores.append(score)
-    if not scores:
-        raise DataError(f"{path}: no sentence pairs")
-    return sents1, sents2, scores

@@ -3,7 +3,14 @@ write the resolved config. Runs before any process group exists (the CLI) and on
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import os
 import shutil
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +19,11 @@ import yaml
 from .config import Config, ConfigError, save_config
 
 # Keys that may change between attempts of one run without changing what is trained.
+# train.max_steps / train.epochs: raising them extends a run (the trainer says how the LR
+# schedule continues); data.allow_changed_data is checked against the data itself on resume.
 _MAY_DIFFER = ("log.", "eval.every_steps", "eval.batch_size", "checkpoint.", "engine.dist_timeout_s",
-               "train.overwrite", "train.on_nonfinite")
+               "train.overwrite", "train.on_nonfinite", "train.max_steps", "train.epochs", "data.allow_changed_data",
+               "data.num_workers", "data.cache_dir")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -77,3 +87,132 @@ def prepare_output_dir(cfg: Config, say) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     return out
+
+
+class RunLocked(RuntimeError):
+    """Another live run holds the output directory."""
+
+
+LOCK_NAME = ".lock"
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 300.0
+
+
+def _process_start(pid: int) -> float | None:
+    import psutil  # a dependency of deepspeed
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+class RunLock:
+    """One run per output directory: `<output_dir>/.lock` holds the owner's host, pid, process
+    start time and Slurm job id, and its mtime is a heartbeat (touched every 30 s).
+
+    A lock is taken over when it is stale: on this host its process is gone (or the pid was
+    reused), or it belongs to the same Slurm job (a requeue), or its heartbeat is older than
+    5 minutes (another host that died). Limits, on shared file systems: the lock is a file
+    created with O_EXCL, which NFSv3+ and Lustre honour; two runs starting within the same
+    instant on different hosts after a stale lock could both take it over (the second
+    rename wins; the loser's heartbeat check then notices and stops)."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / LOCK_NAME
+        self.mine = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
+                     "slurm_job": os.environ.get("SLURM_JOB_ID"), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self._stop = threading.Event()
+
+    def _stale(self, other: dict) -> str | None:
+        """Why the lock `other` may be taken over, or None when its owner may be alive."""
+        if other.get("slurm_job") and other.get("slurm_job") == self.mine["slurm_job"]:
+            return "the same Slurm job (requeued)"
+        if other.get("host") == self.mine["host"]:
+            start = _process_start(int(other.get("pid", -1)))
+            if start is None or (other.get("start") is not None and abs(start - other["start"]) > 1):
+                return f"process {other.get('pid')} is gone"
+            return None
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except OSError:
+            return "the lock vanished"
+        return f"no heartbeat for {age:.0f} s" if age > STALE_AFTER_S else None
+
+    def acquire(self, say) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.mine) + "\n"
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        except FileExistsError:
+            try:
+                other = json.loads(self.path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                other = {}
+            why = self._stale(other)
+            if why is None:
+                raise RunLocked(
+                    f"train.output_dir: {self.path.parent} is in use by another run (host {other.get('host')}, pid "
+                    f"{other.get('pid')}, started {other.get('started')}); wait for it, use another output_dir, or "
+                    f"delete {self.path} if that run is gone") from None
+            say(f"taking over the lock of a run that is gone ({why}): {self.path}")
+            tmp = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}")
+            tmp.write_text(text)
+            tmp.replace(self.path)
+        threading.Thread(target=self._heartbeat, name="run-lock-heartbeat", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        try:
+            if json.loads(self.path.read_text()).get("pid") == self.mine["pid"]:
+                self.path.unlink()
+        except (OSError, json.JSONDecodeError):
+            pass
+
+
+class DataChanged(RuntimeError):
+    """A training file differs from the one the checkpoint was trained on."""
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(path: str) -> dict[str, Any]:
+    """What identifies a training file's content: size and sha256 (memoised per size and mtime)."""
+    st = os.stat(path)
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "sha256": _sha256(str(path), st.st_size, st.st_mtime_ns)}
+
+
+def data_changes(saved: dict[str, Any], path: str) -> str | None:
+    """How `path` differs from the fingerprint saved with a checkpoint, or None."""
+    now = fingerprint(path)
+    if now["size"] != saved["size"]:
+        return f"{path}: size changed from {saved['size']} to {now['size']} bytes since the checkpoint"
+    if now["sha256"] != saved["sha256"]:
+        return f"{path}: content changed since the checkpoint (sha256 {saved['sha256'][:12]}... -> {now['sha256'][:12]}...)"
+    return None
+
+
+def check_data(saved: dict[str, Any] | None, path: str, checkpoint: Path, allow: bool, say) -> None:
+    """Refuse to resume `checkpoint` when its training file changed (data.allow_changed_data)."""
+    change = saved and data_changes(saved, path)
+    if change and not allow:
+        raise DataChanged(f"{change}; refusing to resume {checkpoint} on other data (start a new train.output_dir, "
+                          "or set data.allow_changed_data=true to resume anyway)")
+    if change:
+        say(f"warning: {change}; resuming anyway (data.allow_changed_data=true)")

@@ -20,6 +20,7 @@ raises `DataError` naming file:line.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,8 @@ class _Layout:
 
 def _detect(first: str, path: str) -> _Layout:
     """The layout, from the first non-blank line."""
+    if first.lstrip().startswith("{"):
+        return _Layout("json", None, 0, 1, 2, describe='{"sentence1", "sentence2", "score"} per line (MTEB)')
     if "||" in first:
         return _Layout("||", 4, 1, 2, 3, describe="id||sentence1||sentence2||score")
     cols = [c.strip().lower() for c in first.split("\t")]
@@ -137,6 +140,16 @@ def _detect(first: str, path: str) -> _Layout:
     )
 
 
+def _json_fields(line: str, where: str) -> list[str]:
+    """sentence1, sentence2, score of a JSON-lines row (MTEB's STS files, e.g. STS-B's
+    validation.jsonl.gz), as the text fields the other layouts give."""
+    try:
+        row = json.loads(line)
+        return [str(row["sentence1"]), str(row["sentence2"]), str(row["score"])]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{where}: expected a JSON object with sentence1, sentence2, score ({e})") from None
+
+
 def read_pair_file(path: str | Path, split: str | None = None) -> StsData:
     """Read one STS file in any of the single-file layouts above. `split` (train/dev/test)
     selects the rows of a SICK file with a SemEval_set column and is ignored otherwise."""
@@ -155,7 +168,7 @@ def read_pair_file(path: str | Path, split: str | None = None) -> StsData:
             layout = _detect(line, path)
             if layout.header:
                 continue
-        fields = line.split(layout.sep)
+        fields = _json_fields(line, where) if layout.sep == "json" else line.split(layout.sep)
         if layout.fields is not None and len(fields) != layout.fields:
             raise DataError(f"{where}: expected {layout.fields} {layout.sep!r}-separated fields "
                             f"({layout.describe}), got {len(fields)}")

@@ -7,6 +7,7 @@ Trainer reads files only; `setup()` runs the collectives (token cache, engine, r
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,30 +15,26 @@ from pathlib import Path
 import torch
 
 from . import distributed as du
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointManager, read_meta
 from .config import Config, resolve_model_path
 from .engine import Engine, zero_stage
 from .evaluation import StsValidator
 from .export import write_best
+from .fsutil import WriteFailure, explain, human_bytes
 from .loggers import MetricsLogger, truncate_jsonl
 from .model import Encoder
 from .pipeline import InputPipeline
 from .preempt import StopRequest
-from .readers import read_sts_pairs, resolve_path
-from .rundir import prepare_output_dir
+from .readers import resolve_path
+from .rundir import RunLock, check_data, fingerprint, prepare_output_dir
 from .state import MetricsWindow, RngStreams
 from .step import Batch, ContrastiveLoss, StepResult, forward_backward
+from .sts import read_pair_file
+from .utils import write_line
 
 
 class NonFiniteLossError(RuntimeError):
     """train/loss became NaN/Inf and train.on_nonfinite=stop."""
-
-
-def _write(line: str) -> None:
-    """Print above the tqdm bar instead of through it."""
-    from tqdm.auto import tqdm
-
-    tqdm.write(line)
 
 
 @dataclass(slots=True)
@@ -54,13 +51,13 @@ class Trainer:
         from transformers import AutoTokenizer
 
         self.cfg, self.env = cfg, env
-        self.say = (lambda s: None) if (quiet or not env.is_main) else _write
+        self.say = (lambda s: None) if (quiet or not env.is_main) else write_line
         self.out = Path(cfg.train.output_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path), use_fast=True)
         self.data = InputPipeline(cfg, env, self.tokenizer)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.data.plan.steps_per_epoch
         dev = cfg.eval.sts_dev_file
-        self.validator = StsValidator(read_sts_pairs(resolve_path(dev)), cfg.eval.every_steps,
+        self.validator = StsValidator(read_pair_file(resolve_path(dev)), cfg.eval.every_steps,
                                       cfg.eval.batch_size) if dev else None
         self.ckpt = CheckpointManager(self.out, cfg.checkpoint, env.rank, env.world_size)
         self.loss_fn = ContrastiveLoss(cfg.model.temperature, cfg.optim.hard_negative_weight,
@@ -69,17 +66,31 @@ class Trainer:
         self.engine: Engine | None = None
         self.window: MetricsWindow | None = None
         self.start_step: int | None = None
+        self.lock = RunLock(self.out) if env.is_main else None
+        self.data_fingerprint: dict | None = None
+
+    def close(self) -> None:
+        """Release the output directory (rank 0)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def setup(self) -> int:
         """Output dir, token cache, engine, resume. Returns the first step to run. collective."""
         if self.start_step is not None:
             return self.start_step
         cfg, env = self.cfg, self.env
-        if env.is_main:
+
+        def claim() -> None:  # rank 0: one run per output dir, then config.yaml
+            self.lock.acquire(self.say)
             prepare_output_dir(cfg, self.say)
-        du.barrier()
-        self.data.setup(self.say)
+            self.data_fingerprint = fingerprint(self.data.train_path)
+
+        du.agreed(claim if env.is_main else lambda: None)
         latest = self.ckpt.latest() if cfg.checkpoint.resume else None
+        if latest is not None:
+            du.agreed(lambda: check_data(read_meta(latest).get("data"), self.data.train_path, latest,
+                                         cfg.data.allow_changed_data, self.say) if env.is_main else None)
+        self.data.setup(self.say)
         universal = latest is not None and self.ckpt.needs_universal(latest, zero_stage(cfg))
         torch.manual_seed(cfg.train.seed)  # identical initial weights (the MLP head) on every rank
         self.encoder = Encoder.from_config(cfg.model)
@@ -98,23 +109,19 @@ class Trainer:
         return self.start_step
 
     def _announce(self) -> None:
-        p, cfg, k = self.data.plan, self.cfg, self.data.k
-        candidates = (p.global_batch_size if cfg.train.grad_cache else p.world_size * p.micro_batch_size) * (k - 1)
-        self.say(f"data: {p.num_examples} examples from {cfg.data.train_file} ({self.data.blank_lines} blank lines "
-                 f"skipped); {p.steps_per_epoch} steps/epoch, {p.dropped_per_epoch} examples dropped per epoch "
-                 "(drop_last)")
-        self.say(
-            f"batch: world_size {p.world_size} x grad_accum {p.grad_accum} x micro_batch {p.micro_batch_size} "
-            f"= global_batch {p.global_batch_size}; {candidates} candidates per anchor "
-            f"(1 positive, {candidates - 1} negatives)"
-            + ("; gradient caching: negatives from the whole global batch" if cfg.train.grad_cache else
-               "; with grad_accum > 1 negatives come from one micro-step only" if p.grad_accum > 1 else "")
-            + (f"; duplicate texts masked ({p.num_examples} examples hashed)" if self.data.mask_duplicates else ""))
+        for line in self.data.describe():
+            self.say(line)
+        cfg = self.cfg
         self.say(f"engine: ZeRO-{self.engine.zero_stage} {cfg.engine.precision}, {self.total_steps} optimizer steps, "
                  f"lr {cfg.optim.lr}, clip {cfg.engine.gradient_clipping}, device {self.engine.device}")
 
     def _resume(self, latest: Path, universal: bool) -> int:
         meta = self.ckpt.load(self.engine, latest, universal)
+        lr, saved_total = self.engine.sync_lr(), meta.get("total_steps", self.total_steps)
+        if saved_total != self.total_steps and meta["step"] < self.total_steps:
+            self.say(f"extending the run from {saved_total} to {self.total_steps} steps: the linear LR schedule is "
+                     f"recomputed for {self.total_steps} steps: lr {lr:.3g} at step {meta['step']}, 0 at step "
+                     f"{self.total_steps}")
         if meta["world_size"] != self.env.world_size:
             self.say(f"resuming at world size {self.env.world_size} from a checkpoint written at world size "
                      f"{meta['world_size']} (same global batch and data order; dropout RNG streams differ, "
@@ -154,12 +161,13 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> TrainResult:
-        start = self.setup()
-        logger = MetricsLogger(self.cfg, self.env.is_main, self.say)
-        stop = StopRequest(check_file=self.env.is_main)
-        bar = self._progress_bar(start)
+        logger = bar = stop = None
         stopped = False
         try:
+            start = self.setup()
+            logger = MetricsLogger(self.cfg, self.env.is_main, self.say)
+            stop = StopRequest(check_file=self.env.is_main, say=self.say)
+            bar = self._progress_bar(start)
             for step, batches in self.data.steps(start, self.total_steps, self.engine.device):
                 lr = self.engine.lr()
                 stopped = self.train_step(batches, stop, step)
@@ -169,8 +177,7 @@ class Trainer:
                 if self.validator is not None and self.validator.due(done, self.total_steps):
                     self._evaluate(logger, done)
                 if self.ckpt.due(done, self.total_steps, stopped):
-                    self.ckpt.save(self.engine, done, {"zero_stage": self.engine.zero_stage,
-                                                       "global_batch_size": self.cfg.train.global_batch_size})
+                    self.ckpt.save(self.engine, done, self._checkpoint_meta())
                 if bar is not None:
                     bar.update(1)
                 if stopped:
@@ -183,15 +190,19 @@ class Trainer:
                     self.say("no eval.sts_dev_file: best/ holds the final model")
                     self._export_best(self.total_steps, None)
         finally:
-            if bar is not None:
-                bar.close()
-            logger.close()
+            for part in (bar, logger, stop, self):
+                if part is not None:
+                    part.close()
         return self._finish(stopped)
+
+    def _checkpoint_meta(self) -> dict:
+        return {"zero_stage": self.engine.zero_stage, "total_steps": self.total_steps, "data": self.data_fingerprint,
+                "global_batch_size": self.cfg.train.global_batch_size}
 
     def _log(self, logger: MetricsLogger, bar, lr: float, step: int) -> None:
         metrics = self.window.summarize(lr, self.engine.grad_norm(), self.cfg.train.global_batch_size,
                                         self.data.mask_duplicates)
-        logger.log(metrics, step)
+        self._log_rows(logger, metrics, step)
         if bar is not None:
             bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
 
@@ -201,32 +212,36 @@ class Trainer:
         metrics, improved = self.validator.run(self.engine, self.tokenizer, step)
         if improved:
             self._export_best(step, metrics["eval/stsb_spearman"])
-        logger.log(metrics, step)
+        self._log_rows(logger, metrics, step)
         self.window.t0 += time.perf_counter() - t0  # throughput excludes evaluation
+
+    def _log_rows(self, logger: MetricsLogger, metrics: dict, step: int) -> None:
+        """collective: a failed write of metrics.jsonl on rank 0 stops every rank."""
+        du.agreed(lambda: logger.log(metrics, step),
+                  lambda e: WriteFailure(f"cannot write metrics {explain(self.out / 'metrics.jsonl', e)}"))
 
     def _export_best(self, step: int, score: float | None) -> None:
         """Publish best/. collective: ZeRO gathers the full weights on every rank."""
         state = self.engine.full_state_dict()
-        if self.env.is_main:
-            write_best(self.out / "best", state, self.encoder, self.tokenizer,
-                       {"step": step, "stsb_dev_spearman": score})
-        du.barrier()
+        best = self.out / "best"
+        du.agreed(lambda: write_best(best, state, self.encoder, self.tokenizer, {"step": step, "stsb_dev_spearman": score})
+                  if self.env.is_main else None,
+                  lambda e: WriteFailure(f"cannot write the best model {explain(best, e)}; "
+                                         + ("the previous best/ is intact" if best.exists() else "no best/ was written")))
 
     def _finish(self, stopped: bool) -> TrainResult:
-        v = self.validator
+        v, best_dir, last = self.validator, self.out / "best", self.ckpt.latest()
         best_score, best_step = (v.best_score, v.best_step) if v is not None else (None, self.total_steps)
-        best_dir = self.out / "best"
-        if not stopped and v is None:
-            self.say(f"done: {self.total_steps} steps; final model in {best_dir}")
-        elif not stopped:
-            score = "n/a" if best_score is None else f"{best_score:.4f}"
-            self.say(f"done: {self.total_steps} steps; best dev spearman {score} at step {best_step}; "
-                     f"model in {best_dir}")
+        score = "n/a" if best_score is None else f"{best_score:.4f}"
+        what = "final model" if v is None else f"best dev spearman {score} at step {best_step}; model"
+        if not stopped:
+            self.say(f"done: {self.total_steps} steps; {what} in {best_dir}"
+                     + (f"; last checkpoint {last} ({human_bytes(self.ckpt.size(last))})" if last else ""))
         return TrainResult(self.total_steps, best_score, best_step, best_dir, stopped)
 
     def _progress_bar(self, start: int):
-        if not (self.env.is_main and self.cfg.log.progress_bar):
-            return None
+        if not (self.env.is_main and self.cfg.log.progress_bar and sys.stderr.isatty()):
+            return None  # redirected logs get one plain line per logging step instead
         from tqdm.auto import tqdm
 
         return tqdm(total=self.total_steps, initial=start, desc="train", dynamic_ncols=True)

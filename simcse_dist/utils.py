@@ -28,3 +28,10 @@ def fail(msg: str, code: int = 2) -> int:
     """A user's mistake: one line on stderr, no traceback; returns the exit code."""
     print(f"error: {msg}", file=sys.stderr, flush=True)
     return code
+
+
+def write_line(line: str) -> None:
+    """Print a log line above a tqdm progress bar instead of through it."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line)

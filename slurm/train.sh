@@ -51,6 +51,22 @@ cd "${SIMCSE_DIR:-$SLURM_SUBMIT_DIR}"
 SIMCSE_STOP_DIR="${SIMCSE_STOP_DIR:-$PWD}"
 export SIMCSE_STOP_FILE="$SIMCSE_STOP_DIR/.simcse-stop-$SLURM_JOB_ID"
 rm -f "$SIMCSE_STOP_FILE"  # a stale one (from an attempt that died) would stop this run at once
+# Rank 0 (on whichever node) records {"status": "done"|"stopped", "step": N} here when the run
+# ends cleanly, so a launcher that exits non-zero after forwarding a stop signal (torchrun
+# does) is not taken for a failure. Same visibility rule as the stop file.
+export SIMCSE_STATUS_FILE="$SIMCSE_STOP_DIR/.simcse-status-$SLURM_JOB_ID"
+rm -f "$SIMCSE_STATUS_FILE"
+# How long torchrun lets the ranks finish their step and checkpoint after a signal.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}"
+clean_stop() {  # clean_stop RC: RC, or 0 when the trainer recorded that it finished or stopped
+    local rc=$1
+    if (( rc != 0 )) && grep -qE '"status": "(done|stopped)"' "$SIMCSE_STATUS_FILE" 2>/dev/null; then
+        echo "$(date '+%F %T') the launcher exited $rc after the trainer ended cleanly: treated as 0"
+        rc=0
+    fi
+    rm -f "$SIMCSE_STATUS_FILE"
+    return "$rc"
+}
 
 echo "$(date '+%F %T') job $SLURM_JOB_ID restart count ${SLURM_RESTART_COUNT:-0}:" \
      "$NNODES node(s) [$SLURM_JOB_NODELIST] x $NPROC_PER_NODE rank(s), $LAUNCHER," \
@@ -105,6 +121,7 @@ on_signal() {
     echo "$(date '+%F %T') batch shell got SIG$sig: asking the trainer to checkpoint and stop"
     touch "$SIMCSE_STOP_FILE"
     [[ -n $SRUN_PID ]] && { wait "$SRUN_PID" || rc=$?; }
+    local cs=0; clean_stop "$rc" || cs=$?; rc=$cs
     if (( rc != 0 )); then
         echo "$(date '+%F %T') training exited with $rc after SIG$sig: not requeueing"
         rm -f "$SIMCSE_STOP_FILE"; exit "$rc"
@@ -126,6 +143,7 @@ trap 'on_signal TERM' TERM
 # would delay it until srun exits).
 srun --kill-on-bad-exit=1 --nodes "$NNODES" --ntasks-per-node=1 bash -c "$NODE_CMD" &
 SRUN_PID=$!
-wait "$SRUN_PID"
+rc=0; wait "$SRUN_PID" || rc=$?
+clean_stop "$rc" || exit $?
 rm -f "$SIMCSE_STOP_FILE"
 echo "$(date '+%F %T') job $SLURM_JOB_ID: training finished"

@@ -39,8 +39,8 @@ def test_saved_config_round_trips(tmp_path):
 
 @pytest.mark.parametrize("override,field", [
     ("train.global_batchsize=3", "train.global_batchsize: unknown key (did you mean train.global_batch_size?)"),
-    ("model.temperature=0", "model.temperature: must be > 0"),
-    ("model.temperature=-0.1", "model.temperature: must be > 0"),
+    ("model.temperature=0", "model.temperature: must be a finite number > 0"),
+    ("model.temperature=-0.1", "model.temperature: must be a finite number > 0"),
     ("model.temperature=abc", "model.temperature: expected a number"),
     ("train.global_batch_size=1.5", "train.global_batch_size: expected an integer"),
     ("train.global_batch_size=true", "train.global_batch_size: expected an integer"),

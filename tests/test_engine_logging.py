@@ -83,3 +83,44 @@ def test_deepspeed_details_the_engine_relies_on(tiny_bert, single_process_group)
     assert calls == []
     for (name, p), q in zip(engine.module.named_parameters(), reference.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_fp16_at_zero0_scales_the_loss_deepspeed_does_not(monkeypatch):
+    """fp16 needs a GPU, so this pins the premise in DeepSpeed's source and checks our side with a
+    stand-in engine: DeepSpeed's backward scales the loss only for ZeRO optimizers (its fp16
+    stage-0 optimizers are not ZeRO ones, yet their step() unscales by `loss_scale`), so
+    Engine.backward must multiply by the optimizer's loss_scale itself."""
+    import inspect
+
+    import deepspeed.runtime.engine as ds_engine
+    import torch
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    from simcse_dist.engine import Engine
+
+    source = inspect.getsource(ds_engine)  # backward is wrapped by an nvtx decorator without functools.wraps
+    body = source[source.index("    def backward(self, loss"):]
+    body = body[:body.index("\n    def ", 10)]
+    assert "loss = self.optimizer.scale_if_loss(loss)" in body and "isinstance(self.optimizer, ZeROOptimizer)" in body
+    assert not issubclass(FP16_Optimizer, ZeROOptimizer) and not issubclass(FP16_UnfusedOptimizer, ZeROOptimizer)
+    assert isinstance(FP16_UnfusedOptimizer.loss_scale, property)
+
+    seen = []
+
+    class StandIn:  # what Engine.backward touches of a DeepSpeed engine
+        optimizer = type("Opt", (), {"loss_scale": 65536.0})()
+
+        def backward(self, loss, scale_wrt_gas):
+            seen.append(float(loss))
+
+        def is_gradient_accumulation_boundary(self):
+            return True
+
+    engine = Engine.__new__(Engine)
+    engine.engine, engine._no_sync, engine._manual_norm = StandIn(), False, False
+    for fp16, expected in ((True, 2.0 * 65536), (False, 2.0)):
+        engine._scale_fp16 = fp16
+        engine.backward(torch.tensor(2.0))
+        assert seen.pop() == expected

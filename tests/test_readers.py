@@ -9,10 +9,10 @@ from simcse_dist.readers import (
     DataError,
     ReadStats,
     detect_format,
-    read_sts_pairs,
     read_train_examples,
     resolve_path,
 )
+from simcse_dist.sts import read_pair_file
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} not present")
@@ -230,7 +230,12 @@ def test_resolve_hf_parses_reference(monkeypatch):
     assert error(resolve_path, "hf://owner/repo") == "hf://owner/repo: expected hf://datasets/<owner>/<repo>/<file path>"
 
 
-# --- STS pairs ---------------------------------------------------------------------------
+# --- STS pairs (sts.read_pair_file, what training and simcse-eval read) -------------------
+
+
+def read_sts_pairs(path):
+    data = read_pair_file(path)
+    return data.sentences1, data.sentences2, data.scores
 
 
 def test_sts_header_tsv(tmp_path):
@@ -251,14 +256,14 @@ def test_sts_original_stsb(tmp_path):
         [5.0, 0.8],
     )
     p = write(tmp_path, "short.csv", rows[0] + "\nmain\tx\t2012\t1\t2.0\tonly one\n")
-    assert error(read_sts_pairs, p).startswith(f"{p}:2: expected at least 7 TAB-separated fields")
+    assert error(read_sts_pairs, p).startswith(f"{p}:2: expected at least 7 '\\t'-separated fields")
 
 
 def test_sts_chinese_pipes(tmp_path):
     p = write(tmp_path, "cnsd.txt", "0||一个女人在切洋葱。||一个男人在切洋葱，很快。||2\n1||a||b||4.5\n")
     assert read_sts_pairs(p) == (["一个女人在切洋葱。", "a"], ["一个男人在切洋葱，很快。", "b"], [2.0, 4.5])
     p = write(tmp_path, "bad.txt", "0||a||b||2\n1||a||b\n")
-    assert error(read_sts_pairs, p) == f"{p}:2: expected 4 '||'-separated fields, got 3"
+    assert error(read_sts_pairs, p) == f"{p}:2: expected 4 '||'-separated fields (id||sentence1||sentence2||score), got 3"
 
 
 def test_sts_bad_score_and_empty(tmp_path):
