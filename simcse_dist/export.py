@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from .card import best_info_scores, write_model_card
 from .config import POOLERS
 from .fsutil import atomic_dir
 from .model import Encoder
@@ -217,14 +218,18 @@ def save_encoder(
                                 mlp_state if keep_mlp else None)
 
 
-def write_best(out: Path, state: dict[str, torch.Tensor], encoder: Encoder, tokenizer, info: dict) -> Path:
+def write_best(out: Path, state: dict[str, torch.Tensor], encoder: Encoder, tokenizer, info: dict,
+               config: dict | None = None) -> Path:
     """Publish `out` (a run's best/) from a full state dict of the Encoder ("backbone.*",
-    "mlp.*"), atomically: readers see the previous best model or the new one, never neither."""
+    "mlp.*") with its model card, atomically: readers see the previous best model or the new
+    one, never neither. `config`: the run's resolved config, for the card."""
     backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     mlp = {k.removeprefix("mlp."): v for k, v in state.items() if k.startswith("mlp.")} or None
     with atomic_dir(out) as tmp:
         save_encoder(tmp, backbone, mlp, encoder, tokenizer)
         _write_json(tmp / "best_info.json", info, indent=2)
+        scores, note = best_info_scores(info)
+        write_model_card(tmp, config=config, scores=scores, split_note=note, model_id=str(out))
     return out
 
 

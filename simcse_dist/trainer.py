@@ -224,8 +224,8 @@ class Trainer:
         """Publish best/. collective: ZeRO gathers the full weights on every rank."""
         state = self.engine.full_state_dict()
         best = self.out / "best"
-        du.agreed(lambda: write_best(best, state, self.encoder, self.tokenizer, {"step": step, "stsb_dev_spearman": score})
-                  if self.env.is_main else None,
+        du.agreed(lambda: write_best(best, state, self.encoder, self.tokenizer, {"step": step, "stsb_dev_spearman": score},
+                                     self.cfg.to_dict()) if self.env.is_main else None,
                   lambda e: WriteFailure(f"cannot write the best model {explain(best, e)}; "
                                          + ("the previous best/ is intact" if best.exists() else "no best/ was written")))
 
