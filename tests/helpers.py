@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,3 +47,14 @@ def run_gloo(script: Path, nproc: int, args: list[str], timeout: int = 300, env:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll metrics.jsonl until it logs `step`; fail with the log if the run ends first."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if metrics.exists() and any(r.get("step", 0) >= step for r in read_jsonl(metrics)):
+            return
+        assert proc.poll() is None, f"run ended before step {step}:\n{proc.stdout.read()[-3000:]}"
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout}s")

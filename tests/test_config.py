@@ -130,3 +130,18 @@ def test_readme_documents_every_config_key():
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(section.type if isinstance(section.type, type) else type(getattr(Config(), section.name))):
             assert f"{section.name}.{f.name}" in readme, f"README config reference lacks {section.name}.{f.name}"
+
+
+def test_paths_in_a_config_file_are_relative_to_it(tmp_path, monkeypatch):
+    """A shipped config works from any directory; overrides stay relative to the working one."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["eval.sts_dev_file=dev.tsv"])
+    assert cfg.data.train_file == str(REPO / "data" / "demo" / "wiki-demo.txt")
+    assert cfg.eval.sts_dev_file == "dev.tsv"
+    sub = tmp_path / "cfg"
+    sub.mkdir()
+    (sub / "c.yaml").write_text("data:\n  train_file: ../corpus.txt\nmodel:\n  name_or_path: ./m\n")
+    cfg = load_config(sub / "c.yaml")
+    assert (cfg.data.train_file, cfg.model.name_or_path) == (str(tmp_path / "corpus.txt"), str(sub / "m"))
+    paper = load_config(REPO / "configs" / "sup-bert-base.yaml")
+    assert paper.eval.sts_dev_file == "hf://datasets/mteb/stsbenchmark-sts/validation.jsonl.gz"

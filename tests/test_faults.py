@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers import DEMO_DATA, REPO, read_jsonl
+from helpers import wait_for_step as wait_for_metrics
 
 from simcse_dist.cli import train_main
 
@@ -39,14 +40,8 @@ def python_cli(*a: str) -> list[str]:
     return [sys.executable, "-m", "simcse_dist.cli", *a]
 
 
-def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    t0, metrics = time.time(), out / "metrics.jsonl"
-    while time.time() - t0 < timeout:
-        if metrics.exists() and any(r.get("step", 0) >= step for r in read_jsonl(metrics)):
-            return
-        assert proc.poll() is None, f"ended before step {step}:\n{proc.stdout.read()[-3000:]}"
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached in {timeout} s")
+def wait_for_step(out: Path, step: int, proc: subprocess.Popen) -> None:
+    wait_for_metrics(out / "metrics.jsonl", step, proc)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120) -> str:

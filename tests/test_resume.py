@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from helpers import DEMO_DATA, REPO, read_jsonl
+from helpers import DEMO_DATA, REPO, read_jsonl, wait_for_step
 
 from simcse_dist.checkpoint import CheckpointLayoutError, CheckpointManager
 from simcse_dist.config import CheckpointConfig
@@ -54,16 +54,6 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 def start(args: list[str], nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(command(args, nproc), cwd=REPO, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if metrics.exists() and any(r.get("step", 0) >= step for r in read_jsonl(metrics)):
-            return
-        assert proc.poll() is None, f"run ended before step {step}:\n{proc.stdout.read()[-3000:]}"
-        time.sleep(0.02)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

@@ -312,3 +312,22 @@ def test_plot_align_uniform(tmp_path, capsys):
     assert "no rows with both eval/align and eval/uniform" in capsys.readouterr().err
     write(tmp_path / "bad" / "metrics.jsonl", "{\"step\": 1}\n{oops\n")
     assert error(read_trajectory, tmp_path / "bad" / "metrics.jsonl").startswith(f"{tmp_path / 'bad' / 'metrics.jsonl'}:2: invalid JSON")
+
+
+def test_mteb_jsonl_gz_pairs(tmp_path):
+    """The paper configs' STS-B dev file (MTEB's validation.jsonl.gz) reads like the TSV."""
+    import gzip
+
+    from simcse_dist.sts import read_pair_file
+
+    path = tmp_path / "validation.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write('{"split": "dev", "sentence1": "A man.", "sentence2": "A person.", "score": 4.2}\n')
+        f.write('{"split": "dev", "sentence1": "Two dogs.", "sentence2": "A cat.", "score": 0.5}\n')
+    data = read_pair_file(path)
+    assert (data.sentences1, data.sentences2, data.scores) == (["A man.", "Two dogs."], ["A person.", "A cat."], [4.2, 0.5])
+    bad = tmp_path / "bad.jsonl.gz"
+    with gzip.open(bad, "wt", encoding="utf-8") as f:
+        f.write('{"sentence1": "a", "sentence2": "b", "score": 1}\n{"sentence1": "a"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl.gz:2: expected a JSON object with sentence1, sentence2, score"):
+        read_pair_file(bad)
