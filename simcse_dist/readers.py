@@ -104,6 +104,15 @@ def _match_layout(names: tuple[str, ...], layouts: tuple[tuple[str, ...], ...]) 
     return None
 
 
+def _mined_layout(names: tuple[str, ...]) -> tuple[str, ...] | None:
+    """simcse-mine's K > 1 output, sent0, sent1, hard_neg_1 .. hard_neg_K: read as a triplet
+    with hard_neg_1, the highest-scoring negative (the loss takes one hard negative per row)."""
+    k = len(names) - 2
+    if k >= 1 and set(names) == {"sent0", "sent1", *(f"hard_neg_{i}" for i in range(1, k + 1))}:
+        return ("sent0", "sent1", "hard_neg_1")
+    return None
+
+
 def _describe(layouts: tuple[tuple[str, ...], ...]) -> str:
     return " | ".join(",".join(layout) for layout in layouts)
 
@@ -145,11 +154,11 @@ def _read_table(path: str, rows: Iterator[tuple[int, list[str]]]) -> tuple[list[
             continue
         if header is None:
             header = tuple(f.strip().lower() for f in fields)
-            layout = _match_layout(header, _TABLE_LAYOUTS)
+            layout = _match_layout(header, _TABLE_LAYOUTS) or _mined_layout(header)
             if layout is None:
                 raise DataError(
                     f"{path}:{n}: unrecognised header {','.join(header)!r}; "
-                    f"accepted layouts: {_describe(_TABLE_LAYOUTS)}"
+                    f"accepted layouts: {_describe(_TABLE_LAYOUTS)} | sent0,sent1,hard_neg_1..hard_neg_K"
                 )
             order = [header.index(name) for name in layout]
             continue

@@ -313,3 +313,11 @@ def test_real_wiki1m_sample():
     assert stats == ReadStats(path=path, rows=11914, blank_lines=0)
     assert all(len(e) == 1 for e in examples)
     assert examples[0] == ("YMCA in South Australia",)
+
+
+def test_mined_k_negatives_read_as_triplets_with_the_best_negative(tmp_path):
+    """simcse-mine's K > 1 output (hard_neg_1 is the highest-scoring negative)."""
+    p = write(tmp_path, "mined.tsv", "sent0\tsent1\thard_neg_1\thard_neg_2\thard_neg_3\na\tb\tc1\tc2\tc3\n")
+    assert read_train_examples(p)[0] == [("a", "b", "c1")]
+    p = write(tmp_path, "gap.tsv", "sent0\tsent1\thard_neg_1\thard_neg_3\na\tb\tc1\tc3\n")
+    assert "unrecognised header" in error(read_train_examples, p)
