@@ -1,7 +1,7 @@
 """Hard-negative mining throughput: simcse-mine at 1 and 2 ranks vs sentence-transformers'
 `util.mine_hard_negatives`, same model, pairs and options.
 
-    python bench/mine_speed.py --pairs /tmp/pairs2000.tsv --output bench/results/mine-speed.json
+    python -m bench.mine_speed --pairs /tmp/pairs2000.tsv --output bench/results/mine-speed.json
 
 Every run is a fresh process; the implementations are interleaved (rotated order each round)
 so that load from other jobs spreads over all of them. Time = the mining call itself: encoding,
