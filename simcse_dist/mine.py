@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import POOLERS
+from .fsutil import atomic_file
 from .readers import DataError, read_train_examples
 from .utils import fail, quiet_transformers
 
@@ -280,11 +281,9 @@ def _write(path: str, pairs: list[tuple[str, str]], pool: Pool, neg: torch.Tenso
     """Rows with at least one negative, as TSV (atomic rename); (written, dropped, short)."""
     K = neg.shape[1]
     header = ["sent0", "sent1", *(["hard_neg"] if K == 1 else [f"hard_neg_{j}" for j in range(1, K + 1)])]
-    out, tmp = Path(path), Path(f"{path}.tmp{os.getpid()}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     written = dropped = short = 0
     found = [[pool.candidates[c] for c in row if c >= 0] for row in neg.tolist()]
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+    with atomic_file(Path(path)) as f:
         f.write("\t".join(header) + "\n")
         for (a, p), q in zip(pairs, pool.row_anchor, strict=True):
             negs = found[q]
@@ -294,7 +293,6 @@ def _write(path: str, pairs: list[tuple[str, str]], pool: Pool, neg: torch.Tenso
             short += len(negs) < K
             f.write("\t".join([a, p, *(negs[j % len(negs)] for j in range(K))]) + "\n")
             written += 1
-    os.replace(tmp, out)
     return written, dropped, short
 
 

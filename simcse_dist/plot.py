@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .readers import DataError
+from .utils import fail
 
 
 def read_trajectory(metrics_file: str | Path) -> list[tuple[int, float, float]]:
@@ -80,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         points = read_trajectory(run / "metrics.jsonl")
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     out = plot_trajectory(points, args.out or run / "align_uniform.png", title=f"{run.name}: align vs uniform")
     print(f"{out}: {len(points)} evaluations, steps {points[0][0]}..{points[-1][0]}")
     return 0

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from .sts import TASKS
+from .utils import fail
 
 
 def _launcher(nproc: int, module: str) -> list[str]:
@@ -89,11 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
-        print(f"error: --seeds: expected comma-separated integers, got {args.seeds!r}", file=sys.stderr)
-        return 2
+        return fail(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     if len(set(seeds)) != len(seeds) or not seeds:
-        print(f"error: --seeds: expected distinct integers, got {args.seeds!r}", file=sys.stderr)
-        return 2
+        return fail(f"--seeds: expected distinct integers, got {args.seeds!r}")
     base = _base_dir(args)
     per_seed: dict[int, dict[str, float]] = {}
     try:
@@ -104,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             _run(eval_command(run_dir, args, out_json))
             per_seed[seed] = json.loads(out_json.read_text())
     except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(str(e), 1)
     summary = summarize(per_seed)
     print(f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), {args.split} split, Spearman x 100, mean ± std:")
     print(format_summary(summary), flush=True)
