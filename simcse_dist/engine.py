@@ -10,9 +10,11 @@ Choices, and why:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,16 @@ def linear_schedule(total_steps: int, warmup_steps: int):
         return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
 
     return factor
+
+
+@contextlib.contextmanager
+def _zero_gather_deprecation():
+    """DeepSpeed's ZeRO-1/2 step gathers the updated partitions with the
+    `all_gather_into_tensor` that torch 2.13 marks deprecated: once per step and rank in the
+    log otherwise. Only this warning, only around DeepSpeed's calls."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated")
+        yield
 
 
 def zero_stage(cfg: Config) -> int:
@@ -175,7 +187,8 @@ class Engine:
             self.engine.step()
 
     def step(self) -> None:
-        self.engine.step()
+        with _zero_gather_deprecation():
+            self.engine.step()
 
     def drop_gradients(self) -> None:
         """Make the coming boundary step() change no weight (train.on_nonfinite=skip).
