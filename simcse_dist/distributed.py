@@ -94,10 +94,25 @@ def _export_rendezvous(env: DistEnv) -> None:
         os.environ.setdefault("MASTER_PORT", str(10000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 50000))
 
 
+def device_index(env: DistEnv) -> int:
+    """This rank's CUDA device among the visible ones: its local rank, or 0 when the process
+    sees a single GPU (srun --gpus-per-task=1 / --gpu-bind give each task its own device, while
+    SLURM_LOCALID still counts the node's tasks)."""
+    count = torch.cuda.device_count()
+    if env.local_rank < count:
+        return env.local_rank
+    if count == 1:
+        return 0
+    raise DistEnvError(f"local rank {env.local_rank} sees {count} GPUs (CUDA_VISIBLE_DEVICES="
+                       f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}): give each rank its own GPU, or one task per GPU")
+
+
 def device_for(env: DistEnv) -> torch.device:
+    """Select and return this rank's device (set before any collective, so nccl binds to it)."""
     if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
-        return torch.device("cuda", env.local_rank)
+        index = device_index(env)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
@@ -112,6 +127,8 @@ def init_distributed(env: DistEnv, timeout_s: int) -> None:
 
     _export_rendezvous(env)
     if torch.cuda.is_available():
+        # DeepSpeed picks its device from LOCAL_RANK: the visible index, set before any barrier.
+        os.environ["LOCAL_RANK"] = str(device_for(env).index)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     init_process_group(env.rank, env.world_size, timeout_s)
 

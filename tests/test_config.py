@@ -145,3 +145,25 @@ def test_paths_in_a_config_file_are_relative_to_it(tmp_path, monkeypatch):
     assert (cfg.data.train_file, cfg.model.name_or_path) == (str(tmp_path / "corpus.txt"), str(sub / "m"))
     paper = load_config(REPO / "configs" / "sup-bert-base.yaml")
     assert paper.eval.sts_dev_file == "hf://datasets/mteb/stsbenchmark-sts/validation.jsonl.gz"
+
+
+def test_each_rank_selects_its_gpu_before_any_collective(monkeypatch):
+    """GPU risks found by reading the code, shown with a stand-in torch.cuda: the device is set
+    from the visible GPUs (srun --gpus-per-task=1 shows each task one GPU while SLURM_LOCALID
+    counts to 7), and an impossible layout is an error naming it."""
+    import torch
+
+    from simcse_dist import distributed as du
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    env = du.DistEnv(rank=11, world_size=16, local_rank=3, source="slurm")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert du.device_for(env) == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU per task
+    assert du.device_for(env) == torch.device("cuda", 0)
+    assert chosen == [3, 0]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(du.DistEnvError, match="local rank 3 sees 2 GPUs"):
+        du.device_for(env)

@@ -256,3 +256,22 @@ def test_logs_a_person_reads(tiny_bert, tmp_path):
     load = subprocess.run([sys.executable, "-c", f"from transformers import AutoModel; AutoModel.from_pretrained("
                            f"{str(out / 'best')!r})"], capture_output=True, text=True, env=ENV, timeout=120)
     assert load.returncode == 0 and "LOAD REPORT" not in load.stdout + load.stderr, load.stderr
+
+
+@pytest.mark.parametrize("visible,expected", [("2,5", ["--include", "localhost:2,5"]), (None, ["--num_gpus", "3"])])
+def test_deepspeed_script_keeps_the_visible_gpus(tmp_path, visible, expected):
+    """The DeepSpeed runner drops CUDA_VISIBLE_DEVICES when given --num_gpus: the script passes
+    the visible list as --include instead (a stand-in `deepspeed` records its arguments)."""
+    fake = tmp_path / "bin" / "deepspeed"
+    fake.parent.mkdir()
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    fake.chmod(0o755)
+    env = {**ENV, "PATH": f"{fake.parent}:{os.environ['PATH']}", "ARGS_OUT": str(tmp_path / "args"), "NPROC": "3"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    proc = subprocess.run(["bash", str(REPO / "launch" / "deepspeed.sh"), "--config", "x.yaml"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    argv = (tmp_path / "args").read_text().split("\n")
+    assert argv[:2] == expected and "--module" in argv
