@@ -35,7 +35,7 @@ TAGS = ["sentence-transformers", "sentence-similarity", "feature-extraction", "s
 # names in configs that are not Hub ids but stand for one
 _HUB_IDS = {"bundled:all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
 # run-local settings that say nothing about the model
-_LOCAL_KEYS = {"train.output_dir", "train.overwrite", "data.cache_dir", "data.num_workers", "data.token_cache"}
+_LOCAL_KEYS = {"train.output_dir", "train.overwrite", "data.cache_dir", "data.num_workers", "data.prepare_workers"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _EXAMPLES = ["A man is playing a guitar.", "Someone is playing an instrument.", "The sky is blue today."]
 

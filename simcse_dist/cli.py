@@ -72,7 +72,8 @@ def run_training(cfg, env: DistEnv, trainer_cls=None) -> int:
     from .checkpoint import CheckpointLayoutError
     from .preempt import watch_launcher
     from .rundir import DataChanged, RunLocked
-    from .trainer import NonFiniteLossError, Trainer
+    from .state import NonFiniteLossError
+    from .trainer import Trainer
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if env.source != "single":

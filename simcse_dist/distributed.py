@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 
 import torch
@@ -195,6 +196,39 @@ def agreed(action, describe=lambda error: error):
     if error is not None and failed == rank():
         raise describe(error) from error
     raise PeerFailed(f"rank {rank()}: stopping because rank {failed} failed")
+
+
+def main_first(work, every_s: float = 30.0):
+    """Rank 0 runs `work(tick)` while the others wait, then every rank learns how it ended: an
+    error on rank 0 raises there and `PeerFailed` elsewhere (no rank waits out a timeout).
+
+    The wait is a series of small all-reduces, not one barrier: `tick()`, which `work` must call
+    often, joins one at most every `every_s` seconds, so no collective outlasts the process-group
+    timeout however long `work` takes (preparing a corpus of 10^8 rows takes most of an hour).
+    Returns `work`'s result on rank 0, None elsewhere. collective: every rank calls this."""
+    if world_size() == 1:
+        return work(lambda: None)
+    flag = lambda v: int(all_reduce_max(torch.tensor([v], device=_device()))[0])  # noqa: E731  0 working, 1 done, 2 failed
+    if rank() != 0:
+        while (state := flag(0)) == 0:
+            pass
+        if state == 2:
+            raise PeerFailed(f"rank {rank()}: stopping because rank 0 failed")
+        return None
+    last = [time.monotonic()]
+
+    def tick() -> None:
+        if time.monotonic() - last[0] >= every_s:
+            flag(0)
+            last[0] = time.monotonic()
+
+    try:
+        result = work(tick)
+    except BaseException:
+        flag(2)
+        raise
+    flag(1)
+    return result
 
 
 def barrier() -> None:

@@ -125,3 +125,13 @@ class MetricsLogger:
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
+
+
+def progress_bar(enabled: bool, total: int, start: int):
+    """A tqdm bar of optimizer steps on a terminal; None when redirected (logs then get one plain
+    line per logging step instead)."""
+    if not (enabled and sys.stderr.isatty()):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)

@@ -16,8 +16,6 @@ class ConfigError(ValueError):
     """A config value is unknown, mistyped or impossible; the message names the field."""
 
 
-
-
 def _convert(value: Any, tp: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -33,6 +31,13 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {tp}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        if dataclasses.is_dataclass(item):
+            return [_build_item(item, v, path, i) for i, v in enumerate(value)]
+        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -64,6 +69,13 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             return str(value)
         raise ConfigError(f"{path}: expected a string, got {value!r}")
     raise TypeError(f"unsupported config type {tp} at {path}")
+
+
+def _build_item(cls: type, data: Any, path: str, i: int) -> Any:
+    try:
+        return build(cls, data, f"{path}[{i}]")
+    except ConfigError as e:  # a __post_init__ check names the field without the list index
+        raise ConfigError(str(e).replace(f"{path}.", f"{path}[{i}].", 1)) from None
 
 
 def build(cls: type, data: Any, path: str) -> Any:

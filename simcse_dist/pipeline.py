@@ -1,94 +1,109 @@
-"""The input pipeline of a run: training file -> this rank's prepared `step.Batch`es, step by step.
+"""The input pipeline of a run: training sources -> this rank's prepared `step.Batch`es, step by step.
 
-Construction reads the file (no collective); `setup()` builds or loads the token cache (rank 0
-tokenizes while the others wait: a collective). `steps(start, total)` yields each optimizer
-step's micro-batches, prepared in the step or ahead of it by DataLoader workers.
+Construction resolves the sources only; `setup()` opens each source's prepared corpus
+(prepare.py builds it on first use: rank 0 tokenizes while the others wait, a collective) and
+builds the batch plan and sampler from the row counts in the manifests. `steps(start, total)`
+yields each optimizer step's micro-batches, prepared in the step or ahead of it by DataLoader
+workers. Per rank the data costs memory maps and O(sources) Python objects, never O(rows).
 """
 
 from __future__ import annotations
 
-import hashlib
+import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from . import distributed as du
-from .config import Config
-from .data import BatchPlan, Collator, GlobalBatchSampler, MicroBatch, StepBatches, StepKeys, load_examples
-from .readers import detect_format, resolve_path
+from .config import Config, Source
+from .corpus import CorpusCollator, PreparedCorpus
+from .data import BatchPlan, GlobalBatchSampler, MicroBatch, StepBatches, StepKeys
+from .prepare import open_or_prepare
+from .readers import resolve_path
 from .step import Batch
-from .token_cache import CachedCollator, TokenCache
-
-
-def text_ids(examples: list[tuple[str, ...]], k: int) -> torch.Tensor:
-    """[n, k] stable 63-bit ids of each example's texts (view 0, 1[, 2]); unsup views share one.
-    blake2b, not hash(): Python salts str hashes per process, and ranks must agree."""
-    out = torch.empty(len(examples), k, dtype=torch.long)
-    for i, ex in enumerate(examples):
-        for v in range(k):
-            text = ex[min(v, len(ex) - 1)]
-            out[i, v] = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
-    return out
 
 
 class InputPipeline:
     def __init__(self, cfg: Config, env: du.DistEnv, tokenizer) -> None:
         self.cfg, self.env, self.tokenizer = cfg, env, tokenizer
-        self.train_path = resolve_path(cfg.data.train_file)
-        self.examples, self.blank_lines = load_examples(cfg.data.train_file, cfg.data.format, cfg.train.objective)
-        self.plan = BatchPlan(len(self.examples), cfg.train.global_batch_size, env.world_size,
-                              cfg.train.grad_accum, cfg.data.drop_last)
-        self.sampler = GlobalBatchSampler(self.plan, env.rank, cfg.train.seed, cfg.data.shuffle)
-        self.k = 2 if cfg.train.objective == "unsup" else len(self.examples[0])
-        cfg.check_negatives(self.k)
-        md = cfg.train.mask_duplicates
-        self.mask_duplicates = (cfg.train.objective == "sup") if md is None else md
-        self.text_ids = text_ids(self.examples, self.k) if self.mask_duplicates else None
-        self.collate: Callable[[Sequence[int]], dict[str, torch.Tensor]] | None = None
+        self.sources: list[Source] = cfg.sources()
+        self.corpora: list[PreparedCorpus] = []
+        self.collators: list[CorpusCollator] = []
+        self.views: list[int] = []  # k per source: 2 (unsup, pairs) or 3 (triplets)
+        self.mask_duplicates: list[bool] = []
+        self.plan: BatchPlan | None = None
+        self.sampler: GlobalBatchSampler | None = None
+
+    def setup(self, say) -> None:
+        """Open (or prepare) every source's corpus, then the plan and the sampler. collective."""
+        cfg, env = self.cfg, self.env
+        workers = cfg.data.prepare_workers or max(1, min(4, os.cpu_count() or 1))
+        for src in self.sources:
+            def prepared(tick=lambda: None, is_main=True, src=src):
+                return open_or_prepare(resolve_path(src.path), src.format, src.objective, self.tokenizer,
+                                       cfg.data.max_seq_len, cache_dir=cfg.data.cache_dir, is_main=is_main,
+                                       workers=workers, progress=is_main and sys.stderr.isatty(),
+                                       say=say if is_main else lambda s: None, tick=tick)
+
+            # rank 0 prepares while the others wait (with a keep-alive, however long it takes);
+            # then every rank opens it (or, with a cache dir rank 0 cannot see, prepares its own)
+            corpus = du.main_first(prepared) or prepared(is_main=False)
+            k = 2 if src.objective == "unsup" else corpus.num_columns
+            cfg.check_negatives(k)
+            md = cfg.train.mask_duplicates
+            self.corpora.append(corpus)
+            self.collators.append(CorpusCollator(corpus, self.tokenizer.pad_token_id, src.objective))
+            self.views.append(k)
+            self.mask_duplicates.append((src.objective == "sup") if md is None else md)
+        self.plan = BatchPlan(tuple(c.num_rows for c in self.corpora), cfg.train.global_batch_size,
+                              env.world_size, cfg.train.grad_accum, cfg.data.drop_last)
+        self.sampler = GlobalBatchSampler(self.plan, env.rank, cfg.train.seed, cfg.data.shuffle,
+                                          [s.weight for s in self.sources])
+
+    def fingerprints(self) -> dict[str, dict]:
+        """{source name: {path, size, sha256}} of the input files, as hashed when prepared."""
+        return {s.name: c.fingerprint for s, c in zip(self.sources, self.corpora, strict=True)}
 
     def describe(self) -> list[str]:
         """The start-up lines: the data, and the batch arithmetic with the negatives per anchor."""
         p, cfg = self.plan, self.cfg
-        candidates = cfg.negatives_per_anchor(self.k) + 1
-        return [
-            f"data: {p.num_examples} examples from {cfg.data.train_file} ({self.blank_lines} blank lines skipped); "
-            f"{p.steps_per_epoch} steps/epoch, {p.dropped_per_epoch} examples dropped per epoch (drop_last)",
+        shares = self.sampler.mixture.shares
+        lines = []
+        for i, (src, corpus) in enumerate(zip(self.sources, self.corpora, strict=True)):
+            where = f"{src.name}: " if len(self.sources) > 1 else ""
+            mix = (f"; {src.objective}, weight {src.weight:g}: {shares[i]} of {p.steps_per_epoch} steps per epoch"
+                   + (" (no steps: raise its weight)" if shares[i] == 0 else "")) if len(self.sources) > 1 else ""
+            lines.append(f"data: {where}{corpus.num_rows} examples from {src.path} ({corpus.blank_lines} blank lines "
+                         f"skipped; prepared in {corpus.directory}){mix}")
+        lines.append(f"data: {p.steps_per_epoch} steps/epoch, {p.dropped_per_epoch} examples dropped per epoch "
+                     "(drop_last)")
+        candidates = sorted({cfg.negatives_per_anchor(k) + 1 for k in self.views})
+        lines.append(
             f"batch: world_size {p.world_size} x grad_accum {p.grad_accum} x micro_batch {p.micro_batch_size} "
-            f"= global_batch {p.global_batch_size}; {candidates} candidates per anchor (1 positive, {candidates - 1} "
-            "negatives)" + ("; gradient caching: negatives from the whole global batch" if cfg.train.grad_cache else
-                            "; with grad_accum > 1 negatives come from one micro-step only" if p.grad_accum > 1 else "")
-            + (f"; duplicate texts masked ({p.num_examples} examples hashed)" if self.mask_duplicates else ""),
-        ]
-
-    def setup(self, say) -> None:
-        """Example indices -> token id tensors [b, k, L]: sliced from the token cache
-        (data.token_cache, built here on first use) or tokenized on the fly. collective."""
-        cfg = self.cfg
-        if not cfg.data.token_cache:
-            collator = Collator(self.tokenizer, cfg.data.max_seq_len, cfg.train.objective)
-            self.collate = lambda indices: collator([self.examples[i] for i in indices])
-            return
-        columns = [list(c) for c in zip(*self.examples, strict=True)]
-        # The file's bytes are in the key; the reading (format, columns kept) goes in the variant.
-        variant = f"{cfg.train.objective}|{cfg.data.format or detect_format(self.train_path)}|{len(columns)}"
-        cache = TokenCache.build_or_load(self.train_path, columns, self.tokenizer, cfg.data.max_seq_len,
-                                         cache_dir=cfg.data.cache_dir, is_main=self.env.is_main,
-                                         barrier=du.barrier, variant=variant,
-                                         progress=self.env.is_main and sys.stderr.isatty())
-        what = f"built in {cache.meta['build_seconds']:.1f} s" if cache.tokenized else "reused"
-        say(f"token cache: {cache.directory} ({what}; {cache.meta['total_tokens']} tokens)")
-        self.collate = CachedCollator(cache, self.tokenizer.pad_token_id, cfg.train.objective)
+            f"= global_batch {p.global_batch_size}; {' or '.join(map(str, candidates))} candidates per anchor "
+            f"(1 positive, the rest negatives)"
+            + ("; gradient caching: negatives from the whole global batch" if cfg.train.grad_cache else
+               "; with grad_accum > 1 negatives come from one micro-step only" if p.grad_accum > 1 else "")
+            + ("; duplicate texts masked" if any(self.mask_duplicates) else ""))
+        return lines
 
     def prepare(self, mb: MicroBatch | Sequence[int]) -> Batch:
         """Host side of one micro-batch (in a DataLoader worker when data.num_workers > 0)."""
         if not isinstance(mb, MicroBatch):
             mb = MicroBatch(list(mb), len(mb))
-        inputs = self.collate(mb.indices)
+        inputs = self.collators[mb.source](mb.indices)
         # Some rank pads this micro-step: every rank takes the masked path.
         row_valid = None if mb.full else torch.arange(len(mb.indices)) < mb.valid
-        ids = self.text_ids[mb.indices] if self.mask_duplicates else None
-        return Batch(inputs, row_valid, ids, int(inputs["attention_mask"].sum()))
+        ids = None
+        if self.mask_duplicates[mb.source]:
+            hashes = self.corpora[mb.source].hashes(np.asarray(mb.indices, dtype=np.int64))
+            # unsup: both dropout views are the same text, so they share column 0's id
+            columns = [0, 0] if self.sources[mb.source].objective == "unsup" else list(range(self.views[mb.source]))
+            ids = torch.from_numpy(np.ascontiguousarray(hashes[:, columns]))
+        tokens = int(inputs["attention_mask"].numpy().sum())  # a CPU tensor: no device sync
+        return Batch(inputs, row_valid, ids, tokens, mb.source)
 
     def num_workers(self, device: torch.device) -> int:
         w = self.cfg.data.num_workers

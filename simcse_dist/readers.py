@@ -1,14 +1,18 @@
 """Readers for SimCSE training examples and STS evaluation pairs.
 
-Pure Python (no torch). Every problem with the input is raised as a `DataError` whose
-message names the file and, where it applies, the 1-based line number.
+Pure Python (no torch; pyarrow for parquet). Every problem with the input is raised as a
+`DataError` whose message names the file and, where it applies, the 1-based line number.
+`TrainRows` streams a training file with bounded memory (what `prepare.py` reads);
+`read_train_examples` is the same reading, collected into a list.
 """
 
 import csv
 import gzip
+import io
+import itertools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +31,11 @@ class ReadStats:
     blank_lines: int  # blank lines skipped (counted, not an error)
 
 
-FORMATS = ("txt", "csv", "tsv", "jsonl")
+FORMATS = ("txt", "csv", "tsv", "jsonl", "parquet")
 
 _EXTENSIONS = {
     ".txt": "txt", ".text": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
+    ".parquet": "parquet", ".pq": "parquet",
 }
 # Accepted column / key layouts, each in output order (sent0, sent1, hard_neg).
 _TABLE_LAYOUTS = (
@@ -45,8 +50,12 @@ _STS_B_FIELDS = "genre, file, year, id, score, sentence1, sentence2"
 
 
 def detect_format(path: str) -> str:
-    """Return the format in FORMATS implied by the file extension (case-insensitive)."""
-    ext = Path(path).suffix.lower()
+    """Return the format in FORMATS implied by the file extension (case-insensitive; a
+    trailing .gz is looked through: wiki.txt.gz is txt, read through gzip)."""
+    name = Path(path)
+    if name.suffix.lower() == ".gz" and name.stem:
+        name = Path(name.stem)
+    ext = name.suffix.lower()
     if ext not in _EXTENSIONS:
         raise DataError(
             f"{path}: cannot tell the data format from the extension {ext or '(none)'!r}; "
@@ -80,19 +89,47 @@ def resolve_path(path: str) -> str:
         ) from e
 
 
-def _lines(path: str) -> Iterator[tuple[int, str]]:
+class _HashingRaw(io.RawIOBase):
+    """A raw binary file that feeds every byte it reads into `hasher` (sha256 while streaming)."""
+
+    def __init__(self, f, hasher) -> None:
+        self._f, self._hasher = f, hasher
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self._f.readinto(b)
+        if n:
+            self._hasher.update(memoryview(b)[:n])
+        return n
+
+    def drain(self) -> None:
+        """Hash what the reader above did not read (a gzip trailer)."""
+        while chunk := self._f.read(1 << 20):
+            self._hasher.update(chunk)
+
+
+def _lines(path: str, hasher=None) -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, line incl. newline) of a UTF-8 file (BOM tolerated; .gz read
-    through gzip)."""
+    through gzip). With `hasher`, the file's bytes as stored (compressed for .gz) are fed to it."""
     try:
-        with (gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")) as f:
-            for n, raw in enumerate(f, 1):
+        with open(path, "rb") as raw:
+            hashing = _HashingRaw(raw, hasher) if hasher is not None else None
+            f = io.BufferedReader(hashing, 1 << 20) if hashing is not None else raw
+            if str(path).endswith(".gz"):
+                f = gzip.GzipFile(fileobj=f, mode="rb")
+            for n, line in enumerate(f, 1):
                 try:
-                    yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                    yield n, line.decode("utf-8-sig" if n == 1 else "utf-8")
                 except UnicodeDecodeError as e:
                     raise DataError(f"{path}:{n}: not valid UTF-8 ({e})") from None
+            if hashing is not None:
+                f.read()
+                hashing.drain()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except OSError as e:
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: cannot read: {e}") from None
 
 
@@ -117,19 +154,9 @@ def _describe(layouts: tuple[tuple[str, ...], ...]) -> str:
     return " | ".join(",".join(layout) for layout in layouts)
 
 
-def _read_txt(path: str) -> tuple[list[tuple[str, ...]], int]:
-    examples, blank = [], 0
-    for _, line in _lines(path):
-        if sentence := line.strip():
-            examples.append((sentence,))
-        else:
-            blank += 1
-    return examples, blank
-
-
-def _csv_rows(path: str) -> Iterator[tuple[int, list[str]]]:
+def _csv_rows(path: str, hasher=None) -> Iterator[tuple[int, list[str]]]:
     """(first line number, fields) per CSV record; quoted fields may span lines."""
-    reader = csv.reader(line for _, line in _lines(path))
+    reader = csv.reader(line for _, line in _lines(path, hasher))
     start = 1
     try:
         for row in reader:
@@ -139,85 +166,171 @@ def _csv_rows(path: str) -> Iterator[tuple[int, list[str]]]:
         raise DataError(f"{path}:{start}: {e}") from None
 
 
-def _tsv_rows(path: str) -> Iterator[tuple[int, list[str]]]:
+def _tsv_rows(path: str, hasher=None) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) per line, split on TAB with no quoting."""
-    for n, line in _lines(path):
+    for n, line in _lines(path, hasher):
         yield n, line.rstrip("\r\n").split("\t")
 
 
-def _read_table(path: str, rows: Iterator[tuple[int, list[str]]]) -> tuple[list[tuple[str, ...]], int]:
-    examples, blank = [], 0
-    header = layout = order = None
-    for n, fields in rows:
-        if not fields or (len(fields) == 1 and not fields[0].strip()):
-            blank += 1
-            continue
-        if header is None:
-            header = tuple(f.strip().lower() for f in fields)
-            layout = _match_layout(header, _TABLE_LAYOUTS) or _mined_layout(header)
+class TrainRows:
+    """A training file's examples, streamed with bounded memory: iterating yields
+    (line number, fields) per example, fields stripped and in layout order: (sent0,),
+    (sent0, sent1) or (sent0, sent1, hard_neg), all of one arity. For parquet the number is the
+    1-based row. Malformed input raises DataError(file:line) when the reader gets there.
+
+    While and after iterating: `layout` (the column names kept, known from the header or the
+    first row on), `blank_lines` (skipped so far). `hasher` (e.g. hashlib.sha256()) is fed the
+    file's bytes as stored (compressed for .gz) and has seen all of them once iteration ended.
+    The format (`fmt`, one of FORMATS, else from the extension) is checked on construction.
+    """
+
+    def __init__(self, path: str, fmt: str | None = None, hasher=None) -> None:
+        self.path, self.hasher = path, hasher
+        self.format = fmt or detect_format(path)
+        if self.format not in FORMATS:
+            raise DataError(f"{path}: unknown data format {self.format!r}; expected one of {', '.join(FORMATS)}")
+        self.layout: tuple[str, ...] | None = None
+        self.blank_lines = 0
+
+    def __iter__(self) -> Iterator[tuple[int, tuple[str, ...]]]:
+        self.blank_lines = 0
+        if self.format == "txt":
+            return self._txt()
+        if self.format == "jsonl":
+            return self._jsonl()
+        if self.format == "parquet":
+            return self._parquet()
+        return self._table(_csv_rows(self.path, self.hasher) if self.format == "csv" else
+                           _tsv_rows(self.path, self.hasher))
+
+    def chunks(self, size: int, objective: str, skip: Callable[[int], bool] = lambda i: False,
+               ) -> Iterator[tuple[int, list[list[str]] | None, int]]:
+        """(index, columns, rows) per chunk of `size` examples, columns = [texts of column c]:
+        the first column for unsup, all for sup (DataError at the first row of a one-column file);
+        columns is None for a chunk where `skip(index)` (read past, not kept)."""
+        rows = iter(self)
+        first = next(rows, None)
+        if first is None:
+            raise DataError(f"{self.path}: no examples")
+        if objective == "sup" and len(first[1]) < 2:
+            raise DataError(f"{self.path}: train.objective=sup needs sent0,sent1[,hard_neg] columns, "
+                            "but the file has one column")
+        rows = itertools.chain([first], rows)
+        for index in itertools.count():
+            part = itertools.islice(rows, size)
+            if skip(index):
+                columns, n = None, sum(1 for _ in part)
+            elif objective == "unsup":
+                columns = [[fields[0] for _, fields in part]]
+                n = len(columns[0])
+            else:
+                columns = [list(c) for c in zip(*(fields for _, fields in part), strict=True)]
+                n = len(columns[0]) if columns else 0
+            if n:
+                yield index, columns, n
+            if n < size:
+                return
+
+    def _txt(self) -> Iterator[tuple[int, tuple[str, ...]]]:
+        self.layout = ("text",)
+        for n, line in _lines(self.path, self.hasher):
+            if sentence := line.strip():
+                yield n, (sentence,)
+            else:
+                self.blank_lines += 1
+
+    def _table(self, rows: Iterator[tuple[int, list[str]]]) -> Iterator[tuple[int, tuple[str, ...]]]:
+        path, header, layout, order = self.path, None, (), []
+        for n, fields in rows:
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
+                self.blank_lines += 1
+                continue
+            if header is None:
+                header = tuple(f.strip().lower() for f in fields)
+                layout = _match_layout(header, _TABLE_LAYOUTS) or _mined_layout(header)
+                if layout is None:
+                    raise DataError(
+                        f"{path}:{n}: unrecognised header {','.join(header)!r}; "
+                        f"accepted layouts: {_describe(_TABLE_LAYOUTS)} | sent0,sent1,hard_neg_1..hard_neg_K"
+                    )
+                self.layout, order = layout, [header.index(name) for name in layout]
+                continue
+            if len(fields) != len(header):
+                raise DataError(f"{path}:{n}: expected {len(header)} fields ({', '.join(header)}), got {len(fields)}")
+            example = tuple(fields[i].strip() for i in order)
+            for name, value in zip(layout, example, strict=True):
+                if not value:
+                    raise DataError(f"{path}:{n}: empty field {name!r}")
+            yield n, example
+
+    def _jsonl(self) -> Iterator[tuple[int, tuple[str, ...]]]:
+        path, layout = self.path, None
+        for n, line in _lines(path, self.hasher):
+            if not line.strip():
+                self.blank_lines += 1
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: invalid JSON: {e}") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
             if layout is None:
-                raise DataError(
-                    f"{path}:{n}: unrecognised header {','.join(header)!r}; "
-                    f"accepted layouts: {_describe(_TABLE_LAYOUTS)} | sent0,sent1,hard_neg_1..hard_neg_K"
-                )
-            order = [header.index(name) for name in layout]
-            continue
-        if len(fields) != len(header):
-            raise DataError(f"{path}:{n}: expected {len(header)} fields ({', '.join(header)}), got {len(fields)}")
-        example = tuple(fields[i].strip() for i in order)
-        for name, value in zip(layout, example, strict=True):
-            if not value:
-                raise DataError(f"{path}:{n}: empty field {name!r}")
-        examples.append(example)
-    return examples, blank
+                layout = self.layout = _match_layout(tuple(obj), _JSON_LAYOUTS)
+                if layout is None:
+                    raise DataError(f"{path}:{n}: unrecognised keys {sorted(obj)}; accepted: {_describe(_JSON_LAYOUTS)}")
+            elif set(obj) != set(layout):
+                raise DataError(f"{path}:{n}: keys {sorted(obj)} differ from the first line's {sorted(layout)}")
+            yield n, _checked(path, n, layout, [obj[key] for key in layout])
 
-
-def _read_jsonl(path: str) -> tuple[list[tuple[str, ...]], int]:
-    examples, blank = [], 0
-    layout = None
-    for n, line in _lines(path):
-        if not line.strip():
-            blank += 1
-            continue
+    def _parquet(self) -> Iterator[tuple[int, tuple[str, ...]]]:
+        path = self.path
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: invalid JSON: {e}") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+        try:
+            if self.hasher is not None:  # parquet is read by seeking: hash the bytes in one pass first
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 22):
+                        self.hasher.update(chunk)
+            pf = pq.ParquetFile(path)
+        except FileNotFoundError:
+            raise DataError(f"{path}: file not found") from None
+        except Exception as e:  # OSError, pyarrow.ArrowInvalid (not a parquet file), ...
+            raise DataError(f"{path}: cannot read as parquet: {e}") from None
+        names = tuple(pf.schema_arrow.names)
+        layout = self.layout = _match_layout(names, _JSON_LAYOUTS)
         if layout is None:
-            layout = _match_layout(tuple(obj), _JSON_LAYOUTS)
-            if layout is None:
-                raise DataError(f"{path}:{n}: unrecognised keys {sorted(obj)}; accepted: {_describe(_JSON_LAYOUTS)}")
-        elif set(obj) != set(layout):
-            raise DataError(f"{path}:{n}: keys {sorted(obj)} differ from the first line's {sorted(layout)}")
-        for key in layout:
-            if not isinstance(obj[key], str) or not obj[key].strip():
-                raise DataError(f"{path}:{n}: {key!r} must be a non-empty string, got {obj[key]!r}")
-        examples.append(tuple(obj[key].strip() for key in layout))
-    return examples, blank
+            raise DataError(f"{path}: unrecognised columns {sorted(names)}; accepted: {_describe(_JSON_LAYOUTS)}")
+        n = 0
+        for batch in pf.iter_batches(batch_size=8192, columns=list(layout)):
+            for values in zip(*(batch.column(i).to_pylist() for i in range(len(layout))), strict=True):
+                n += 1
+                yield n, _checked(path, n, layout, values)
+
+
+def _checked(path: str, n: int, layout: tuple[str, ...], values) -> tuple[str, ...]:
+    """jsonl / parquet values, stripped; each must be a non-empty string."""
+    for key, value in zip(layout, values, strict=True):
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{path}:{n}: {key!r} must be a non-empty string, got {value!r}")
+    return tuple(value.strip() for value in values)
 
 
 def read_train_examples(path: str, fmt: str | None = None) -> tuple[list[tuple[str, ...]], ReadStats]:
     """Read training examples as tuples (sent0,), (sent0, sent1) or (sent0, sent1, hard_neg),
-    all of one arity; `fmt` (one of FORMATS) defaults to detect_format(path).
+    all of one arity; `fmt` (one of FORMATS) defaults to detect_format(path). The whole file in
+    memory: `TrainRows` streams it instead.
 
     txt: one sentence per line, no header. csv/tsv: a header row sent0[,sent1[,hard_neg]],
     or text, sentence, or anchor,entailment,contradiction; CSV may quote, TSV never does.
     jsonl: one object per line with keys sent0[,sent1[,hard_neg]], text, or
-    origin[,entailment,contradiction]; the first line fixes the keys. Fields are stripped,
-    blank lines skipped and counted; anything else malformed raises DataError(file:line)."""
-    fmt = fmt or detect_format(path)
-    if fmt == "txt":
-        examples, blank = _read_txt(path)
-    elif fmt == "csv":
-        examples, blank = _read_table(path, _csv_rows(path))
-    elif fmt == "tsv":
-        examples, blank = _read_table(path, _tsv_rows(path))
-    elif fmt == "jsonl":
-        examples, blank = _read_jsonl(path)
-    else:
-        raise DataError(f"{path}: unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    origin[,entailment,contradiction]; the first line fixes the keys. parquet: columns named as
+    jsonl's keys (needs pyarrow). Fields are stripped, blank lines skipped and counted; anything
+    else malformed raises DataError(file:line). Files ending in .gz are decompressed."""
+    rows = TrainRows(path, fmt)
+    examples = [fields for _, fields in rows]
     if not examples:
         raise DataError(f"{path}: no examples")
-    return examples, ReadStats(path=path, rows=len(examples), blank_lines=blank)
+    return examples, ReadStats(path=path, rows=len(examples), blank_lines=rows.blank_lines)

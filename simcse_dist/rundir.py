@@ -3,8 +3,6 @@ write the resolved config. Runs before any process group exists (the CLI) and on
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import os
 import shutil
@@ -17,6 +15,7 @@ from typing import Any
 import yaml
 
 from .config import Config, ConfigError, save_config
+from .order import SAMPLER_VERSION
 
 # Keys that may change between attempts of one run without changing what is trained.
 # train.max_steps / train.epochs: raising them extends a run (the trainer says how the LR
@@ -183,34 +182,30 @@ class DataChanged(RuntimeError):
     """A training file differs from the one the checkpoint was trained on."""
 
 
-@functools.lru_cache(maxsize=8)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fingerprint(path: str) -> dict[str, Any]:
-    """What identifies a training file's content: size and sha256 (memoised per size and mtime)."""
-    st = os.stat(path)
-    return {"path": str(Path(path).resolve()), "size": st.st_size, "sha256": _sha256(str(path), st.st_size, st.st_mtime_ns)}
-
-
-def data_changes(saved: dict[str, Any], path: str) -> str | None:
-    """How `path` differs from the fingerprint saved with a checkpoint, or None."""
-    now = fingerprint(path)
-    if now["size"] != saved["size"]:
-        return f"{path}: size changed from {saved['size']} to {now['size']} bytes since the checkpoint"
-    if now["sha256"] != saved["sha256"]:
-        return f"{path}: content changed since the checkpoint (sha256 {saved['sha256'][:12]}... -> {now['sha256'][:12]}...)"
+def data_changes(saved: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]]) -> str | None:
+    """How the sources differ from the fingerprints saved with a checkpoint ({name: {path, size,
+    sha256}}, computed when each file was prepared), or None."""
+    if set(saved) != set(now):
+        return f"the training sources changed from {sorted(saved)} to {sorted(now)} since the checkpoint"
+    for name, old in saved.items():
+        new, path = now[name], now[name]["path"]
+        if new["size"] != old["size"]:
+            return f"{path}: size changed from {old['size']} to {new['size']} bytes since the checkpoint"
+        if new["sha256"] != old["sha256"]:
+            return f"{path}: content changed since the checkpoint (sha256 {old['sha256'][:12]}... -> {new['sha256'][:12]}...)"
     return None
 
 
-def check_data(saved: dict[str, Any] | None, path: str, checkpoint: Path, allow: bool, say) -> None:
-    """Refuse to resume `checkpoint` when its training file changed (data.allow_changed_data)."""
-    change = saved and data_changes(saved, path)
+def check_data(meta: dict[str, Any], now: dict[str, dict[str, Any]], checkpoint: Path, allow: bool, say) -> None:
+    """Refuse to resume `checkpoint` in another data order (order.SAMPLER_VERSION) or when a
+    training source changed (unless data.allow_changed_data)."""
+    version = meta.get("sampler", "randperm (simcse-dist before feistel-v1)")
+    if version != SAMPLER_VERSION:
+        raise DataChanged(f"{checkpoint} was written with the data order {version!r}; this version draws batches in "
+                          f"the order {SAMPLER_VERSION!r}, so resuming would repeat and skip examples. Finish that "
+                          "run with the simcse-dist version that started it, or start a new train.output_dir")
+    saved = meta.get("data")
+    change = saved and data_changes(saved, now)
     if change and not allow:
         raise DataChanged(f"{change}; refusing to resume {checkpoint} on other data (start a new train.output_dir, "
                           "or set data.allow_changed_data=true to resume anyway)")

@@ -2,12 +2,11 @@
 
 The step algorithm is step.py's; the input pipeline pipeline.py's; what is saved and when,
 checkpoint.py's; the STS dev cadence and best score, evaluation.StsValidator's. Constructing a
-Trainer reads files only; `setup()` runs the collectives (token cache, engine, resume).
+Trainer reads files only; `setup()` runs the collectives (data preparation, engine, resume).
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,20 +20,17 @@ from .engine import Engine, zero_stage
 from .evaluation import StsValidator
 from .export import write_best
 from .fsutil import WriteFailure, explain, human_bytes
-from .loggers import MetricsLogger, truncate_jsonl
+from .loggers import MetricsLogger, progress_bar, truncate_jsonl
 from .model import Encoder
+from .order import SAMPLER_VERSION
 from .pipeline import InputPipeline
 from .preempt import StopRequest
 from .readers import resolve_path
-from .rundir import RunLock, check_data, fingerprint, prepare_output_dir
-from .state import MetricsWindow, RngStreams
+from .rundir import RunLock, check_data, prepare_output_dir
+from .state import MetricsWindow, NonFiniteLossError, RngStreams, StepFlags
 from .step import Batch, ContrastiveLoss, StepResult, forward_backward
 from .sts import read_pair_file
 from .utils import write_line
-
-
-class NonFiniteLossError(RuntimeError):
-    """train/loss became NaN/Inf and train.on_nonfinite=stop."""
 
 
 @dataclass(slots=True)
@@ -55,19 +51,18 @@ class Trainer:
         self.out = Path(cfg.train.output_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path), use_fast=True)
         self.data = InputPipeline(cfg, env, self.tokenizer)
-        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.data.plan.steps_per_epoch
+        self.total_steps = 0  # known once setup() has the row counts
         dev = cfg.eval.sts_dev_file
         self.validator = StsValidator(read_pair_file(resolve_path(dev)), cfg.eval.every_steps,
                                       cfg.eval.batch_size) if dev else None
         self.ckpt = CheckpointManager(self.out, cfg.checkpoint, env.rank, env.world_size)
-        self.loss_fn = ContrastiveLoss(cfg.model.temperature, cfg.optim.hard_negative_weight,
-                                       self.data.mask_duplicates, env.rank, env.world_size)
+        self.loss_fns: list[ContrastiveLoss] = []  # one per source
         self.encoder: Encoder | None = None
         self.engine: Engine | None = None
         self.window: MetricsWindow | None = None
+        self.flags: StepFlags | None = None
         self.start_step: int | None = None
         self.lock = RunLock(self.out) if env.is_main else None
-        self.data_fingerprint: dict | None = None
 
     def close(self) -> None:
         """Release the output directory (rank 0)."""
@@ -75,7 +70,7 @@ class Trainer:
             self.lock.release()
 
     def setup(self) -> int:
-        """Output dir, token cache, engine, resume. Returns the first step to run. collective."""
+        """Output dir, prepared data, engine, resume. Returns the first step to run. collective."""
         if self.start_step is not None:
             return self.start_step
         cfg, env = self.cfg, self.env
@@ -83,37 +78,42 @@ class Trainer:
         def claim() -> None:  # rank 0: one run per output dir, then config.yaml
             self.lock.acquire(self.say)
             prepare_output_dir(cfg, self.say)
-            self.data_fingerprint = fingerprint(self.data.train_path)
 
         du.agreed(claim if env.is_main else lambda: None)
+        self.data.setup(self.say)
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.data.plan.steps_per_epoch
+        self.loss_fns = [ContrastiveLoss(cfg.model.temperature, cfg.optim.hard_negative_weight, md, env.rank,
+                                         env.world_size) for md in self.data.mask_duplicates]
         latest = self.ckpt.latest() if cfg.checkpoint.resume else None
         if latest is not None:
-            du.agreed(lambda: check_data(read_meta(latest).get("data"), self.data.train_path, latest,
+            du.agreed(lambda: check_data(read_meta(latest), self.data.fingerprints(), latest,
                                          cfg.data.allow_changed_data, self.say) if env.is_main else None)
-        self.data.setup(self.say)
         universal = latest is not None and self.ckpt.needs_universal(latest, zero_stage(cfg))
         torch.manual_seed(cfg.train.seed)  # identical initial weights (the MLP head) on every rank
         self.encoder = Encoder.from_config(cfg.model)
         self.engine = Engine(self.encoder, cfg, env.world_size, self.total_steps, load_universal=universal)
         self.engine.train()  # from_pretrained returns eval mode: dropout (the augmentation) must be on
         torch.manual_seed(cfg.train.seed + env.rank)  # each rank draws its own dropout masks
-        self.window = MetricsWindow(self.engine.device)
+        names = [s.name for s in self.data.sources]
+        self.window = MetricsWindow(self.engine.device, names if len(names) > 1 else None)
+        self.flags = StepFlags(self.engine.device)
         self.ckpt.register("window", self.window, same_world_only=True)
         if self.validator is not None:
             self.ckpt.register("best", self.validator)
         self.ckpt.register_rng(RngStreams())
         self._announce()
         self.start_step = 0 if latest is None else self._resume(latest, universal)
+        self.window.drawn = self.data.sampler.mixture.steps_before(self.start_step)
         if env.is_main:
             truncate_jsonl(self.out / "metrics.jsonl", keep_through_step=self.start_step)
         return self.start_step
 
     def _announce(self) -> None:
-        for line in self.data.describe():
-            self.say(line)
         cfg = self.cfg
-        self.say(f"engine: ZeRO-{self.engine.zero_stage} {cfg.engine.precision}, {self.total_steps} optimizer steps, "
-                 f"lr {cfg.optim.lr}, clip {cfg.engine.gradient_clipping}, device {self.engine.device}")
+        for line in [*self.data.describe(), f"engine: ZeRO-{self.engine.zero_stage} {cfg.engine.precision}, "
+                     f"{self.total_steps} optimizer steps, lr {cfg.optim.lr}, clip {cfg.engine.gradient_clipping}, "
+                     f"device {self.engine.device}"]:
+            self.say(line)
 
     def _resume(self, latest: Path, universal: bool) -> int:
         meta = self.ckpt.load(self.engine, latest, universal)
@@ -136,27 +136,33 @@ class Trainer:
     def forward_backward(self, batches: list[Batch]) -> StepResult:
         """Everything of one optimizer step but engine.step(): gradients are complete afterwards."""
         encode = lambda inputs: self.engine(**inputs)  # noqa: E731  [b, k, d], all views in one forward
-        return forward_backward(batches, encode, self.engine.backward, self.loss_fn, self.cfg.train.grad_cache)
+        loss_fn = self.loss_fns[batches[0].source]  # a step's batches all come from one source
+        return forward_backward(batches, encode, self.engine.backward, loss_fn, self.cfg.train.grad_cache)
 
-    def train_step(self, batches: list[Batch], stop: StopRequest, step: int) -> bool:
-        """One optimizer step. Returns True when a stop was requested on any rank (the step is
-        still completed, so the checkpoint is consistent)."""
+    def train_step(self, batches: list[Batch], stop: StopRequest, step: int, sync: bool = True) -> bool:
+        """One optimizer step; True when a stop was requested on any rank (the step is still
+        completed, so the checkpoint is consistent). The ranks' agreement on non-finite losses and
+        stops (state.StepFlags) is read for this step when `sync` (it logs, evaluates or saves;
+        every step under on_nonfinite=skip), else for the previous one, without a host sync."""
         self.window.tokens += sum(b.tokens for b in batches)
         result = self.forward_backward(batches)
-        bad = ~torch.isfinite(result.loss)
-        # collective, once per step: did any rank see a non-finite loss or a stop request?
-        flags = du.all_reduce_max(torch.stack([bad.float(), torch.tensor(float(stop.requested()), device=bad.device)]))
-        any_bad, any_stop = (bool(x) for x in flags.tolist())  # note: a host sync point
-        if any_bad:
-            if self.cfg.train.on_nonfinite == "stop":
-                raise NonFiniteLossError(
-                    f"non-finite train/loss at step {step + 1}; no update applied. Last checkpoint: "
-                    f"{self.ckpt.latest() or 'none'}. Lower optim.lr, use fp32/bf16, or set train.on_nonfinite=skip")
+        skip = self.cfg.train.on_nonfinite == "skip"
+        _, any_stop, first_bad = self.flags.read()  # the previous step's
+        self.flags.post(result.loss, stop.requested(), step)
+        if sync or skip or any_stop:  # a stop saves a checkpoint: this step must be known finite
+            bad, any_stop, first_bad = self.flags.read()
+        if skip and bad:
             self.say(f"step {step + 1}: non-finite train/loss on some rank; step skipped (train.on_nonfinite=skip)")
             self.engine.drop_gradients()
+        elif first_bad is not None and not skip:
+            raise NonFiniteLossError(
+                f"non-finite train/loss at step {first_bad + 1}; nothing after step {first_bad} is saved. Last "
+                f"checkpoint: {self.ckpt.latest() or 'none'}. Lower optim.lr, use fp32/bf16, or set "
+                "train.on_nonfinite=skip")
         else:
-            self.window.add(result.loss, result.masked)
+            self.window.add(result.loss, result.masked, batches[0].source)
         self.engine.step()
+        self.window.drawn[batches[0].source] += 1
         return any_stop
 
     # -- the loop ------------------------------------------------------------------------------
@@ -167,14 +173,16 @@ class Trainer:
             start = self.setup()
             logger = MetricsLogger(self.cfg, self.env.is_main, self.say)
             stop = StopRequest(check_file=self.env.is_main, say=self.say)
-            bar = self._progress_bar(start)
+            bar = progress_bar(self.env.is_main and self.cfg.log.progress_bar, self.total_steps, start)
             for step, batches in self.data.steps(start, self.total_steps, self.engine.device):
-                lr = self.engine.lr()
-                stopped = self.train_step(batches, stop, step)
-                done = step + 1
-                if done % self.cfg.log.every_steps == 0 or done == self.total_steps:
+                lr, done = self.engine.lr(), step + 1
+                log = done % self.cfg.log.every_steps == 0 or done == self.total_steps
+                evaluate = self.validator is not None and self.validator.due(done, self.total_steps)
+                sync = log or evaluate or self.ckpt.due(done, self.total_steps, False)
+                stopped = self.train_step(batches, stop, step, sync)
+                if log:
                     self._log(logger, bar, lr, done)
-                if self.validator is not None and self.validator.due(done, self.total_steps):
+                if evaluate:
                     self._evaluate(logger, done)
                 if self.ckpt.due(done, self.total_steps, stopped):
                     self.ckpt.save(self.engine, done, self._checkpoint_meta())
@@ -196,12 +204,12 @@ class Trainer:
         return self._finish(stopped)
 
     def _checkpoint_meta(self) -> dict:
-        return {"zero_stage": self.engine.zero_stage, "total_steps": self.total_steps, "data": self.data_fingerprint,
-                "global_batch_size": self.cfg.train.global_batch_size}
+        return {"zero_stage": self.engine.zero_stage, "total_steps": self.total_steps, "sampler": SAMPLER_VERSION,
+                "data": self.data.fingerprints(), "global_batch_size": self.cfg.train.global_batch_size}
 
     def _log(self, logger: MetricsLogger, bar, lr: float, step: int) -> None:
         metrics = self.window.summarize(lr, self.engine.grad_norm(), self.cfg.train.global_batch_size,
-                                        self.data.mask_duplicates)
+                                        any(self.data.mask_duplicates))
         self._log_rows(logger, metrics, step)
         if bar is not None:
             bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
@@ -222,7 +230,7 @@ class Trainer:
 
     def _export_best(self, step: int, score: float | None) -> None:
         """Publish best/. collective: ZeRO gathers the full weights on every rank."""
-        state = self.engine.full_state_dict()
+        state = self.engine.full_state_dict(dst_rank=0)
         best = self.out / "best"
         du.agreed(lambda: write_best(best, state, self.encoder, self.tokenizer, {"step": step, "stsb_dev_spearman": score},
                                      self.cfg.to_dict()) if self.env.is_main else None,
@@ -238,10 +246,3 @@ class Trainer:
             self.say(f"done: {self.total_steps} steps; {what} in {best_dir}"
                      + (f"; last checkpoint {last} ({human_bytes(self.ckpt.size(last))})" if last else ""))
         return TrainResult(self.total_steps, best_score, best_step, best_dir, stopped)
-
-    def _progress_bar(self, start: int):
-        if not (self.env.is_main and self.cfg.log.progress_bar and sys.stderr.isatty()):
-            return None  # redirected logs get one plain line per logging step instead
-        from tqdm.auto import tqdm
-
-        return tqdm(total=self.total_steps, initial=start, desc="train", dynamic_ncols=True)

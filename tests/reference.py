@@ -1,5 +1,5 @@
 """Independent single-process references: the paper's loss written out, the global batch
-formed from the documented order, no gather, no DeepSpeed."""
+formed from the documented order (written out again here), no gather, no DeepSpeed."""
 
 from __future__ import annotations
 
@@ -34,7 +34,51 @@ def reference_simcse_loss(views: torch.Tensor, temperature: float, hard_negative
     return torch.stack(terms).mean()
 
 
-def global_batch_indices(num_examples: int, global_batch: int, seed: int, step: int = 0) -> list[int]:
-    """The documented data order: permutation of epoch 0 seeded with `seed`, cut in global batches."""
-    perm = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed))
-    return perm[step * global_batch:(step + 1) * global_batch].tolist()
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def _key(*parts: int) -> int:
+    h = 0
+    for p in parts:
+        h = _splitmix64(h ^ (p & _M64))
+    return h
+
+
+def feistel(n: int, key: int, position: int) -> int:
+    """docs/design.md "Data order", one position at a time in plain integers: a 6-round Feistel
+    network over 2^bits >= n whose two halves swap widths every round, round r keyed by
+    key(key, r), F = SplitMix64; images >= n are permuted again (cycle-walking)."""
+    if n <= 1:
+        return position
+    bits = max(2, (n - 1).bit_length())
+    keys = [_key(key, r) for r in range(6)]
+
+    def network(x: int) -> int:
+        hi, lo = bits // 2, bits - bits // 2
+        for k in keys:
+            left, right = x >> lo, x & ((1 << lo) - 1)
+            x = (right << hi) | ((left + _splitmix64(right ^ k)) & ((1 << hi) - 1))
+            hi, lo = lo, hi
+        return x
+
+    y = network(position)
+    while y >= n:
+        y = network(y)
+    return y
+
+
+def global_batch_indices(num_examples: int, global_batch: int, seed: int, step: int = 0,
+                         drop_last: bool = True) -> list[int]:
+    """The documented data order of one source: epoch e's rows are positions 0..n-1 through
+    feistel(n, key(seed, 0, e)), cut in global batches."""
+    per_epoch = num_examples // global_batch if drop_last else -(-num_examples // global_batch)
+    epoch, s = divmod(step, per_epoch)
+    key = _key(seed, 0, epoch)
+    return [feistel(num_examples, key, p) for p in range(s * global_batch, min((s + 1) * global_batch, num_examples))]

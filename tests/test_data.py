@@ -5,21 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import DEMO_DATA
+from reference import global_batch_indices
 from transformers import AutoTokenizer
 
 from simcse_dist.data import BatchPlan, Collator, GlobalBatchSampler, load_examples
 from simcse_dist.readers import DataError
 
 
-def written_out_global_batch(n: int, big_b: int, seed: int, epoch: int, step: int) -> list[int]:
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return perm[step * big_b:(step + 1) * big_b]
-
-
 @pytest.mark.parametrize("world,accum", [(1, 1), (2, 1), (3, 1), (2, 2), (3, 4)])
 def test_ranks_partition_the_single_process_global_batch(world, accum):
     n, big_b, seed = 100, 24, 5
-    plan = BatchPlan(n, big_b, world, accum)
+    plan = BatchPlan((n,), big_b, world, accum)
     samplers = [GlobalBatchSampler(plan, r, seed) for r in range(world)]
     spe = plan.steps_per_epoch
     assert spe == 4 and plan.dropped_per_epoch == 4
@@ -30,7 +26,7 @@ def test_ranks_partition_the_single_process_global_batch(world, accum):
         for micro in range(accum):
             chunk = [i for r in range(world) for i in per_rank[r][micro]]  # rank-major concatenation
             assert all(len(per_rank[r][micro]) == big_b // (world * accum) for r in range(world))
-            expected = written_out_global_batch(n, big_b, seed, epoch, s)
+            expected = global_batch_indices(n, big_b, seed, step)
             size = big_b // accum
             assert chunk == expected[micro * size:(micro + 1) * size]
             if epoch == 0:
@@ -41,7 +37,7 @@ def test_ranks_partition_the_single_process_global_batch(world, accum):
 @pytest.mark.parametrize("world,accum", [(2, 1), (3, 1), (2, 2), (4, 1)])
 def test_without_drop_last_every_example_is_seen_once_per_epoch(world, accum):
     n, big_b = 29, 12  # 2 full global batches + 5 left over
-    plan = BatchPlan(n, big_b, world, accum, drop_last=False)
+    plan = BatchPlan((n,), big_b, world, accum, drop_last=False)
     assert plan.steps_per_epoch == 3 and plan.dropped_per_epoch == 0
     samplers = [GlobalBatchSampler(plan, r, seed=1) for r in range(world)]
     seen = []
@@ -57,25 +53,26 @@ def test_without_drop_last_every_example_is_seen_once_per_epoch(world, accum):
             assert {shares[r][micro].full for r in range(world)} == {sum(valid) == row_count * world}
             seen += real
     assert sorted(seen) == list(range(n))
-    assert seen == written_out_global_batch(n, n, 1, 0, 0)  # the single-process order
+    assert seen == global_batch_indices(n, n, 1, 0)  # the single-process order
 
 
 def test_thirteen_examples_on_two_ranks_split_seven_and_six():
-    plan = BatchPlan(13, 16, 2, 1, drop_last=False)
-    a, b = (GlobalBatchSampler(plan, r, 0, shuffle=False).micro_batches(0, 0)[0] for r in range(2))
+    plan = BatchPlan((13,), 16, 2, 1, drop_last=False)
+    a, b = (GlobalBatchSampler(plan, r, 0, shuffle=False).micro_batches(0)[0] for r in range(2))
     assert (a.indices, a.valid, b.indices[:6], b.valid, len(b.indices)) == (list(range(7)), 7, list(range(7, 13)), 6, 7)
 
 
 def test_epochs_reshuffle_and_no_shuffle_keeps_order():
-    plan = BatchPlan(10, 5, 1, 1)
+    plan = BatchPlan((10,), 5, 1, 1)
     smp = GlobalBatchSampler(plan, 0, seed=0)
-    assert smp.micro_batch(0, 0, 0) != smp.micro_batch(1, 0, 0)
-    assert GlobalBatchSampler(plan, 0, 0, shuffle=False).micro_batch(3, 1, 0) == [5, 6, 7, 8, 9]
+    assert smp.step_examples(0)[1] != smp.step_examples(2)[1]  # epochs 0 and 1
+    assert sorted(smp.step_examples(2)[1] + smp.step_examples(3)[1]) == list(range(10))
+    assert GlobalBatchSampler(plan, 0, 0, shuffle=False).step_examples(7) == (0, [5, 6, 7, 8, 9])
 
 
 def test_fewer_examples_than_a_global_batch_is_an_error():
     with pytest.raises(DataError, match="fewer than one global batch"):
-        GlobalBatchSampler(BatchPlan(10, 16, 1, 1), 0, 0)
+        GlobalBatchSampler(BatchPlan((10,), 16, 1, 1), 0, 0)
 
 
 @pytest.fixture(scope="module")

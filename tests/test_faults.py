@@ -198,6 +198,27 @@ def test_edited_training_file_is_refused_on_resume(tiny_bert, tmp_path, single_p
     assert allowed.train().steps == 3
 
 
+def test_checkpoint_in_another_data_order_is_refused_through_the_cli(tiny_bert, tmp_path):
+    """A checkpoint of an earlier version (torch.randperm order, no `sampler` in its state): exit 2
+    naming both orders, and the checkpoint left as it was."""
+    out = tmp_path / "run"
+    over = args(tiny_bert, out, steps=2, **{"log.progress_bar": "false"})
+    first = subprocess.run(python_cli(*over), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (ckpt,) = (out / "checkpoints").iterdir()
+    state_file = ckpt / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["sampler"] == "feistel-v1"
+    del state["sampler"]
+    state_file.write_text(json.dumps(state))
+    again = subprocess.run(python_cli(*over, "train.max_steps=4"), cwd=REPO, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2, again.stderr[-3000:]
+    err = again.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "randperm" in err and "'feistel-v1'" in err and "Traceback" not in again.stderr
+    assert json.loads(state_file.read_text()) == state
+
+
 def test_raising_max_steps_extends_a_finished_run(tiny_bert, tmp_path, single_process_group):
     """The linear schedule is recomputed for the new total: step 5 runs at lr x (8 - 4) / 8."""
     from simcse_dist.config import load_config
@@ -275,3 +296,14 @@ def test_deepspeed_script_keeps_the_visible_gpus(tmp_path, visible, expected):
     assert proc.returncode == 0, proc.stderr
     argv = (tmp_path / "args").read_text().split("\n")
     assert argv[:2] == expected and "--module" in argv
+
+
+def test_main_first_keeps_waiting_ranks_alive_past_the_collective_timeout():
+    """Preparing a large corpus on rank 0 outlasts engine.dist_timeout_s; the waiting ranks must
+    not fail. Control: the same wait in one barrier does time out (so the timeout is real)."""
+    from helpers import run_gloo
+
+    out = run_gloo(REPO / "tests" / "workers" / "main_first_worker.py", 2, [], timeout=120)
+    assert "rank 0: main_first -> built" in out and "rank 1: main_first -> None" in out
+    with pytest.raises(AssertionError, match="(?i)timeout|timed out"):
+        run_gloo(REPO / "tests" / "workers" / "main_first_worker.py", 2, ["--barrier"], timeout=120)

@@ -32,7 +32,7 @@ def test_rng_replay_reencodes_the_cached_embeddings_bit_for_bit(tiny_bert, tmp_p
         assert torch.equal(cached, again)
     assert not torch.equal(outputs[0][:, 0], outputs[0][:, 1]) or objective == "sup"  # dropout is on
     # The cached loss is the loss of the re-encoded embeddings (the uncached computation).
-    uncached, _ = trainer.loss_fn(torch.cat(outputs[4:]), None, torch.cat([b.ids for b in batches])
+    uncached, _ = trainer.loss_fns[0](torch.cat(outputs[4:]), None, torch.cat([b.ids for b in batches])
                                   if batches[0].ids is not None else None)
     assert loss.item() == pytest.approx(uncached.item(), rel=1e-6)
 

@@ -1,5 +1,8 @@
 """Tests for simcse_dist.readers."""
 
+import gzip
+import hashlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +11,7 @@ from simcse_dist.readers import (
     FORMATS,
     DataError,
     ReadStats,
+    TrainRows,
     detect_format,
     read_train_examples,
     resolve_path,
@@ -175,6 +179,7 @@ def test_jsonl_invalid_json_and_bad_values(tmp_path):
     [
         ("a.txt", "txt"), ("a.TEXT", "txt"), ("dir.v2/a.csv", "csv"), ("a.TSV", "tsv"),
         ("a.jsonl", "jsonl"), ("a.json", "jsonl"), ("hf://datasets/o/r/x.tsv", "tsv"),
+        ("a.parquet", "parquet"), ("wiki.txt.gz", "txt"), ("d/nli.TSV.GZ", "tsv"), ("x.jsonl.gz", "jsonl"),
     ],
 )
 def test_detect_format(name, fmt):
@@ -182,8 +187,8 @@ def test_detect_format(name, fmt):
 
 
 def test_detect_format_unknown():
-    msg = error(detect_format, "data/train.parquet")
-    assert msg.startswith("data/train.parquet: cannot tell the data format from the extension '.parquet'")
+    msg = error(detect_format, "data/train.xml")
+    assert msg.startswith("data/train.xml: cannot tell the data format from the extension '.xml'")
     assert all(f in msg for f in FORMATS) and "data.format" in msg
     assert "'(none)'" in error(detect_format, "data/train")
 
@@ -191,7 +196,7 @@ def test_detect_format_unknown():
 def test_explicit_format_and_missing_file(tmp_path):
     p = write(tmp_path, "sentences.dat", "a\nb\n")
     assert read_train_examples(p, fmt="txt")[0] == [("a",), ("b",)]
-    assert error(read_train_examples, p, "xml") == f"{p}: unknown data format 'xml'; expected one of txt, csv, tsv, jsonl"
+    assert error(read_train_examples, p, "xml") == f"{p}: unknown data format 'xml'; expected one of txt, csv, tsv, jsonl, parquet"
     missing = str(tmp_path / "nope.tsv")
     assert error(read_train_examples, missing) == f"{missing}: file not found"
     assert error(read_sts_pairs, missing) == f"{missing}: file not found"
@@ -321,3 +326,64 @@ def test_mined_k_negatives_read_as_triplets_with_the_best_negative(tmp_path):
     assert read_train_examples(p)[0] == [("a", "b", "c1")]
     p = write(tmp_path, "gap.tsv", "sent0\tsent1\thard_neg_1\thard_neg_3\na\tb\tc1\tc3\n")
     assert "unrecognised header" in error(read_train_examples, p)
+
+
+# --- streaming (TrainRows): what simcse_dist.prepare reads ----------------------------------
+
+
+def test_train_rows_stream_before_a_late_error(tmp_path):
+    p = write(tmp_path, "late.tsv", "sent0\tsent1\n" + "".join(f"a{i}\tb{i}\n" for i in range(5)) + "\nbad\n")
+    rows = TrainRows(p)
+    it = iter(rows)
+    assert next(it) == (2, ("a0", "b0")) and rows.layout == ("sent0", "sent1")
+    assert [next(it)[0] for _ in range(4)] == [3, 4, 5, 6]
+    with pytest.raises(DataError) as e:
+        next(it)
+    assert str(e.value) == f"{p}:8: expected 2 fields (sent0, sent1), got 1" and rows.blank_lines == 1
+
+
+@pytest.mark.parametrize("name", ["w.txt", "w.txt.gz", "n.csv", "n.jsonl.gz"])
+def test_train_rows_hash_the_bytes_as_stored(tmp_path, name):
+    text = {"w": "one\n\n two \nthree", "n": 'sent0,sent1\n"x, y",z\n'}[name[0]]
+    if ".jsonl" in name:
+        text = '{"sent0": "x, y", "sent1": "z"}\n'
+    data = text.encode() * 3000  # several read buffers
+    if name.endswith(".gz"):
+        data = gzip.compress(data)
+    p = tmp_path / name
+    p.write_bytes(data)
+    h = hashlib.sha256()
+    rows = [fields for _, fields in TrainRows(str(p), hasher=h)]
+    assert h.hexdigest() == hashlib.sha256(data).hexdigest()
+    if name != "n.csv":
+        assert rows == read_train_examples(str(p))[0]
+
+
+def test_train_rows_chunks(tmp_path):
+    p = write(tmp_path, "t.tsv", "sent0\tsent1\thard_neg\n" + "".join(f"a{i}\tb{i}\tc{i}\n" for i in range(7)))
+    sup = list(TrainRows(p).chunks(3, "sup"))
+    assert [(i, n) for i, _, n in sup] == [(0, 3), (1, 3), (2, 1)]
+    assert sup[1][1] == [["a3", "a4", "a5"], ["b3", "b4", "b5"], ["c3", "c4", "c5"]]
+    unsup = list(TrainRows(p).chunks(7, "unsup", skip=lambda i: i == 0))
+    assert unsup == [(0, None, 7)]  # exactly one full chunk: no empty one after it
+    assert [c for _, c, _ in TrainRows(p).chunks(4, "unsup")] == [[["a0", "a1", "a2", "a3"]], [["a4", "a5", "a6"]]]
+    one = write(tmp_path, "one.txt", "x\ny\n")
+    with pytest.raises(DataError, match=r"one.txt: train.objective=sup needs sent0,sent1\[,hard_neg\] columns"):
+        next(TrainRows(one).chunks(1, "sup"))
+    with pytest.raises(DataError, match="no examples"):
+        next(TrainRows(write(tmp_path, "e.txt", "\n")).chunks(1, "unsup"))
+
+
+def test_parquet_layouts_and_errors(tmp_path, monkeypatch):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    p = str(tmp_path / "d.parquet")
+    pq.write_table(pa.table({"entailment": ["b", " b2 "], "origin": ["a", "a2"], "contradiction": ["c", "c2"]}), p)
+    assert read_train_examples(p) == ([("a", "b", "c"), ("a2", "b2", "c2")], ReadStats(path=p, rows=2, blank_lines=0))
+    pq.write_table(pa.table({"question": ["q"], "answer": ["a"]}), p)
+    assert error(read_train_examples, p).startswith(f"{p}: unrecognised columns ['answer', 'question']; accepted: ")
+    pq.write_table(pa.table({"text": ["a", "", "c"]}), p)
+    assert error(read_train_examples, p) == f"{p}:2: 'text' must be a non-empty string, got ''"
+    bad = write(tmp_path, "bad.parquet", "not parquet")
+    assert error(read_train_examples, bad).startswith(f"{bad}: cannot read as parquet: ")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    assert error(read_train_examples, p) == f"{p}: reading parquet needs pyarrow (pip install pyarrow)"

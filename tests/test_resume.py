@@ -271,17 +271,20 @@ def test_a_rank_that_raises_without_launcher_ends_peers_within_timeout(tiny_bert
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_nonfinite_loss(tiny_bert, tmp_path, policy):
+@pytest.mark.parametrize("policy,log_every", [("stop", 1), ("stop", 10), ("skip", 1)])
+def test_nonfinite_loss(tiny_bert, tmp_path, policy, log_every):
+    """log_every 10: step 7 neither logs nor saves, so its agreement is read one step later (no
+    host sync); step 8 would save a checkpoint and must not."""
     args = ["--fault", "nan", "--rank", "1", "--step", "7",
-            *common(tiny_bert, tmp_path / "run", steps=10, **{"train.on_nonfinite": policy})[2:]]
+            *common(tiny_bert, tmp_path / "run", steps=10, **{"train.on_nonfinite": policy,
+                                                               "log.every_steps": log_every})[2:]]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(REPO / "tests" / "workers" / "fault_worker.py"), *args],
                           capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
     ckpts = [s for s, _ in CheckpointManager(tmp_path / "run", CheckpointConfig(), 0, 2).complete()]
     if policy == "stop":
         assert proc.returncode != 0
-        assert "non-finite train/loss at step 7; no update applied" in proc.stderr
+        assert "non-finite train/loss at step 7; nothing after step 6 is saved" in proc.stderr
         assert ckpts == [4]  # the last good checkpoint is kept, nothing written after the NaN
     else:
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -4,12 +4,13 @@ Trainer, no files, no DeepSpeed, no process group. References are written out in
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from reference import reference_simcse_loss
 from torch import nn
 
-from simcse_dist.pipeline import text_ids
 from simcse_dist.step import Batch, ContrastiveLoss, accumulate, grad_cache
 
 TAU, HNW = 0.05, 0.3
@@ -100,7 +101,9 @@ def test_masked_loss_equals_the_written_out_formula():
     pairs is the written-out count."""
     texts = [(f"p{i // 2}", f"e{i}", f"c{i}") for i in range(8)]  # rows 2j, 2j+1 share a premise
     texts[5] = (texts[5][0], texts[5][1], "e2")  # row 5's hard negative is row 2's positive
-    ids = text_ids(texts, 3)
+    # what a prepared corpus stores: the 63-bit blake2b of each text
+    ids = torch.tensor([[int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), 'little') >> 1
+                         for t in row] for row in texts])
     z = torch.randn(8, 3, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     loss, masked = ContrastiveLoss(TAU, HNW, mask_duplicates=True)(z, None, ids)
     ref = reference_simcse_loss(z, TAU, HNW, texts=texts)

@@ -21,23 +21,26 @@ def main() -> int:
     args = p.parse_args()
 
     class FaultyTrainer(Trainer):
-        """Wraps the loss of every micro-step (step.py calls loss_fn once per micro-step)."""
+        """Wraps the loss of every micro-step (step.py calls a loss_fn once per micro-step)."""
 
-        def __init__(self, *a, **kw) -> None:
-            super().__init__(*a, **kw)
-            inner, calls = self.loss_fn, [0]
+        def setup(self) -> int:
+            start = super().setup()
+            calls = [0]
 
-            def faulty(z, row_valid=None, ids=None):
-                loss, masked = inner(z, row_valid, ids)
-                calls[0] += 1
-                step = calls[0] // self.cfg.train.grad_accum + 1
-                if self.env.rank == args.rank and calls[0] >= args.step:
-                    if args.fault == "raise":
-                        raise RuntimeError(f"injected failure on rank {self.env.rank} at step {step}")
-                    return loss * torch.tensor(float("nan")), masked
-                return loss, masked
+            def wrap(inner):
+                def faulty(z, row_valid=None, ids=None):
+                    loss, masked = inner(z, row_valid, ids)
+                    calls[0] += 1
+                    step = calls[0] // self.cfg.train.grad_accum + 1
+                    if self.env.rank == args.rank and calls[0] >= args.step:
+                        if args.fault == "raise":
+                            raise RuntimeError(f"injected failure on rank {self.env.rank} at step {step}")
+                        return loss * torch.tensor(float("nan")), masked
+                    return loss, masked
+                return faulty
 
-            self.loss_fn = faulty
+            self.loss_fns = [wrap(fn) for fn in self.loss_fns]
+            return start
 
     env = DistEnv.from_env()
     cfg = load_config(None, args.overrides)
