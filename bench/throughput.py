@@ -20,7 +20,7 @@ order rotated every round, and each implementation sees the same sequence of bat
 
 Implementations (see docs/performance.md for why each is built the way it is):
 - simcse-zN:   `Trainer.setup()`, then per step `Trainer.data.prepare` and `Trainer.train_step`
-               at ZeRO stage N with the default config (the real path: token cache, Encoder,
+               at ZeRO stage N with the default config (the real path: prepared corpus, Encoder,
                gather, loss, DeepSpeed engine, clipping, AdamW, LR schedule). With one process
                ZeRO-1/2 are DeepSpeed's own, partitioning over one rank.
 - plain:       AutoModel + [CLS] + MLP (Linear+Tanh), one forward over both views, InfoNCE with
@@ -28,8 +28,8 @@ Implementations (see docs/performance.md for why each is built the way it is):
 - st-mnrl:     sentence-transformers model (its own pooling) + MultipleNegativesRankingLoss
                (scale 20 = 1/0.05) on pairs (s, s), manual loop with the same optimizer/clipping.
 Optional (--impls): plain-pretok (batches tokenized before timing), plain-unfused (the per-tensor
-AdamW loop, torch's CPU default) and simcse-zN-nocache (the trainer with data.token_cache=false:
-the tokenizer in the step).
+AdamW loop, torch's CPU default) and simcse-zN-nocache (the trainer with its prepared-corpus
+collator swapped for `data.Collator`: the tokenizer in the step).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 DEFAULT_IMPLS_CPU = "simcse-z0,simcse-z1,simcse-z2,simcse-z3,plain,st-mnrl"
-OPTIONAL_IMPLS = "plain-pretok,plain-unfused,simcse-z0-nocache"
+OPTIONAL_IMPLS = "plain-pretok,plain-unfused,simcse-z0-nocache,simcse-z0-compile"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,29 +121,35 @@ class SimcseImpl(Impl):
     inside theirs; `data.steps` on CUDA would prepare them ahead in DataLoader workers.
     """
 
-    def __init__(self, s: Setup, stage: int, cached: bool = True) -> None:
+    def __init__(self, s: Setup, stage: int, cached: bool = True, compiled: bool = False) -> None:
         from simcse_dist.config import load_config
+        from simcse_dist.data import Collator
         from simcse_dist.distributed import DistEnv
         from simcse_dist.preempt import StopRequest
+        from simcse_dist.readers import read_train_examples
         from simcse_dist.trainer import Trainer
 
-        self.name = f"simcse-z{stage}" + ("" if cached else "-nocache")
+        self.name = f"simcse-z{stage}" + ("" if cached else "-nocache") + ("-compile" if compiled else "")
         overrides = [
             f"model.name_or_path={s.simcse_name}", f"model.dropout={DROPOUT}", f"model.temperature={TEMPERATURE}",
             "model.pooler=cls", f"data.train_file={s.data}", f"data.max_seq_len={s.seq_len}",
             f"train.global_batch_size={s.batch_size}", f"train.max_steps={s.total_steps}",
             f"train.output_dir={s.work_dir / self.name}", "train.overwrite=true", "checkpoint.resume=false",
             "checkpoint.every_steps=0", f"engine.zero_stage={stage}", f"engine.precision={s.precision}",
-            "log.wandb_mode=disabled", "log.progress_bar=false", f"data.token_cache={str(cached).lower()}",
-            f"data.cache_dir={s.work_dir / 'token-cache'}",
+            "log.wandb_mode=disabled", "log.progress_bar=false",
+            f"data.cache_dir={s.work_dir / 'token-cache'}", f"engine.compile={str(compiled).lower()}",
         ]
         self.s = s
         self.trainer = Trainer(load_config(None, overrides), DistEnv.from_env(), quiet=True)
-        self.trainer.setup()  # token cache, engine (collective; one rank here)
+        self.trainer.setup()  # prepared corpus, engine (collective; one rank here)
         self.stop = StopRequest(check_file=False)
+        examples = [ex[:1] for ex in read_train_examples(s.data)[0]]
+        if not cached:  # the tokenizer in the step, as plain and st-mnrl
+            collate = Collator(self.trainer.tokenizer, s.seq_len, "unsup")
+            self.trainer.data.collators[0] = lambda indices: collate([examples[i] for i in indices])
         if not s.batches:  # the data order every implementation follows
             data = self.trainer.data
-            s.texts = [ex[0] for ex in data.examples]
+            s.texts = [ex[0] for ex in examples]
             s.micro = [micro for _, micro in data.sampler.iter_steps(0, s.total_steps)]
             s.batches = [list(micro[0].indices) for micro in s.micro]
 
@@ -256,9 +262,9 @@ class STImpl(Impl):
 
 
 def known(name: str) -> bool:
-    """simcse-zN[-nocache] (N in 0-3), plain, plain-pretok, plain-unfused or st-mnrl."""
+    """simcse-zN[-nocache][-compile] (N in 0-3), plain, plain-pretok, plain-unfused or st-mnrl."""
     if name.startswith("simcse-z"):
-        return name.removeprefix("simcse-z").removesuffix("-nocache") in ("0", "1", "2", "3")
+        return name.removeprefix("simcse-z").removesuffix("-compile").removesuffix("-nocache") in ("0", "1", "2", "3")
     return name in ("plain", "plain-pretok", "plain-unfused", "st-mnrl")
 
 
@@ -266,8 +272,8 @@ def build(name: str, s: Setup) -> Impl:
     if not known(name):
         raise SystemExit(f"--impls: unknown implementation {name!r}")
     if name.startswith("simcse-z"):
-        stage = int(name.removeprefix("simcse-z").removesuffix("-nocache"))
-        return SimcseImpl(s, stage, cached=not name.endswith("-nocache"))
+        flags = name.removeprefix("simcse-z").split("-")
+        return SimcseImpl(s, int(flags[0]), cached="nocache" not in flags, compiled="compile" in flags)
     if name == "plain":
         return PlainImpl(s)
     if name == "plain-unfused":

@@ -6,6 +6,7 @@ Choices, and why:
 - a client LambdaLR with HF's linear warmup/decay (what the official SimCSE code trains with),
   stepped by the engine after each optimizer step; its state is part of engine checkpoints.
 - gradient clipping always set explicitly (DeepSpeed would default to 1.0).
+- bf16: gradients are reduced over ranks in fp32 (`communication_data_type`), see below.
 """
 
 from __future__ import annotations
@@ -88,9 +89,28 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if cfg.engine.precision == "bf16":
+        # DeepSpeed reduces gradients in the model's dtype unless told otherwise: in bf16 (8-bit
+        # mantissa) every add of the ring all-reduce / reduce-scatter rounds to ~3 significant
+        # digits, so N ranks would no longer make the update of one process (the exactness
+        # tests/test_grad_equivalence.py holds at fp32). fp32 reduction keeps it, for twice the
+        # gradient bytes (at ZeRO-2/3 overlapped with the backward on GPUs). fp16 keeps
+        # DeepSpeed's default (fp16: 11-bit mantissa and a loss scale that detects overflow).
+        ds["communication_data_type"] = "fp32"
     if cfg.engine.deepspeed_config:
         ds = merge_dicts(ds, json.loads(Path(cfg.engine.deepspeed_config).read_text()))
     return ds
+
+
+def compile_encoder(model: nn.Module) -> nn.Module:
+    """engine.compile: torch.compile the transformer (`model.backbone`, where the FLOPs are; the
+    whole module when it has none) in place, with `nn.Module.compile()`: parameters, hooks and
+    state_dict keys stay the module's own (`torch.compile(module)` would wrap it and prefix every
+    checkpoint and best/ key with `_orig_mod.`). Dynamic padding recompiles once, when the
+    length first changes (then the graph is dynamic); eval mode compiles its own graph."""
+    target = getattr(model, "backbone", None)
+    (target if isinstance(target, nn.Module) else model).compile()
+    return model
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -102,6 +122,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _undo_init_step(optimizer) -> None:
+    """DeepSpeed's FP16 optimizers (ZeRO-0 bf16 and fp16) run one optimizer.step() with zero
+    gradients at construction to create Adam's state: its step count then starts at 1, so the first
+    real update uses step 2's bias corrections (0.74x the update of torch's AdamW, measured) and
+    every later step is one off. ZeRO 1-3 create no state ahead. Empty state makes torch's AdamW
+    start at step 1 at the first real update, as at fp32 and ZeRO 1-3 (checkpoints load into it)."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if isinstance(optimizer, FP16_Optimizer | FP16_UnfusedOptimizer):
+        optimizer.optimizer.state.clear()
+
+
 class Engine:
     """Thin wrapper over a DeepSpeed engine: forward, backward, step and what we log."""
 
@@ -110,6 +143,8 @@ class Engine:
         """collective: deepspeed.initialize broadcasts the weights and builds ZeRO's groups."""
         import deepspeed
 
+        if cfg.engine.compile:
+            compile_encoder(model)
         warmup = math.ceil(cfg.optim.warmup_ratio * total_steps)
         optimizer = torch.optim.AdamW(
             param_groups(model, cfg.optim.weight_decay),
@@ -136,6 +171,7 @@ class Engine:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             config=self.ds_config,
         )
+        _undo_init_step(self.engine.optimizer)
         # One rank: DeepSpeed's gradient "all-reduce" would flatten, divide by 1 and copy back
         # every gradient (~30 ms of a 1.7 s MiniLM CPU step) for an identity; its public
         # no_sync() skips it (ZeRO-0 only: ZeRO-2/3 partition gradients in that reduction).
@@ -228,17 +264,48 @@ class Engine:
             group["lr"] = base * factor(sch.last_epoch)
         return self.lr()
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """fp32 master weights of every parameter, gathered from ZeRO partitions, on CPU.
+    def _fp32_masters(self) -> dict[int, torch.Tensor]:
+        """id(module parameter) -> its fp32 master weight, for DeepSpeed's FP16 optimizers: ZeRO-0
+        bf16 and fp16 wrap our torch AdamW in FP16_UnfusedOptimizer (FP16_Optimizer with a fused
+        Adam), which keep the masters in `fp32_groups` (`fp32_groups_flat`) parallel to
+        `fp16_groups` and link no `_hp_mapping`, so `safe_get_full_fp32_param` returns None for
+        their parameters and the module's bf16/fp16 values are all that is left."""
+        opt = self.engine.optimizer
+        low = getattr(opt, "fp16_groups", None)
+        if low is None:
+            return {}
+        if getattr(opt, "fp32_groups_flat", None) is not None:
+            from torch._utils import _unflatten_dense_tensors
 
-        collective: every rank calls this (ZeRO 1-3 assemble partitions with all-reduces).
+            high = [_unflatten_dense_tensors(flat, group) for flat, group in zip(opt.fp32_groups_flat, low, strict=True)]
+        elif getattr(opt, "fp32_groups", None) is not None:
+            high = opt.fp32_groups
+        else:
+            return {}
+        return {id(p): m for group, masters in zip(low, high, strict=True) for p, m in zip(group, masters, strict=True)}
+
+    def full_state_dict(self, dst_rank: int | None = None) -> dict[str, torch.Tensor]:
+        """fp32 master weights of every parameter (the optimizer's, not the bf16/fp16 module
+        copies), gathered from ZeRO partitions, on CPU, plus the buffers.
+
+        dst_rank: None, every rank returns the copy; r, only rank r does and the others return {}
+        after joining every gather (under ZeRO-3 one full fp32 CPU copy per job, not per rank).
+        collective: every rank calls this (ZeRO 1-3 assemble partitions with all-reduces /
+        all-gathers, parameter by parameter).
         """
         from deepspeed.utils import safe_get_full_fp32_param
 
+        keep = dst_rank is None or self.engine.global_rank == dst_rank
+        masters = self._fp32_masters()
         state = {}
         for name, p in self.engine.module.named_parameters():
-            full = safe_get_full_fp32_param(p)
-            state[name] = (p.data if full is None else full).detach().float().cpu().clone()
-        for name, buf in self.engine.module.named_buffers():
-            state[name] = buf.detach().cpu().clone()
+            full = safe_get_full_fp32_param(p)  # collective at ZeRO 1-3
+            if not keep:
+                continue
+            if full is None:
+                full = masters.get(id(p), p.data)
+            state[name] = full.detach().float().cpu().clone()
+        if keep:
+            for name, buf in self.engine.module.named_buffers():
+                state[name] = buf.detach().cpu().clone()
         return state
