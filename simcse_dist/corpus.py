@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+
+MAX_OPEN_SHARDS = 1024
 
 
 def _map(path: Path) -> np.ndarray:
@@ -52,7 +55,7 @@ class PreparedCorpus:
         self._names = [s["name"] for s in m["shards"]]
         self._starts = np.zeros(len(self._names) + 1, dtype=np.int64)
         np.cumsum([s["rows"] for s in m["shards"]], out=self._starts[1:])
-        self._shards: list[_Shard | None] = [None] * len(self._names)
+        self._shards: OrderedDict[int, _Shard] = OrderedDict()  # open shards, least recently used first
 
     @property
     def fingerprint(self) -> dict:
@@ -71,9 +74,15 @@ class PreparedCorpus:
         self.built = state["built"]
 
     def shard(self, index: int) -> _Shard:
-        sh = self._shards[index]
+        """Shard `index`'s memory maps. At most MAX_OPEN_SHARDS stay open: a 10^9-row corpus has
+        ~30k shards of 3-10 files each, and Linux allows 65,530 maps per process by default."""
+        sh = self._shards.get(index)
         if sh is None:
             sh = self._shards[index] = _Shard(self.directory / "shards" / self._names[index], self.num_columns)
+            if len(self._shards) > MAX_OPEN_SHARDS:
+                self._shards.popitem(last=False)
+        else:
+            self._shards.move_to_end(index)
         return sh
 
     def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -420,3 +420,20 @@ def test_two_million_lines_in_bounded_memory(tmp_path, shared_data):
     assert int(grew) + int(workers) < 1 << 30, (grew, workers)  # the whole build: < 1 GiB
     print(f"2M lines in {float(seconds):.1f} s: main process grew {int(grew) / 2**20:.0f} MiB, "
           f"workers {int(workers) / 2**20:.0f} MiB together at their peak")
+
+
+def test_open_shards_are_bounded_and_reading_stays_exact(tmp_path, minilm, monkeypatch):
+    """A 10^9-row corpus has ~30k shards: at most MAX_OPEN_SHARDS stay mapped (Linux allows 65,530
+    maps per process), and rows of closed shards read back the same after reopening."""
+    from simcse_dist import corpus as corpus_module
+
+    monkeypatch.setattr(corpus_module, "MAX_OPEN_SHARDS", 2)
+    lines = [f"{i} {s}" for i, s in enumerate(SENTENCES * 3)]
+    corpus = prep(write_lines(tmp_path / "s.txt", lines), "unsup", minilm, tmp_path, shard_rows=4)
+    assert len(corpus.manifest["shards"]) == 8
+    for _ in range(2):
+        for row in range(len(lines)):
+            expected = minilm(lines[row].strip(), truncation=True, max_length=MAX_LEN)["input_ids"]
+            assert corpus.ids(0, row).tolist() == expected
+            assert corpus.hashes(np.array([row]))[0, 0] == blake63(lines[row].strip())
+            assert len(corpus._shards) <= 2
