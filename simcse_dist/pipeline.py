@@ -49,7 +49,7 @@ class InputPipeline:
 
             # rank 0 prepares while the others wait (with a keep-alive, however long it takes);
             # then every rank opens it (or, with a cache dir rank 0 cannot see, prepares its own)
-            corpus = du.main_first(prepared) or prepared(is_main=False)
+            corpus = du.main_first(prepared, every_s=min(30.0, cfg.engine.dist_timeout_s / 4)) or prepared(is_main=False)
             k = 2 if src.objective == "unsup" else corpus.num_columns
             cfg.check_negatives(k)
             md = cfg.train.mask_duplicates

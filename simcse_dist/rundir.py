@@ -22,7 +22,7 @@ from .order import SAMPLER_VERSION
 # schedule continues); data.allow_changed_data is checked against the data itself on resume.
 _MAY_DIFFER = ("log.", "eval.every_steps", "eval.batch_size", "checkpoint.", "engine.dist_timeout_s",
                "train.overwrite", "train.on_nonfinite", "train.max_steps", "train.epochs", "data.allow_changed_data",
-               "data.num_workers", "data.cache_dir")
+               "data.num_workers", "data.cache_dir", "data.prepare_workers", "train.output_dir")  # a moved run dir resumes
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

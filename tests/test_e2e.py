@@ -43,9 +43,10 @@ def test_two_ranks_train_minilm_on_wiki_sample(shared_data, tmp_path):
                    f"eval.sts_dev_file={shared_data / 'stsb' / 'dev.tsv'}", "eval.every_steps=15", "train.max_steps=30",
                    "train.global_batch_size=16", "log.every_steps=1", "log.wandb_mode=disabled", "engine.zero_stage=2",
                    f"train.output_dir={out}", f"data.cache_dir={cache}"], launcher="torchrun", nproc=2))
-    # The token cache: built once by rank 0 while rank 1 waited, one complete entry, nothing left over.
-    assert proc.stdout.count("token cache: ") == 1 and "built in" in proc.stdout
-    assert [p.name.split(".")[0] for p in cache.iterdir()] == ["wiki1m-sample"]
+    # Prepared once by rank 0 while rank 1 waited: one complete entry, no partial build left over.
+    assert proc.stdout.count("preparing wiki1m-sample.txt:") == 2, proc.stdout  # its start and end lines
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]
+    assert entry.name.startswith("wiki1m-sample.txt.") and (entry / "manifest.json").is_file()
     rows = read_jsonl(out / "metrics.jsonl")
     train = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train] == list(range(1, 31))

@@ -3,6 +3,8 @@ batch from one source, the same losses on 1 and 2 ranks, per-source metrics, con
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from helpers import DEMO_DATA, read_jsonl
 from test_e2e import cli, ok
@@ -37,6 +39,27 @@ def test_two_source_mixture_gives_the_same_losses_on_one_and_two_ranks(tiny_bert
     # sup steps score 12 x 2 candidates per anchor, unsup 12: their first losses differ in scale
     first = {s: next(r["train/loss"] for r, d in zip(rows["one"], drawn, strict=True) if d == s) for s in set(drawn)}
     assert first["nli"] > first["wiki"]
+
+
+@pytest.mark.slow
+def test_resumed_mixture_continues_the_schedule_and_its_counts(tiny_bert, tmp_path):
+    """A 6-step run's checkpoint at step 3, resumed at 2 ranks: the same sources, losses and
+    cumulative data/steps/<name> for steps 4-6 as the uninterrupted one-rank run."""
+    common = [f"model.name_or_path={tiny_bert}", "model.dropout=0", SOURCES, "train.global_batch_size=12",
+              "train.max_steps=6", "log.every_steps=1", "log.wandb_mode=disabled", "log.progress_bar=false",
+              "optim.lr=1e-3", "checkpoint.every_steps=3"]
+    ok(cli([*common, f"train.output_dir={tmp_path / 'whole'}"]))
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-00000006")  # as if stopped after step 3
+    resumed = ok(cli([*common, f"train.output_dir={tmp_path / 'cut'}"], launcher="torchrun", nproc=2))
+    assert "resumed from step 3" in resumed.stdout
+    whole, cut = (read_jsonl(tmp_path / n / "metrics.jsonl") for n in ("whole", "cut"))
+    assert [r["step"] for r in cut] == list(range(1, 7))
+    for a, b in zip(whole[3:], cut[3:], strict=True):
+        assert {k for k in a if k.startswith(("data/", "train/loss/"))} == \
+               {k for k in b if k.startswith(("data/", "train/loss/"))}
+        assert (a["data/steps/wiki"], a["data/steps/nli"]) == (b["data/steps/wiki"], b["data/steps/nli"])
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4)
 
 
 def test_mixture_config_errors_name_the_field(tmp_path):
