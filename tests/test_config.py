@@ -167,3 +167,8 @@ def test_each_rank_selects_its_gpu_before_any_collective(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(du.DistEnvError, match="local rank 3 sees 2 GPUs"):
         du.device_for(env)
+
+
+def test_a_removed_key_says_what_replaced_it():
+    with pytest.raises(ConfigError, match="data.token_cache: removed: training always reads a prepared corpus"):
+        load_config(None, ["data.token_cache=false"])
