@@ -108,14 +108,14 @@ class GlobalBatchSampler:
     """
 
     def __init__(self, plan: BatchPlan, rank: int, seed: int, shuffle: bool = True,
-                 weights: Sequence[float] | None = None) -> None:
+                 weights: Sequence[float] | None = None, names: Sequence[str] | None = None) -> None:
         empty = [i for i, b in enumerate(plan.batches_per_source) if b == 0]
         if empty:
-            n = plan.source_rows[empty[0]]
+            i = empty[0]
             raise DataError(
-                f"{n} training examples are fewer than one global batch (train.global_batch_size="
-                f"{plan.global_batch_size})" + ("; set data.drop_last=false to train on them"
-                                                if len(plan.source_rows) == 1 else f" (source {empty[0]})"))
+                (f"{names[i]}: " if names else "") + f"{plan.source_rows[i]} training examples are fewer than one "
+                f"global batch (train.global_batch_size={plan.global_batch_size})"
+                + ("; set data.drop_last=false to train on them" if len(plan.source_rows) == 1 else ""))
         self.plan, self.rank, self.seed, self.shuffle = plan, rank, seed, shuffle
         self.mixture = Mixture(plan.batches_per_source, weights or [1.0] * len(plan.source_rows), seed)
 

@@ -60,7 +60,7 @@ class InputPipeline:
         self.plan = BatchPlan(tuple(c.num_rows for c in self.corpora), cfg.train.global_batch_size,
                               env.world_size, cfg.train.grad_accum, cfg.data.drop_last)
         self.sampler = GlobalBatchSampler(self.plan, env.rank, cfg.train.seed, cfg.data.shuffle,
-                                          [s.weight for s in self.sources])
+                                          [s.weight for s in self.sources], [s.path for s in self.sources])
 
     def fingerprints(self) -> dict[str, dict]:
         """{source name: {path, size, sha256}} of the input files, as hashed when prepared."""

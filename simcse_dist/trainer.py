@@ -119,7 +119,8 @@ class Trainer:
         meta = self.ckpt.load(self.engine, latest, universal)
         lr, saved_total = self.engine.sync_lr(), meta.get("total_steps", self.total_steps)
         if saved_total != self.total_steps and meta["step"] < self.total_steps:
-            self.say(f"extending the run from {saved_total} to {self.total_steps} steps: the linear LR schedule is "
+            how = "extending" if self.total_steps > saved_total else "shortening"
+            self.say(f"{how} the run from {saved_total} to {self.total_steps} steps: the linear LR schedule is "
                      f"recomputed for {self.total_steps} steps: lr {lr:.3g} at step {meta['step']}, 0 at step "
                      f"{self.total_steps}")
         if meta["world_size"] != self.env.world_size:
