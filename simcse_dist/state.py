@@ -60,11 +60,10 @@ class StepFlags:
 
     def __init__(self, device: torch.device) -> None:
         cuda = device.type == "cuda"
-        self._host = torch.full((3,), -1, dtype=torch.long, pin_memory=cuda)
+        self._host = torch.tensor([0, 0, -1], dtype=torch.long, pin_memory=cuda)  # bad, stop, first bad step
         self._view = self._host.numpy()  # reads the host buffer without a torch sync call
         self._first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self._event = torch.cuda.Event() if cuda else None
-        self._view[:2] = 0
 
     def post(self, loss: torch.Tensor, stop: bool, step: int) -> None:
         """Enqueue this step's agreement. collective."""
