@@ -79,12 +79,13 @@ def run_training(cfg, env: DistEnv, trainer_cls=None) -> int:
     if env.source != "single":
         watch_launcher()
     du.init_distributed(env, cfg.engine.dist_timeout_s)
-    trainer = None
+    trainer, finished = None, False
     try:
         trainer = (trainer_cls or Trainer)(cfg, env)
         result = trainer.train()
         if env.is_main:
             _write_status("stopped" if result.stopped else "done", result.steps)
+        finished = True
     except (ConfigError, DataError, CheckpointLayoutError, RunLocked, DataChanged) as e:
         return fail(str(e))
     except NonFiniteLossError as e:
@@ -99,7 +100,7 @@ def run_training(cfg, env: DistEnv, trainer_cls=None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
-        du.teardown()
+        du.teardown(together=finished)
     return 0
 
 

@@ -134,8 +134,14 @@ def init_distributed(env: DistEnv, timeout_s: int) -> None:
     init_process_group(env.rank, env.world_size, timeout_s)
 
 
-def teardown() -> None:
+def teardown(together: bool = False) -> None:
+    """Leave the process group. `together` (after a run that ended well on every rank): meet in a
+    barrier first, so no rank closes its connections while a peer still uses them (gloo can then
+    abort the peer with `terminate called without an active exception`). Never after a failure:
+    a dead peer would keep the barrier waiting for the whole timeout."""
     if dist.is_available() and dist.is_initialized():
+        if together and world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

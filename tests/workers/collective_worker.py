@@ -103,6 +103,7 @@ def state(out: Path, model: str) -> None:
         if env.rank == 0:
             torch.save(mine, out / "state-rank0.pt")
         (out / f"keys-rank{env.rank}.json").write_text(json.dumps({"dst0": len(mine), "all": len(everyone)}))
+        du.barrier()  # leave together (distributed.teardown)
     finally:
         du.teardown()
 

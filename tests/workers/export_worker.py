@@ -53,6 +53,7 @@ def main() -> None:
             emb = encode(trainer.engine, trainer.tokenizer, sentences, trainer.engine.device, batch_size=4)
             if env.is_main:
                 torch.save({"emb": emb}, out / name / "inproc.pt")
+        du.barrier()  # leave together (distributed.teardown)
     finally:
         du.teardown()
 
