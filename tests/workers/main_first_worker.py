@@ -24,6 +24,7 @@ def main() -> int:
             time.sleep(8)
         du.barrier()
         print(f"rank {env.rank}: barrier passed", flush=True)
+    du.teardown(together=True)  # exiting with the group alive can abort a rank (distributed.teardown)
     return 0
 
 
