@@ -78,8 +78,9 @@ def in_process(corpus_dir: Path, tokenizer_path: str) -> dict:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from simcse_dist.corpus import CorpusCollator, PreparedCorpus
-    from simcse_dist.data import BatchPlan, Collator, GlobalBatchSampler
+    from simcse_dist.data.collate import Collator, CorpusCollator
+    from simcse_dist.data.corpus import PreparedCorpus
+    from simcse_dist.data.sampler import BatchPlan, GlobalBatchSampler
 
     t = time.perf_counter()
     corpus = PreparedCorpus(corpus_dir)
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         entry: dict = {"rows": rows, "file_mb": round(path.stat().st_size / 2**20, 1)}
         for workers in (1, 2) if rows <= args.prepare_2_max else (2,):
             cache = work / f"cache-{rows}-w{workers}"
-            cmd = [sys.executable, "-m", "simcse_dist.prepare", "--config", str(REPO / "configs" / "demo.yaml"),
+            cmd = [sys.executable, "-m", "simcse_dist.cli.prepare", "--config", str(REPO / "configs" / "demo.yaml"),
                    "--workers", str(workers), "data.max_seq_len=32",
                    f"model.name_or_path={BUNDLED}", f"data.train_file={path}", f"data.cache_dir={cache}"]
             m = run_measured(cmd)

@@ -79,7 +79,7 @@ def run(cmd: list[str], log: Path, timeout: float, env: dict) -> tuple[int, str]
 def train_run(plan: dict, name: str, overrides: list[str], env: dict | None = None, probe: bool = False,
               timeout: float | None = None) -> dict:
     """`python -m simcse_dist.cli` (or, with probe, this module's wrapper around the same
-    `simcse_dist.cli.train_main`) into out/runs/<name>; returns exit code, losses, wall time."""
+    `simcse_dist.cli.train.main`) into out/runs/<name>; returns exit code, losses, wall time."""
     out = Path(plan["out"]) / "runs" / name
     common = [f"model.name_or_path={plan['model']}", f"data.train_file={plan['data']}",
               f"train.global_batch_size={plan['batch']}", f"train.max_steps={plan['steps']}", "log.every_steps=1",
@@ -158,12 +158,12 @@ def export_eval(plan: dict, trained: dict) -> dict:
     if bad:
         return check(label, False, criterion, {}, f"the training run failed: {bad}")
     export = out / "export"
-    rc, tail = run([sys.executable, "-m", "simcse_dist.standalone", "export", trained["dir"], str(export), "--overwrite"],
+    rc, tail = run([sys.executable, "-m", "simcse_dist.cli.export", trained["dir"], str(export), "--overwrite"],
                    out / "logs" / "export.log", plan["timeout"], child_env(plan))
     if rc != 0:
         return check(label, False, criterion, {}, f"simcse-export exit {rc}:\n{tail}")
     scores = out / "eval.json"
-    rc, tail = run([sys.executable, "-m", "simcse_dist.standalone", "eval", "--model", str(export), "--tasks", "stsb",
+    rc, tail = run([sys.executable, "-m", "simcse_dist.cli.eval", "--model", str(export), "--tasks", "stsb",
                     "--split", "dev", "--data-dir", plan["sts_dir"], "--output-json", str(scores), "--no-progress"],
                    out / "logs" / "eval.log", plan["timeout"], child_env(plan))
     if rc != 0 or not scores.exists():
@@ -263,7 +263,7 @@ def make_plan(args: argparse.Namespace, cuda: bool) -> dict:
                  "bf16 runs on CPU (slow, but the same code)", "fp32 'GPU' run: CPU, like its reference",
                  "throughput: the tiny model, fp32, batch 8, 1 warm-up + 1 timed step; simcse-z0-compile with "
                  "TORCHDYNAMO_DISABLE=1 (inductor's C++ compile takes 20-30 s on CPU: the override and the "
-                 "compile call run, dynamo does not; tests/test_compile.py covers compiled numbers)",
+                 "compile call run, dynamo does not; tests/train/test_compile.py covers compiled numbers)",
                  "two runs at a time (--jobs 2; three on the GPU)"]
     else:
         model, model_dir = model_path(args.model, out)
@@ -463,17 +463,18 @@ def child(args: argparse.Namespace) -> int:
 
 
 def child_train(probe_path: str, argv: list[str]) -> int:
-    """simcse-train's own entry point (`simcse_dist.cli.train_main`), recording the process
+    """simcse-train's own entry point (`simcse_dist.cli.train.main`), recording the process
     group's backend, the DataLoaders the input pipeline builds and how many batches were pinned."""
     import torch
     import torch.distributed as dist
     import torch.utils.data as tud
 
-    from simcse_dist import cli, step
     from simcse_dist import distributed as du
+    from simcse_dist.cli import train as cli
+    from simcse_dist.data import batch
 
     record: dict = {"dataloaders": [], "pinned_batches": 0}
-    loader_cls, pin, init = tud.DataLoader, step.Batch.pin_memory, du.init_distributed
+    loader_cls, pin, init = tud.DataLoader, batch.Batch.pin_memory, du.init_distributed
 
     class ProbedLoader(loader_cls):
         def __init__(self, *a, **kw):
@@ -489,8 +490,8 @@ def child_train(probe_path: str, argv: list[str]) -> int:
         record["backend"] = dist.get_backend()
         record["device"] = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
 
-    tud.DataLoader, step.Batch.pin_memory, du.init_distributed = ProbedLoader, pinned, init_and_record
-    rc = cli.train_main(argv)
+    tud.DataLoader, batch.Batch.pin_memory, du.init_distributed = ProbedLoader, pinned, init_and_record
+    rc = cli.main(argv)
     record["rc"] = rc
     Path(probe_path).write_text(json.dumps(record))
     return rc

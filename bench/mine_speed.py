@@ -59,7 +59,7 @@ def _run(name: str, pairs: str, out: Path, batch_size: int) -> float:
         cmd = [sys.executable, __file__, "--st-worker", pairs, str(out), "--batch-size", str(batch_size)]
     else:
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
-        cmd = [sys.executable, *launcher, "-m", "simcse_dist.mine", "--model", MODEL, "--input", pairs,
+        cmd = [sys.executable, *launcher, "-m", "simcse_dist.cli.mine", "--model", MODEL, "--input", pairs,
                "--output", str(out), "--batch-size", str(batch_size), "--no-progress",
                "--num-negatives", str(OPTIONS["num_negatives"]), "--relative-margin", str(OPTIONS["relative_margin"])]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)

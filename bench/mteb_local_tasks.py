@@ -24,8 +24,8 @@ from mteb.abstasks.task_metadata import TaskMetadata
 
 # Only simcse_dist and mteb are imported (no bench module): `simcse-eval --mteb FILE:Class`
 # loads this file by path, from wherever it is run.
-from simcse_dist.retrieval import build_sts_retrieval_set, load_retrieval
-from simcse_dist.sts import read_pair_file
+from simcse_dist.eval.retrieval import build_sts_retrieval_set, load_retrieval
+from simcse_dist.eval.sts import read_pair_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 _COMMON = {

@@ -1,6 +1,6 @@
 """A small retrieval set built from STS pairs, for docs/evaluation.md. Nothing is copied into
 the repo: the set is rebuilt from the shared data whenever needed
-(simcse_dist.retrieval.build_sts_retrieval_set says how).
+(simcse_dist.eval.retrieval.build_sts_retrieval_set says how).
 
     python -m bench.retrieval_set OUT_DIR                  # STS-B test pairs >= 4 + 2000 wiki distractors
     python -m bench.retrieval_set OUT_DIR --pairs ../shared/data/stsb/dev.tsv --max-pairs 300 --n-distractors 200
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from bench.common import REPO
-from simcse_dist.retrieval import build_sts_retrieval_set
+from simcse_dist.eval.retrieval import build_sts_retrieval_set
 
 SHARED = REPO.parent / "shared" / "data"
 

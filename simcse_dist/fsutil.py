@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,10 +114,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 class WriteFailure(RuntimeError):
     """Writing run output failed (disk full, read-only, I/O error); the message names the path
-    and the cause in words. The CLI exits with EXIT_WRITE_FAILURE."""
-
-
-EXIT_WRITE_FAILURE = 4
+    and the cause in words. The console scripts exit with cli.common.EXIT_WRITE_FAILURE."""
 
 
 def human_bytes(n: float) -> str:
@@ -157,6 +155,9 @@ def explain(path: Path, error: BaseException) -> str:
     """`<path>: <cause in words>` for a failed write, diagnosing errors that do not carry an
     errno (torch.save reports a full disk as 'unexpected pos ...')."""
     code = getattr(error, "errno", None)
+    if code is None:  # errors of Rust code (safetensors, tokenizers) carry the OS error in the text
+        found = re.search(r"\(os error (\d+)\)", str(error))
+        code = int(found.group(1)) if found else None
     if code is None:
         probe = probe_writable(Path(path) if Path(path).is_dir() else Path(path).parent)
         code = getattr(probe, "errno", None)

@@ -71,9 +71,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     raise TypeError(f"unsupported config type {tp} at {path}")
 
 
-REMOVED = {"data.token_cache": "removed: training always reads a prepared corpus (built on first use or by "
-                                "simcse-prepare, in data.cache_dir); delete this key"}
-"""Keys of earlier versions, with what replaced them."""
+MOVED = {"model.temperature": "loss.temperature", "optim.hard_negative_weight": "loss.hard_negative_weight",
+         "train.mask_duplicates": "loss.mask_duplicates"}
+"""Keys that now live elsewhere: a config that still uses one is told where, in one line."""
 
 
 def _build_item(cls: type, data: Any, path: str, i: int) -> Any:
@@ -91,8 +91,8 @@ def build(cls: type, data: Any, path: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
-        if full in REMOVED:
-            raise ConfigError(f"{full}: {REMOVED[full]}")
+        if full in MOVED:
+            raise ConfigError(f"{full}: moved to {MOVED[full]}; rename the key")
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {path + '.' if path else ''}{close[0]}?)" if close else ""

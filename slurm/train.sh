@@ -58,12 +58,9 @@ export SIMCSE_STATUS_FILE="$SIMCSE_STOP_DIR/.simcse-status-$SLURM_JOB_ID"
 rm -f "$SIMCSE_STATUS_FILE"
 # How long torchrun lets the ranks finish their step and checkpoint after a signal.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}"
-clean_stop() {  # clean_stop RC: RC, or 0 when the trainer recorded that it finished or stopped
-    local rc=$1
-    if (( rc != 0 )) && grep -qE '"status": "(done|stopped)"' "$SIMCSE_STATUS_FILE" 2>/dev/null; then
-        echo "$(date '+%F %T') the launcher exited $rc after the trainer ended cleanly: treated as 0"
-        rc=0
-    fi
+ended_cleanly() {  # ended_cleanly RC: RC, or 0 when the trainer recorded a clean end (simcse_dist/cli/status.py)
+    local rc=0
+    "$PYTHON" -m simcse_dist.cli.status "$1" || rc=$?
     rm -f "$SIMCSE_STATUS_FILE"
     return "$rc"
 }
@@ -91,12 +88,12 @@ fi
 
 # The per-node command. Variables escaped with \$ expand in each task (its own SLURM_PROCID).
 ARGS=""; (( $# )) && ARGS=$(printf ' %q' "$@")  # quoted once here, unquoted by each task's bash
-PYTHON=$(printf '%q' "$PYTHON")
+PYTHON_Q=$(printf '%q' "$PYTHON")
 case "$LAUNCHER" in
 torchrun)
     # c10d rendezvous: the nodes find each other through a store on the first node; node ranks
     # are assigned by the rendezvous (a --node_rank would be ignored).
-    NODE_CMD="$PYTHON -m torch.distributed.run --nnodes $NNODES --nproc_per_node $NPROC_PER_NODE \
+    NODE_CMD="$PYTHON_Q -m torch.distributed.run --nnodes $NNODES --nproc_per_node $NPROC_PER_NODE \
 --rdzv_id $SLURM_JOB_ID --rdzv_backend c10d --rdzv_endpoint $MASTER_ADDR:$MASTER_PORT \
 -m simcse_dist.cli$ARGS" ;;
 deepspeed)
@@ -105,7 +102,7 @@ deepspeed)
     HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | tr '\n' ' ')
     HOSTFILE="\${TMPDIR:-/tmp}/simcse-hostfile-$SLURM_JOB_ID-\$SLURM_PROCID"
     NODE_CMD="printf '%s slots=$NPROC_PER_NODE\n' $HOSTS > $HOSTFILE && \
-$PYTHON -m deepspeed.launcher.runner --hostfile $HOSTFILE --no_ssh --node_rank \$SLURM_PROCID \
+$PYTHON_Q -m deepspeed.launcher.runner --hostfile $HOSTFILE --no_ssh --node_rank \$SLURM_PROCID \
 --num_nodes $NNODES --num_gpus $NPROC_PER_NODE --master_addr $MASTER_ADDR --master_port $MASTER_PORT \
 --module simcse_dist.cli$ARGS" ;;
 *)
@@ -121,7 +118,7 @@ on_signal() {
     echo "$(date '+%F %T') batch shell got SIG$sig: asking the trainer to checkpoint and stop"
     touch "$SIMCSE_STOP_FILE"
     [[ -n $SRUN_PID ]] && { wait "$SRUN_PID" || rc=$?; }
-    local cs=0; clean_stop "$rc" || cs=$?; rc=$cs
+    local cs=0; ended_cleanly "$rc" || cs=$?; rc=$cs
     if (( rc != 0 )); then
         echo "$(date '+%F %T') training exited with $rc after SIG$sig: not requeueing"
         rm -f "$SIMCSE_STOP_FILE"; exit "$rc"
@@ -144,6 +141,6 @@ trap 'on_signal TERM' TERM
 srun --kill-on-bad-exit=1 --nodes "$NNODES" --ntasks-per-node=1 bash -c "$NODE_CMD" &
 SRUN_PID=$!
 rc=0; wait "$SRUN_PID" || rc=$?
-clean_stop "$rc" || exit $?
+ended_cleanly "$rc" || exit $?
 rm -f "$SIMCSE_STOP_FILE"
 echo "$(date '+%F %T') job $SLURM_JOB_ID: training finished"

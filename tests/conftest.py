@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 from pathlib import Path
@@ -10,6 +11,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 from helpers import SHARED_DATA, make_tiny_bert  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _library_logging():
+    """Each test starts with the `simcse_dist` loggers as a library leaves them (records reach
+    the root logger, where caplog sees them), whatever a console script run in-process set up."""
+    yield
+    logger = logging.getLogger("simcse_dist")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -58,3 +59,24 @@ def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: flo
         assert proc.poll() is None, f"run ended before step {step}:\n{proc.stdout.read()[-3000:]}"
         time.sleep(0.02)
     raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def cli(args: list[str], launcher: str = "python", nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    if launcher == "python":
+        cmd = [sys.executable, "-m", "simcse_dist.cli", *args]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "simcse_dist.cli", *args]
+    else:
+        port = 29500 + os.getpid() % 1000
+        cmd = [shutil.which("deepspeed"), f"--num_gpus={nproc}", f"--master_port={port}", "--module",
+               "simcse_dist.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=CLI_ENV)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc

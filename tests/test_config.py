@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 def test_defaults_are_the_papers_unsup_settings():
     cfg = Config()
-    assert (cfg.model.pooler, cfg.model.temperature, cfg.data.max_seq_len) == ("cls", 0.05, 32)
+    assert (cfg.model.pooler, cfg.loss.temperature, cfg.data.max_seq_len) == ("cls", 0.05, 32)
     assert (cfg.train.global_batch_size, cfg.optim.lr, cfg.eval.every_steps) == (64, 3e-5, 125)
 
 
@@ -32,16 +33,16 @@ def test_yaml_and_overrides(tmp_path):
 
 
 def test_saved_config_round_trips(tmp_path):
-    cfg = load_config(None, ["train.seed=3", "model.pooler=avg", "optim.hard_negative_weight=0.5"])
+    cfg = load_config(None, ["train.seed=3", "model.pooler=avg", "loss.hard_negative_weight=0.5"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
 
 
 @pytest.mark.parametrize("override,field", [
     ("train.global_batchsize=3", "train.global_batchsize: unknown key (did you mean train.global_batch_size?)"),
-    ("model.temperature=0", "model.temperature: must be a finite number > 0"),
-    ("model.temperature=-0.1", "model.temperature: must be a finite number > 0"),
-    ("model.temperature=abc", "model.temperature: expected a number"),
+    ("loss.temperature=0", "loss.temperature: must be a finite number > 0"),
+    ("loss.temperature=-0.1", "loss.temperature: must be a finite number > 0"),
+    ("loss.temperature=abc", "loss.temperature: expected a number"),
     ("train.global_batch_size=1.5", "train.global_batch_size: expected an integer"),
     ("train.global_batch_size=true", "train.global_batch_size: expected an integer"),
     ("model.pooler=max", "model.pooler: 'max' is not one of cls | cls_before_pooler"),
@@ -66,7 +67,7 @@ def test_yaml_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.epochz: unknown key.*bad\.yaml"):
         load_config(y)
     y.write_text("train: [1, 2\n")
-    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+    with pytest.raises(ConfigError, match="bad.yaml:2:1: invalid YAML"):
         load_config(y)
     with pytest.raises(ConfigError, match="--config: file not found"):
         load_config(tmp_path / "missing.yaml")
@@ -84,8 +85,8 @@ def test_batch_divisibility_and_files(tmp_path):
     cfg = load_config(None, [f"data.train_file={DEMO_DATA / 'wiki-demo.txt'}", "eval.sts_dev_file=/no/dev.tsv"])
     with pytest.raises(ConfigError, match="eval.sts_dev_file: file not found"):
         cfg.validate(world_size=1)
-    cfg = load_config(None, [f"data.train_file={DEMO_DATA / 'wiki-demo.txt'}", "optim.hard_negative_weight=1"])
-    with pytest.raises(ConfigError, match="optim.hard_negative_weight: only used with train.objective=sup"):
+    cfg = load_config(None, [f"data.train_file={DEMO_DATA / 'wiki-demo.txt'}", "loss.hard_negative_weight=1"])
+    with pytest.raises(ConfigError, match="loss.hard_negative_weight: only used with train.objective=sup"):
         cfg.validate(world_size=1)
     with pytest.raises(ConfigError, match="data.train_file: is required"):
         load_config(None, []).validate(world_size=1)
@@ -133,11 +134,11 @@ def test_readme_documents_every_config_key():
 
 
 def test_paths_in_a_config_file_are_relative_to_it(tmp_path, monkeypatch):
-    """A shipped config works from any directory; overrides stay relative to the working one."""
+    """A shipped config works from any directory; overrides are relative to the working one."""
     monkeypatch.chdir(tmp_path)
     cfg = load_config(REPO / "configs" / "demo.yaml", ["eval.sts_dev_file=dev.tsv"])
     assert cfg.data.train_file == str(REPO / "data" / "demo" / "wiki-demo.txt")
-    assert cfg.eval.sts_dev_file == "dev.tsv"
+    assert cfg.eval.sts_dev_file == str(tmp_path / "dev.tsv")
     sub = tmp_path / "cfg"
     sub.mkdir()
     (sub / "c.yaml").write_text("data:\n  train_file: ../corpus.txt\nmodel:\n  name_or_path: ./m\n")
@@ -169,6 +170,54 @@ def test_each_rank_selects_its_gpu_before_any_collective(monkeypatch):
         du.device_for(env)
 
 
-def test_a_removed_key_says_what_replaced_it():
-    with pytest.raises(ConfigError, match="data.token_cache: removed: training always reads a prepared corpus"):
-        load_config(None, ["data.token_cache=false"])
+@pytest.mark.parametrize("old, new", [("model.temperature", "loss.temperature"),
+                                      ("optim.hard_negative_weight", "loss.hard_negative_weight"),
+                                      ("train.mask_duplicates", "loss.mask_duplicates")])
+def test_a_moved_key_says_where_it_lives_now(old, new):
+    with pytest.raises(ConfigError, match=f"^{old}: moved to {new}; rename the key"):
+        load_config(None, [f"{old}=1"])
+
+
+def test_the_saved_config_loads_back_from_any_directory(tmp_path, monkeypatch, shared_data):
+    """An override path is relative to the working directory; config.yaml holds it absolute, so
+    `--config runs/x/config.yaml` reproduces the run from anywhere (train.output_dir too)."""
+    monkeypatch.chdir(REPO)
+    dev = os.path.relpath(shared_data / "stsb" / "dev.tsv", REPO)
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"eval.sts_dev_file={dev}", "train.output_dir=runs/x"])
+    saved = tmp_path / "run" / "config.yaml"
+    save_config(cfg, saved)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    again = load_config(saved)
+    again.validate(1)  # every file it names exists from here
+    assert again.eval.sts_dev_file == str(shared_data / "stsb" / "dev.tsv")
+    assert again.data.train_file == str(DEMO_DATA / "wiki-demo.txt")
+    assert again.train.output_dir == str(REPO / "runs" / "x")
+    assert again == cfg
+
+
+def test_an_error_says_whether_the_file_or_the_command_line_gave_the_value(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  pooler: nope\ntrain:\n  seed: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith("model.pooler: 'nope' is not one of") and str(e.value).endswith(f"(in {path})")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["model.pooler=avg", "train.seed=abc"])
+    assert str(e.value) == "train.seed: expected an integer, got 'abc' (from the command line)"
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_file_and_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  pooler: cls\n  dropout: [0.1\ntrain:\n  seed: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == (f"{path}:4:6: invalid YAML: expected ',' or ']', but got ':' "
+                            "(while parsing a flow sequence)")
+
+
+@pytest.mark.parametrize("alias, pooler", [("pooler", "pooler_output"), ("last-avg", "avg"),
+                                           ("first-last-avg", "avg_first_last"), ("avg", "avg")])
+def test_simcse_pytorch_pooler_names_are_aliases(alias, pooler):
+    assert load_config(None, [f"model.pooler={alias}"]).model.pooler == pooler

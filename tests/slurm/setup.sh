@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real one-node Slurm cluster on this machine, for tests/test_slurm.py (and for trying
+# A real one-node Slurm cluster on this machine, for tests/cli/test_slurm.py (and for trying
 # slurm/train.sh by hand). Needs root and Debian/Ubuntu apt; no systemd needed: the daemons are
 # started directly. Idempotent: a cluster left by an earlier run is stopped and started afresh.
 #

@@ -1,8 +1,8 @@
 """Run under torchrun (gloo): train with every torch.distributed collective wrapped, recording
-the tensors that *our* code hands them (the direct caller is simcse_dist/gather.py,
+the tensors that *our* code hands them (the direct caller is simcse_dist/train/gather.py,
 simcse_dist/distributed.py, or torch.distributed.nn.functional, which only our gather uses:
 its forward all-gather and its backward: reduce-scatter on nccl, scatters on gloo), for
-tests/test_gpu_risks.py. DeepSpeed's own collectives are left out (their caller is DeepSpeed).
+tests/train/test_gpu_risks.py. DeepSpeed's own collectives are left out (their caller is DeepSpeed).
 
 Modes:
   train <out> <overrides...>  Trainer.train() with the overrides; writes <out>/calls-rank{r}.json:
@@ -19,13 +19,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from harness import process_group, trainer
 
-from simcse_dist import distributed as du
+from simcse_dist.config import load_config
 
 OPS = ("all_gather", "all_gather_into_tensor", "all_reduce", "reduce_scatter", "reduce_scatter_tensor",
        "all_to_all", "all_to_all_single", "scatter", "broadcast")
-OURS = ("simcse_dist/gather.py", "simcse_dist/distributed.py", "simcse_dist/evaluation.py", "simcse_dist/step.py",
-        "simcse_dist/trainer.py", "simcse_dist/state.py", "torch/distributed/nn/functional.py")
+OURS = ("simcse_dist/train/gather.py", "simcse_dist/distributed.py", "simcse_dist/eval/encode.py",
+        "simcse_dist/train/step.py", "simcse_dist/train/objective.py", "simcse_dist/train/trainer.py",
+        "simcse_dist/train/state.py", "torch/distributed/nn/functional.py")
 
 
 def tensors(args, kwargs) -> list[torch.Tensor]:
@@ -56,46 +58,35 @@ def install(calls: list[dict]) -> None:
 
 
 def train(out: Path, overrides: list[str]) -> None:
-    from simcse_dist.config import load_config
-    from simcse_dist.step import ContrastiveLoss
-    from simcse_dist.trainer import Trainer
+    from simcse_dist.train.objective import ContrastiveLoss
 
-    env = du.DistEnv.from_env()
-    du.init_distributed(env, timeout_s=120)
-    calls: list[dict] = []
-    install(calls)
-    padded = []  # real rows of each loss call that had padding on this rank
-    loss_call = ContrastiveLoss.__call__
+    with process_group() as env:
+        calls: list[dict] = []
+        install(calls)
+        padded = []  # real rows of each loss call that had padding on this rank
+        loss_call = ContrastiveLoss.__call__
 
-    def counting(self, z, row_valid=None, ids=None):
-        if row_valid is not None and not bool(row_valid.all()):
-            padded.append(int(row_valid.sum()))
-        return loss_call(self, z, row_valid, ids)
+        def counting(self, z, row_valid=None, ids=None):
+            if row_valid is not None and not bool(row_valid.all()):
+                padded.append(int(row_valid.sum()))
+            return loss_call(self, z, row_valid, ids)
 
-    ContrastiveLoss.__call__ = counting
-    try:
-        cfg = load_config(None, overrides)
-        cfg.validate(env.world_size)
-        trainer = Trainer(cfg, env, quiet=True)
-        trainer.train()
-        record = {"engine_device": str(trainer.engine.device), "calls": calls,
-                  "overlap_comm": trainer.engine.ds_config["zero_optimization"].get("overlap_comm"),
-                  "stage": trainer.engine.zero_stage, "padded_real_rows": padded}
+        ContrastiveLoss.__call__ = counting
+        run = trainer(env, overrides)
+        run.train()
+        record = {"engine_device": str(run.engine.device), "calls": calls,
+                  "overlap_comm": run.engine.ds_config["zero_optimization"].get("overlap_comm"),
+                  "stage": run.engine.zero_stage, "padded_real_rows": padded}
         (out / f"calls-rank{env.rank}.json").write_text(json.dumps(record))
-    finally:
-        du.teardown()
 
 
 def state(out: Path, model: str) -> None:
-    from simcse_dist.config import load_config
     from simcse_dist.engine import Engine
-    from simcse_dist.model import Encoder
+    from simcse_dist.model.encoder import Encoder
 
-    env = du.DistEnv.from_env()
-    du.init_distributed(env, timeout_s=120)
-    try:
+    with process_group() as env:
         cfg = load_config(None, [f"model.name_or_path={model}", "model.dropout=0", "train.global_batch_size=4",
-                                 "engine.zero_stage=3"])
+                                 "engine.zero_stage=3"])  # no data: the engine alone
         torch.manual_seed(0)  # the MLP head's initial weights, as in the test's reference
         engine = Engine(Encoder.from_config(cfg.model), cfg, env.world_size, total_steps=1)
         mine = engine.full_state_dict(dst_rank=0)
@@ -103,9 +94,6 @@ def state(out: Path, model: str) -> None:
         if env.rank == 0:
             torch.save(mine, out / "state-rank0.pt")
         (out / f"keys-rank{env.rank}.json").write_text(json.dumps({"dst0": len(mine), "all": len(everyone)}))
-        du.barrier()  # leave together (distributed.teardown)
-    finally:
-        du.teardown()
 
 
 if __name__ == "__main__":

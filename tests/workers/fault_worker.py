@@ -1,20 +1,21 @@
 """Run under torchrun or as independent processes: the real training entry path with a fault
-injected by a Trainer subclass (test code only): rank R raises, or its loss turns NaN, at step S."""
+injected by a Trainer subclass (test code only): rank R raises, or its loss turns NaN, at step S;
+or (metrics) rank 0's write of step S to metrics.jsonl fails as on a full disk."""
 
 import argparse
 import sys
 
 import torch
+from harness import config
 
-from simcse_dist.cli import run_training
-from simcse_dist.config import load_config
+from simcse_dist.cli.train import run_training
 from simcse_dist.distributed import DistEnv
-from simcse_dist.trainer import Trainer
+from simcse_dist.train.trainer import Trainer
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--fault", choices=["raise", "nan"], required=True)
+    p.add_argument("--fault", choices=["raise", "nan", "metrics"], required=True)
     p.add_argument("--rank", type=int, default=1)
     p.add_argument("--step", type=int, default=3)
     p.add_argument("overrides", nargs="*")
@@ -42,10 +43,23 @@ def main() -> int:
             self.loss_fns = [wrap(fn) for fn in self.loss_fns]
             return start
 
+    if args.fault == "metrics":
+        import errno
+
+        from simcse_dist.train.sinks import JsonlLogger
+
+        write = JsonlLogger.log
+
+        def full_disk(self, metrics, step):
+            if step == args.step:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            write(self, metrics, step)
+
+        JsonlLogger.log = full_disk
+        env = DistEnv.from_env()
+        return run_training(config(env, args.overrides), env)
     env = DistEnv.from_env()
-    cfg = load_config(None, args.overrides)
-    cfg.validate(env.world_size)
-    return run_training(cfg, env, FaultyTrainer)
+    return run_training(config(env, args.overrides), env, FaultyTrainer)
 
 
 if __name__ == "__main__":

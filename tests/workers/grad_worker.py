@@ -10,10 +10,7 @@ from pathlib import Path
 
 import torch
 from deepspeed.utils import safe_get_full_grad
-
-from simcse_dist import distributed as du
-from simcse_dist.config import load_config
-from simcse_dist.trainer import Trainer
+from harness import process_group, trainer
 
 
 def official_gather_candidates(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,33 +38,28 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     if args.no_grad_gather:
-        import simcse_dist.step
+        import simcse_dist.train.objective
 
-        simcse_dist.step.gather_candidates = official_gather_candidates
-    env = du.DistEnv.from_env()
-    du.init_distributed(env, timeout_s=120)
+        simcse_dist.train.objective.gather_candidates = official_gather_candidates
     out = Path(args.out)
-    for objective in args.objectives.split(","):
-        data = args.data_unsup if objective == "unsup" else args.data_sup
-        hnw = args.hard_negative_weight if objective == "sup" else 0.0
-        for accum in map(int, args.grad_accums.split(",")):
-            for stage in map(int, args.stages.split(",")):
-                name = f"{objective}-z{stage}-a{accum}"
-                cfg = load_config(None, [*args.overrides, f"train.objective={objective}", f"data.train_file={data}",
-                                         f"optim.hard_negative_weight={hnw}", f"train.grad_accum={accum}",
-                                         f"engine.zero_stage={stage}", f"train.output_dir={out}/run-{name}"])
-                cfg.validate(env.world_size)
-                trainer = Trainer(cfg, env, quiet=True)
-                trainer.setup()
-                _, batches = next(trainer.data.steps(args.step, args.step + 1, trainer.engine.device))
-                loss = float(trainer.forward_backward(batches).loss)
-                # collective under ZeRO-3: every rank assembles every gradient
-                grads = {n: safe_get_full_grad(q).detach().float().cpu().clone()
-                         for n, q in trainer.engine.module.named_parameters()}
-                if env.is_main:
-                    torch.save({"grads": grads, "rank0_loss": loss}, out / f"grads-{name}.pt")
-                du.barrier()
-    du.teardown()
+    with process_group() as env:
+        for objective in args.objectives.split(","):
+            data = args.data_unsup if objective == "unsup" else args.data_sup
+            hnw = args.hard_negative_weight if objective == "sup" else 0.0
+            for accum in map(int, args.grad_accums.split(",")):
+                for stage in map(int, args.stages.split(",")):
+                    name = f"{objective}-z{stage}-a{accum}"
+                    run = trainer(env, [*args.overrides, f"train.objective={objective}", f"data.train_file={data}",
+                                        f"loss.hard_negative_weight={hnw}", f"train.grad_accum={accum}",
+                                        f"engine.zero_stage={stage}", f"train.output_dir={out}/run-{name}"])
+                    run.setup()
+                    _, batches = next(run.data.steps(args.step, args.step + 1, run.engine.device))
+                    loss = float(run.forward_backward(batches).loss)
+                    # collective under ZeRO-3: every rank assembles every gradient
+                    grads = {n: safe_get_full_grad(q).detach().float().cpu().clone()
+                             for n, q in run.engine.module.named_parameters()}
+                    if env.is_main:
+                        torch.save({"grads": grads, "rank0_loss": loss}, out / f"grads-{name}.pt")
 
 
 if __name__ == "__main__":

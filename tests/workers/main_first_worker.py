@@ -4,27 +4,27 @@
 import sys
 import time
 
+import torch.distributed as dist
+from harness import process_group
+
 from simcse_dist import distributed as du
 
 
 def main() -> int:
-    env = du.DistEnv.from_env()
-    du.init_distributed(env, timeout_s=3)
-
     def work(tick):
         for _ in range(80):
             time.sleep(0.1)
             tick()
         return "built"
 
-    result = du.main_first(work, every_s=1.0)
-    print(f"rank {env.rank}: main_first -> {result}", flush=True)
-    if sys.argv[1:] == ["--barrier"]:  # the control: one long wait in a single collective
-        if env.rank == 0:
-            time.sleep(8)
-        du.barrier()
-        print(f"rank {env.rank}: barrier passed", flush=True)
-    du.teardown(together=True)  # exiting with the group alive can abort a rank (distributed.teardown)
+    with process_group(timeout_s=3) as env:
+        result = du.main_first(work, every_s=1.0)
+        print(f"rank {env.rank}: main_first -> {result}", flush=True)
+        if sys.argv[1:] == ["--barrier"]:  # the control: one long wait in a single collective
+            if env.rank == 0:
+                time.sleep(8)
+            dist.barrier()
+            print(f"rank {env.rank}: barrier passed", flush=True)
     return 0
 
 

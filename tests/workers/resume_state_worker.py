@@ -6,10 +6,10 @@ import argparse
 
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+from harness import process_group
+from harness import trainer as build_trainer
 
-from simcse_dist import distributed as du
-from simcse_dist.config import load_config
-from simcse_dist.trainer import Trainer
+from simcse_dist.train.trainer import Trainer
 
 
 def optimizer_state(trainer: Trainer) -> dict[str, dict[str, torch.Tensor]]:
@@ -38,18 +38,15 @@ def main() -> None:
     p.add_argument("--config")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    env = du.DistEnv.from_env()
-    du.init_distributed(env, timeout_s=120)
-    cfg = load_config(args.config, args.overrides)
-    cfg.validate(env.world_size)
-    trainer = Trainer(cfg, env, quiet=True)
-    route = "universal" if trainer.ckpt.needs_universal(trainer.ckpt.latest(), cfg.engine.zero_stage) else "direct"
-    step = trainer.setup()
-    state = optimizer_state(trainer)
-    if env.is_main:
-        torch.save({"step": step, "route": route, "zero_stage": trainer.engine.zero_stage,
-                    "params": state}, args.dump)
-    du.teardown()
+    with process_group() as env:
+        trainer = build_trainer(env, args.overrides, args.config)
+        stage = trainer.cfg.engine.zero_stage
+        route = "universal" if trainer.ckpt.needs_universal(trainer.ckpt.latest(), stage) else "direct"
+        step = trainer.setup()
+        state = optimizer_state(trainer)
+        if env.is_main:
+            torch.save({"step": step, "route": route, "zero_stage": trainer.engine.zero_stage,
+                        "params": state}, args.dump)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,186 @@
+"""simcse-eval: the paper's STS table, retrieval metrics and MTEB tasks of a model.
+
+Under a launcher (`torchrun --nproc_per_node N -m simcse_dist.cli.eval ...`) every rank loads
+the model, encodes an equal share of the sentences and the shares are gathered
+(eval/encode.py); rank 0 prints and writes the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from simcse_dist import logs
+from simcse_dist.cli.common import fail, start_logging
+from simcse_dist.config import POOLER_ALIASES, POOLERS
+from simcse_dist.data.readers import DataError
+from simcse_dist.eval.sts import PAPER_TASKS, TASKS, StsData, TaskNotFound, check_task, load_task, read_pair_file
+from simcse_dist.model.encoder import quiet_transformers
+
+log = logging.getLogger("simcse_dist.cli.eval")  # not __name__: run as `python -m`, that is __main__
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def format_table(titles: list[str], values: list[float]) -> str:
+    """The paper's table: one header row, one row of Spearman x 100 with two decimals."""
+    cells = [f"{v:.2f}" for v in values]
+    widths = [max(len(t), len(c)) for t, c in zip(titles, cells, strict=True)]
+    header = " | ".join(t.rjust(w) for t, w in zip(titles, widths, strict=True))
+    row = " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
+    return f"{header}\n{'-' * len(header)}\n{row}"
+
+
+def select_tasks(names: str, split: str, data_dir: str) -> dict[str, StsData]:
+    """Read every requested task. Named tasks must exist; with 'all' (the paper's set for the
+    split) a task whose files are absent is skipped with a message."""
+    wanted = names.strip().lower()
+    explicit = wanted != "all"
+    tasks = [t.strip() for t in wanted.split(",") if t.strip()] if explicit else list(PAPER_TASKS[split])
+    for task in tasks:
+        check_task(task, split)
+    out = {}
+    for task in tasks:
+        try:
+            out[task] = load_task(task, split, data_dir)
+        except TaskNotFound as e:
+            if explicit:
+                raise
+            log.warning(f"skipping {e}")
+    if not out:
+        raise DataError(f"none of the tasks {', '.join(tasks)} ({split}) was found under {data_dir}")
+    return out
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="simcse-eval",
+        description="Score a sentence encoder on STS (cosine, Spearman x 100; STS12-16 pooled over subsets, "
+        "the 'all' setting of the paper), on a retrieval set (--retrieval) and on MTEB tasks (--mteb).",
+    )
+    p.add_argument("--model", required=True,
+                   help="run dir (uses best/), model dir, sentence-transformers dir, HF dir or bundled:all-MiniLM-L6-v2")
+    p.add_argument("--tasks", default="all",
+                   help=f"comma-separated from {', '.join(TASKS)}; 'all' = the paper's tasks of the split, "
+                   "skipping absent ones (default)")
+    p.add_argument("--split", default="test", choices=("test", "dev", "train"))
+    p.add_argument("--sts-file", action="append", metavar="FILE",
+                   help="an STS pairs file scored as a task of its own (sentence1 sentence2 score TSV, STS-B CSV, "
+                   "id||s1||s2||score; repeatable), e.g. data/demo/sts-demo.tsv")
+    p.add_argument("--data-dir", help="STS data (the tasks of --tasks), e.g. ../shared/data or ../shared/data/senteval")
+    p.add_argument("--retrieval", nargs=3, metavar=("QUERIES", "CORPUS", "QRELS"),
+                   help="TSVs with headers 'qid text', 'docid text', 'qid docid relevance': nDCG@10, MRR@10, "
+                   "Recall@100, MAP@10 x 100 by cosine, exact ranking")
+    p.add_argument("--corpus-chunk-size", type=int, default=50_000,
+                   help="retrieval: documents encoded and ranked at a time (bounds memory)")
+    p.add_argument("--mteb", metavar="TASK[,TASK]",
+                   help="MTEB tasks (needs pip install 'simcse-dist[mteb]'): registered names whose data is in the "
+                   "local Hugging Face cache, or module:Class / file.py:Class for a task that reads local files")
+    p.add_argument("--pooler", choices=[*POOLERS, *POOLER_ALIASES],
+                   help="override the saved pooler (needed for a plain HF model)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="inference dtype of the weights")
+    p.add_argument("--batch-size", type=int, default=128, help="sentences per forward per rank")
+    p.add_argument("--max-length", type=int, default=512, help="truncation in tokens (capped by the model)")
+    p.add_argument("--output-json", help="write {task: spearman x 100, ..., 'avg': ..., 'retrieval/ndcg@10': ..., "
+                   "'mteb/<task>': main score x 100} here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they show on a terminal only)")
+    p.add_argument("--quiet", action="store_true", help="only the results, warnings and errors")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _eval_parser()
+    args = parser.parse_args(argv)
+    start_logging(args.quiet)
+    if args.data_dir is None and not (args.sts_file or args.retrieval or args.mteb):
+        parser.error("give --data-dir (the STS tasks), --sts-file, --retrieval or --mteb")
+    if args.corpus_chunk_size < 1:
+        parser.error(f"--corpus-chunk-size must be at least 1, got {args.corpus_chunk_size}")
+    import torch
+
+    from simcse_dist import distributed as du
+    from simcse_dist.eval.encode import pair_embeddings
+    from simcse_dist.eval.metrics import sts_correlation
+    from simcse_dist.eval.mteb_adapter import MtebEncoder, MtebError, resolve_tasks, run_mteb
+    from simcse_dist.eval.retrieval import METRICS, TITLES, evaluate_retrieval, load_retrieval
+    from simcse_dist.model.format import ExportError
+    from simcse_dist.model.load import load_encoder
+
+    env = du.DistEnv.from_env()
+    # every input is read and checked before the process group and the model exist
+    try:
+        data = select_tasks(args.tasks, args.split, args.data_dir) if args.data_dir else {}
+        data.update({Path(f).name: read_pair_file(f) for f in args.sts_file or []})
+        retrieval = load_retrieval(*args.retrieval) if args.retrieval else None
+        mteb_tasks = resolve_tasks(args.mteb) if args.mteb else []
+    except (DataError, MtebError) as e:
+        return fail(str(e))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    started = env.world_size > 1 and not du.is_initialized()
+    if started:
+        du.init_distributed(env, timeout_s=1800)
+    problems: list[str] = []
+    try:
+        try:
+            with quiet_transformers():
+                encoder, tokenizer, meta = load_encoder(args.model, args.pooler)
+        except (ExportError, OSError) as e:
+            return fail(str(e))
+        device = du.device_for(env)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+        encoder.to(device=device, dtype=dtype)
+        max_length = min(args.max_length, getattr(encoder.backbone.config, "max_position_embeddings", 512))
+        progress = not args.no_progress and logs.bars_shown()
+        log.info(f"model {meta['path']}: pooler {meta['pooler']}{' + MLP' if encoder.uses_mlp else ''}, "
+            f"{args.precision}, {env.world_size} rank(s), device {device}")
+        scores, tables = {}, []
+        for task, pairs in data.items():
+            skipped = f", {pairs.skipped} blank-score rows skipped" if pairs.skipped else ""
+            log.info(f"{task}: {len(pairs.scores)} pairs from {pairs.source}{skipped}")
+            e1, e2 = pair_embeddings(encoder, tokenizer, pairs.sentences1, pairs.sentences2, device,
+                                     args.batch_size, max_length, show_progress=progress)
+            scores[task] = 100 * sts_correlation(e1, e2, pairs.scores)
+        if data:
+            scores["avg"] = sum(scores.values()) / len(scores)
+            tables.append(format_table([TASKS[t].title if t in TASKS else t for t in data] + ["Avg."],
+                                       list(scores.values())))
+            missing = [t for t in PAPER_TASKS[args.split] if t not in data] if args.tasks.strip().lower() == "all" else []
+            if missing:
+                tables.append(f"note: Avg. is over {len(data)} tasks; skipped (no data): {', '.join(missing)}")
+        if retrieval is not None:
+            judged = len(retrieval.judged_queries)
+            log.info(f"retrieval: {judged} queries with a relevant document (of {len(retrieval.queries)}), "
+                f"{len(retrieval.corpus)} documents, from {retrieval.source}")
+            metrics = evaluate_retrieval(encoder, tokenizer, retrieval, device, args.batch_size, max_length,
+                                         args.corpus_chunk_size, show_progress=progress)
+            scores.update({f"retrieval/{m}": 100 * metrics[m] for m in METRICS})
+            tables.append(format_table(list(TITLES), [100 * metrics[m] for m in METRICS]))
+        if mteb_tasks:
+            adapter = MtebEncoder(encoder, tokenizer, device, name=Path(meta["path"]).name, batch_size=args.batch_size,
+                                  max_length=max_length, show_progress=progress)
+            results, problems = run_mteb(adapter, mteb_tasks, show_progress=progress)
+            scores.update({f"mteb/{name}": 100 * value for name, (_, value) in results.items()})
+            if results:
+                tables.append(format_table([f"{name} ({main})" for name, (main, _) in results.items()],
+                                           [100 * value for _, value in results.values()]))
+        if env.is_main:
+            if tables:  # the results: printed even with --quiet
+                print("\n".join(tables), flush=True)
+            if args.output_json and scores:
+                Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.output_json).write_text(json.dumps(scores, indent=2) + "\n")
+    finally:
+        if started:  # a group this process already had (e.g. a caller's) is the caller's to end
+            du.teardown()
+    for problem in problems:  # after the results of the tasks that could run
+        fail(problem)
+    return 2 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

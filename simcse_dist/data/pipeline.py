@@ -1,0 +1,128 @@
+"""The input pipeline of a run: training sources -> this rank's `Batch`es, step by step.
+
+Construction resolves the sources only; `setup()` opens each source's prepared corpus
+(prepare.py builds it on first use: rank 0 tokenizes while the others wait, a collective) and
+builds the batch plan and sampler from the row counts in the manifests. `steps(start, total)`
+yields each optimizer step's micro-batches, prepared in the step or ahead of it by DataLoader
+workers. Per rank the data costs memory maps and O(sources) Python objects, never O(rows).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from simcse_dist import distributed as du
+from simcse_dist.config import Config, Source
+from simcse_dist.data.batch import Batch
+from simcse_dist.data.collate import CorpusCollator
+from simcse_dist.data.corpus import PreparedCorpus
+from simcse_dist.data.prepare import open_or_prepare
+from simcse_dist.data.readers import resolve_path
+from simcse_dist.data.sampler import BatchPlan, GlobalBatchSampler, MicroBatch, StepBatches, StepKeys
+
+
+class InputPipeline:
+    def __init__(self, cfg: Config, env: du.DistEnv, tokenizer) -> None:
+        self.cfg, self.env, self.tokenizer = cfg, env, tokenizer
+        self.sources: list[Source] = cfg.sources()
+        self.corpora: list[PreparedCorpus] = []
+        self.collators: list[CorpusCollator] = []
+        self.views: list[int] = []  # k per source: 2 (unsup, pairs) or 3 (triplets)
+        self.mask_duplicates: list[bool] = []
+        self.plan: BatchPlan | None = None
+        self.sampler: GlobalBatchSampler | None = None
+
+    def setup(self) -> None:
+        """Open (or prepare) every source's corpus, then the plan and the sampler. collective."""
+        cfg, env = self.cfg, self.env
+        workers = cfg.data.prepare_workers or max(1, min(4, os.cpu_count() or 1))
+        for src in self.sources:
+            def prepared(tick=lambda: None, src=src):
+                return open_or_prepare(resolve_path(src.path), src.format, src.objective, self.tokenizer,
+                                       cfg.data.max_seq_len, cache_dir=cfg.data.cache_dir, workers=workers,
+                                       progress=True, tick=tick)
+
+            # rank 0 prepares while the others wait (with a keep-alive, however long it takes);
+            # then every rank opens it (or, with a cache dir rank 0 cannot see, prepares its own)
+            corpus = du.main_first(prepared, every_s=min(30.0, cfg.engine.dist_timeout_s / 4)) or prepared()
+            k = 2 if src.objective == "unsup" else corpus.num_columns
+            cfg.check_negatives(k)
+            md = cfg.loss.mask_duplicates
+            self.corpora.append(corpus)
+            self.collators.append(CorpusCollator(corpus, self.tokenizer.pad_token_id, src.objective))
+            self.views.append(k)
+            self.mask_duplicates.append((src.objective == "sup") if md is None else md)
+        self.plan = BatchPlan(tuple(c.num_rows for c in self.corpora), cfg.train.global_batch_size,
+                              env.world_size, cfg.train.grad_accum, cfg.data.drop_last)
+        self.sampler = GlobalBatchSampler(self.plan, env.rank, cfg.train.seed, cfg.data.shuffle,
+                                          [s.weight for s in self.sources], [s.path for s in self.sources])
+
+    def fingerprints(self) -> dict[str, dict]:
+        """{source name: {path, size, sha256}} of the input files, as hashed when prepared."""
+        return {s.name: c.fingerprint for s, c in zip(self.sources, self.corpora, strict=True)}
+
+    def describe(self) -> list[str]:
+        """The start-up lines: the data, and the batch arithmetic with the negatives per anchor."""
+        p, cfg = self.plan, self.cfg
+        shares = self.sampler.mixture.shares
+        lines = []
+        for i, (src, corpus) in enumerate(zip(self.sources, self.corpora, strict=True)):
+            where = f"{src.name}: " if len(self.sources) > 1 else ""
+            mix = (f"; {src.objective}, weight {src.weight:g}: {shares[i]} of {p.steps_per_epoch} steps per epoch"
+                   + (" (no steps: raise its weight)" if shares[i] == 0 else "")) if len(self.sources) > 1 else ""
+            lines.append(f"data: {where}{corpus.num_rows} examples from {src.path} ({corpus.blank_lines} blank lines "
+                         f"skipped; prepared in {corpus.directory}){mix}")
+        lines.append(f"data: {p.steps_per_epoch} steps/epoch, {p.dropped_per_epoch} examples dropped per epoch "
+                     "(drop_last)")
+        candidates = sorted({cfg.negatives_per_anchor(k) + 1 for k in self.views})
+        lines.append(
+            f"batch: world_size {p.world_size} x grad_accum {p.grad_accum} x micro_batch {p.micro_batch_size} "
+            f"= global_batch {p.global_batch_size}; {' or '.join(map(str, candidates))} candidates per anchor "
+            f"(1 positive, the rest negatives)"
+            + ("; gradient caching: negatives from the whole global batch" if cfg.train.grad_cache else
+               "; with grad_accum > 1 negatives come from one micro-step only" if p.grad_accum > 1 else "")
+            + ("; duplicate texts masked" if any(self.mask_duplicates) else ""))
+        return lines
+
+    def prepare(self, mb: MicroBatch | Sequence[int]) -> Batch:
+        """Host side of one micro-batch (in a DataLoader worker when data.num_workers > 0)."""
+        if not isinstance(mb, MicroBatch):
+            mb = MicroBatch(list(mb), len(mb))
+        inputs = self.collators[mb.source](mb.indices)
+        # Some rank pads this micro-step: every rank takes the masked path.
+        row_valid = None if mb.full else torch.arange(len(mb.indices)) < mb.valid
+        ids = None
+        if self.mask_duplicates[mb.source]:
+            hashes = self.corpora[mb.source].hashes(np.asarray(mb.indices, dtype=np.int64))
+            # unsup: both dropout views are the same text, so they share column 0's id
+            columns = [0, 0] if self.sources[mb.source].objective == "unsup" else list(range(self.views[mb.source]))
+            ids = torch.from_numpy(np.ascontiguousarray(hashes[:, columns]))
+        tokens = int(inputs["attention_mask"].numpy().sum())  # a CPU tensor: no device sync
+        return Batch(inputs, row_valid, ids, tokens, mb.source)
+
+    def num_workers(self, device: torch.device) -> int:
+        w = self.cfg.data.num_workers
+        return w if w is not None else (2 if device.type == "cuda" else 0)
+
+    def steps(self, start: int, total: int, device: torch.device) -> Iterator[tuple[int, list[Batch]]]:
+        """(step, one Batch per micro-step, on `device`) for steps start..total-1. With
+        DataLoader workers the batches are prepared ahead (pinned on CUDA: the copy does not block)."""
+        workers = self.num_workers(device)
+        if workers == 0:
+            for step, micro in self.sampler.iter_steps(start, total):
+                yield step, [self.prepare(mb).to(device) for mb in micro]
+            return
+        from torch.utils.data import DataLoader
+
+        a = self.plan.grad_accum
+        loader = DataLoader(StepBatches(self.sampler, self.prepare), batch_size=None,
+                            sampler=StepKeys(start, total, a), num_workers=workers,
+                            pin_memory=device.type == "cuda", prefetch_factor=4,
+                            generator=torch.Generator())  # its own seed: the dropout RNG is not touched
+        batches = iter(loader)
+        for step in range(start, total):
+            yield step, [next(batches).to(device) for _ in range(a)]

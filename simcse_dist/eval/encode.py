@@ -1,0 +1,78 @@
+"""Sharded encoding: every rank encodes an equal share of the sentences, the shares are gathered.
+What every evaluation (STS, retrieval, MTEB) and mining encode with."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from simcse_dist import distributed as du
+from simcse_dist import logs
+
+EncodeFn = Callable[..., torch.Tensor]
+
+
+@torch.no_grad()
+def encode(
+    forward: EncodeFn,
+    tokenizer,
+    sentences: Sequence[str],
+    device: torch.device,
+    batch_size: int = 128,
+    max_length: int = 512,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """Embeddings [n, d] (fp32, CPU) of `sentences`, identical on every rank.
+
+    Sentences are sorted by length and batched (little padding); under a launcher each rank
+    encodes an equal share and the shares are gathered. Every rank runs the same number of
+    forwards, which ZeRO-3 needs (its parameter all-gathers are collectives).
+    collective: every rank calls this with the same sentences.
+    """
+    n, world, rank = len(sentences), du.world_size(), du.rank()
+    order = sorted(range(n), key=lambda i: len(sentences[i]), reverse=True)
+    per_rank = math.ceil(n / world)
+    mine = order[rank::world]
+    mine = mine + [mine[-1] if mine else order[-1]] * (per_rank - len(mine))  # equal shares
+    chunks = []
+    batches = range(0, per_rank, batch_size)
+    bar = logs.progress(show_progress, total=len(batches), desc="encode", leave=False)
+    for start in batches:
+        texts = [sentences[i] for i in mine[start : start + batch_size]]
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        chunks.append(forward(**enc).float())
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    local = torch.cat(chunks) if chunks else torch.empty(0)
+    gathered = du.gather_no_grad(local).cpu()  # [world * per_rank, d], rank-major
+    out = torch.empty(n, gathered.shape[-1])
+    for r in range(world):
+        idx = order[r::world]
+        out[idx] = gathered[r * per_rank : r * per_rank + len(idx)]
+    return out
+
+
+def pair_embeddings(
+    forward: EncodeFn,
+    tokenizer,
+    sentences1: Sequence[str],
+    sentences2: Sequence[str],
+    device: torch.device,
+    batch_size: int = 128,
+    max_length: int = 512,
+    show_progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings [n, d] of both sides of n pairs. Each distinct sentence is encoded once (STS
+    sets repeat many), so the cost is that of the unique sentences.
+    collective: every rank calls this with the same sentences."""
+    unique = list(dict.fromkeys([*sentences1, *sentences2]))
+    row = {s: i for i, s in enumerate(unique)}
+    emb = encode(forward, tokenizer, unique, device, batch_size, max_length, show_progress)
+    return emb[[row[s] for s in sentences1]], emb[[row[s] for s in sentences2]]
+
+

@@ -1,0 +1,157 @@
+"""Encoder: a Hugging Face AutoModel + SimCSE's poolers + the MLP head. Never communicates.
+
+Poolers follow the official SimCSE code (princeton-nlp/SimCSE, simcse/models.py):
+- cls:               [CLS] of the last layer, then the MLP (Linear + Tanh). With
+                     `mlp_only_train` the MLP is used in training only (paper, unsup).
+- cls_before_pooler: [CLS] of the last layer, no MLP.
+- avg:               mean of the last layer over non-padding tokens.
+- avg_first_last:    mean over tokens of (hidden_states[1] + hidden_states[-1]) / 2.
+- avg_top2:          mean over tokens of (hidden_states[-2] + hidden_states[-1]) / 2.
+- pooler_output:     BERT's pretrained pooler (dense + tanh over [CLS], trained for next-sentence
+                     prediction), trained on; the `pooler` of the SimCSE-PyTorch code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+
+from simcse_dist.config import POOLERS, ConfigError, ModelConfig, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+_DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
+
+
+class MLPHead(nn.Module):
+    """SimCSE's MLPLayer: Linear(d, d) + Tanh over the [CLS] representation."""
+
+    def __init__(self, hidden_size: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.activation = nn.Tanh()
+        nn.init.normal_(self.dense.weight, std=init_std)  # BERT-style init, as HF's init_weights
+        nn.init.zeros_(self.dense.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(x))
+
+
+def pool(
+    pooler: str,
+    attention_mask: torch.Tensor,
+    last_hidden: torch.Tensor,
+    hidden_states: tuple[torch.Tensor, ...] | None = None,
+) -> torch.Tensor:
+    """[n, L, d] token states -> [n, d] sentence embeddings (before any MLP)."""
+    if pooler in ("cls", "cls_before_pooler"):
+        return last_hidden[:, 0]
+    if pooler == "avg":
+        tokens = last_hidden
+    elif pooler == "avg_first_last":
+        tokens = (hidden_states[1] + hidden_states[-1]) / 2.0
+    elif pooler == "avg_top2":
+        tokens = (hidden_states[-2] + hidden_states[-1]) / 2.0
+    else:
+        raise ValueError(f"model.pooler: unknown pooler {pooler!r}; expected one of {', '.join(POOLERS)}")
+    mask = attention_mask.unsqueeze(-1).to(tokens.dtype)  # [n, L, 1]
+    return (tokens * mask).sum(1) / mask.sum(1)
+
+
+class Encoder(nn.Module):
+    """Sentence encoder. forward(input_ids [..., L], attention_mask [..., L]) -> [..., d].
+
+    In training mode the cls pooler applies the MLP; in eval mode it does so unless
+    `mlp_only_train`. Leading dims are flattened so all views go through one forward pass.
+    """
+
+    def __init__(self, backbone: nn.Module, pooler: str, mlp_only_train: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pooler = pooler
+        self.mlp_only_train = mlp_only_train
+        hidden = backbone.config.hidden_size
+        std = getattr(backbone.config, "initializer_range", 0.02)
+        self.mlp = MLPHead(hidden, std) if pooler == "cls" else None
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> Encoder:
+        from transformers import AutoConfig
+
+        path = resolve_model_path(cfg.name_or_path)
+        hf_config = AutoConfig.from_pretrained(path)
+        if cfg.dropout is not None:
+            touched = [k for k in _DROPOUT_KEYS if hasattr(hf_config, k)]
+            if not touched:
+                raise ValueError(f"model.dropout: {type(hf_config).__name__} has none of {_DROPOUT_KEYS}")
+            for key in touched:
+                setattr(hf_config, key, cfg.dropout)
+        kwargs = {"config": hf_config}
+        if cfg.attn_implementation:
+            kwargs["attn_implementation"] = cfg.attn_implementation
+        return cls(load_backbone(path, cfg.pooler, **kwargs), cfg.pooler, cfg.mlp_only_train)
+
+    @property
+    def uses_mlp(self) -> bool:
+        return self.mlp is not None and (self.training or not self.mlp_only_train)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        lead, seq = input_ids.shape[:-1], input_ids.shape[-1]
+        flat = {"input_ids": input_ids.reshape(-1, seq), "attention_mask": attention_mask.reshape(-1, seq)}
+        if token_type_ids is not None:
+            flat["token_type_ids"] = token_type_ids.reshape(-1, seq)
+        need_all = self.pooler in ("avg_first_last", "avg_top2")
+        out = self.backbone(**flat, output_hidden_states=need_all, return_dict=True)
+        if self.pooler == "pooler_output":
+            emb = out.pooler_output
+        else:
+            emb = pool(self.pooler, flat["attention_mask"], out.last_hidden_state, out.hidden_states)
+        if self.uses_mlp:
+            emb = self.mlp(emb)
+        return emb.reshape(*lead, emb.shape[-1])
+
+
+def load_backbone(path: str, pooler: str, **kwargs) -> nn.Module:
+    """The Hugging Face model under an Encoder: without its pooler layer (BERT's dense + tanh,
+    which SimCSE never uses, so no parameter goes unused), except for `pooler_output`, which is it."""
+    from transformers import AutoModel
+
+    with quiet_transformers():
+        if pooler != "pooler_output":
+            try:
+                return AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
+            except TypeError:  # an architecture without that switch (no pooler layer to leave out)
+                return AutoModel.from_pretrained(path, **kwargs)
+        backbone, info = AutoModel.from_pretrained(path, output_loading_info=True, **kwargs)
+    if getattr(backbone, "pooler", None) is None:
+        raise ConfigError(f"model.pooler: pooler_output needs a model with a pooler layer (BERT, RoBERTa); "
+                          f"{type(backbone).__name__} of {path} has none")
+    if any(k.startswith("pooler.") for k in info.get("missing_keys", ())):
+        log.warning(f"model.pooler: pooler_output: {path} has no pretrained pooler weights; its pooler starts random")
+    return backbone
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Load models without transformers' per-load weight report and progress bars. SimCSE
+    backbones are saved without BERT's pooler layer on purpose (SimCSE never uses it), which
+    transformers would list as MISSING/UNEXPECTED on every load and on every rank."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()

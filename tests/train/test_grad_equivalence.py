@@ -1,0 +1,208 @@
+"""N gloo ranks through the real trainer path (DeepSpeed ZeRO 0-3, autograd gather, loss) must
+produce the gradients of one process on the concatenated global batch (docs/design.md, the gradient
+convention). Gradients are compared, not Adam updates, because Adam hides a uniform scale.
+
+Covered: plain steps (N = 2, 3), gradient accumulation (negatives per micro-step), gradient
+caching (N in 1-3, A in 1, 2, 4: negatives over the whole global batch), a short last batch
+split 7/6 over 2 ranks, and the duplicate mask on repeated premises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import DEMO_DATA, REPO, run_gloo
+from reference import global_batch_indices, reference_simcse_loss
+from transformers import AutoTokenizer
+
+from simcse_dist.config import load_config
+from simcse_dist.data.readers import read_train_examples
+from simcse_dist.model.encoder import Encoder
+
+WORKER = REPO / "tests" / "workers" / "grad_worker.py"
+SEED, TAU, HNW = 7, 0.05, 0.3
+DATA = {"unsup": DEMO_DATA / "wiki-demo.txt", "sup": DEMO_DATA / "nli-demo.tsv"}
+
+
+def overrides(model: Path, global_batch: int, *extra: str) -> list[str]:
+    return [f"model.name_or_path={model}", "model.dropout=0", f"loss.temperature={TAU}",
+            f"train.global_batch_size={global_batch}", f"train.seed={SEED}", "train.max_steps=1",
+            "engine.gradient_clipping=0", "log.wandb_mode=disabled", "log.progress_bar=false", *extra]
+
+
+def run_worker(tmp_path: Path, world: int, model: Path, global_batch: int, *, accums: str = "1",
+               stages: str = "0,1,2,3", data: dict | None = None, step: int = 0, extra: tuple = (),
+               objectives: str = "unsup,sup") -> None:
+    data = data or DATA
+    run_gloo(WORKER, world, ["--out", str(tmp_path), "--stages", stages, "--grad-accums", accums,
+                             "--objectives", objectives,
+                             "--data-unsup", str(data["unsup"]), "--data-sup", str(data["sup"]),
+                             "--hard-negative-weight", str(HNW), "--step", str(step),
+                             *overrides(model, global_batch, *extra)], timeout=600)
+
+
+def reference_grads(model: Path, objective: str, data: Path, chunks: list[list[int]],
+                    mask_duplicates: bool = False) -> dict[str, torch.Tensor]:
+    """One process, plain autograd: the loss of each chunk (a micro-step's global examples),
+    averaged over chunks; gradient caching and uneven batches use a single chunk."""
+    cfg = load_config(None, overrides(model, 8))
+    torch.manual_seed(SEED)  # the trainer builds the model (MLP head init) right after this seed
+    enc = Encoder.from_config(cfg.model).train()
+    tok = AutoTokenizer.from_pretrained(model)
+    examples, _ = read_train_examples(str(data))
+    w = HNW if objective == "sup" else 0.0
+    for chunk in chunks:
+        views = [(examples[i][0], examples[i][0]) if objective == "unsup" else examples[i] for i in chunk]
+        k = len(views[0])
+        enc_in = tok([s for v in views for s in v], padding=True, truncation=True, max_length=32, return_tensors="pt")
+        z = enc(**enc_in).view(len(views), k, -1)
+        loss = reference_simcse_loss(z, TAU, w, texts=views if mask_duplicates else None)
+        (loss / len(chunks)).backward()
+    return {n: p.grad.detach().clone() for n, p in enc.named_parameters()}
+
+
+def max_rel_diff(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """Max over tensors of max|got - ref| / max|ref|. The attention key bias has an analytically
+    zero gradient (softmax ignores a per-query constant), so its reference is rounding noise and
+    it is measured against the largest gradient in the model instead."""
+    assert got.keys() == ref.keys()
+    global_scale = max(r.abs().max().item() for r in ref.values())
+    assert global_scale > 0, "reference gradients are zero: the test would prove nothing"
+    worst, where = 0.0, ""
+    for name, r in ref.items():
+        scale = global_scale if name.endswith("attention.self.key.bias") else r.abs().max().item()
+        rel = (got[name] - r).abs().max().item() / scale
+        if rel > worst:
+            worst, where = rel, name
+    return worst, where
+
+
+def check(tmp_path: Path, objective: str, stages: str, accum: int, ref: dict, label: str) -> None:
+    for stage in map(int, stages.split(",")):
+        got = torch.load(tmp_path / f"grads-{objective}-z{stage}-a{accum}.pt")["grads"]
+        rel, where = max_rel_diff(got, ref)
+        assert rel <= 1e-5, f"{label} {objective} ZeRO-{stage} A={accum}: max rel diff {rel:.2e} at {where}"
+
+
+def n_examples(path: Path) -> int:
+    return len(read_train_examples(str(path))[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,global_batch,grad_accum", [(2, 12, 1), (3, 12, 1), (2, 16, 2)])
+def test_n_ranks_match_one_process(tiny_bert, tmp_path, world, global_batch, grad_accum):
+    stages = "0,1,2,3" if grad_accum == 1 else "0,2"
+    run_worker(tmp_path, world, tiny_bert, global_batch, accums=str(grad_accum), stages=stages)
+    for objective in ("unsup", "sup"):
+        idx = global_batch_indices(n_examples(DATA[objective]), global_batch, SEED)
+        per_micro = global_batch // grad_accum  # plain accumulation: negatives per micro-step
+        chunks = [idx[a * per_micro:(a + 1) * per_micro] for a in range(grad_accum)]
+        check(tmp_path, objective, stages, grad_accum,
+              reference_grads(tiny_bert, objective, DATA[objective], chunks), f"world {world}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_grad_cache_equals_whole_global_batch(tiny_bert, tmp_path, world):
+    """A chunks per rank, N ranks, every ZeRO stage: the gradient of the loss over all 24."""
+    run_worker(tmp_path, world, tiny_bert, 24, accums="1,2,4", extra=("train.grad_cache=true",))
+    for objective in ("unsup", "sup"):
+        ref = reference_grads(tiny_bert, objective, DATA[objective],
+                              [global_batch_indices(n_examples(DATA[objective]), 24, SEED)])
+        for accum in (1, 2, 4):
+            check(tmp_path, objective, "0,1,2,3", accum, ref, f"grad_cache world {world}")
+
+
+def reference_grads_dropout(model: Path, objective: str, data: Path, idx: list[int], world: int,
+                            accum: int) -> dict[str, torch.Tensor]:
+    """Dropout on: the written-out loss over the whole global batch, each rank's rows encoded
+    chunk by chunk from that rank's seed (train.seed + rank) in the trainer's order, so the
+    dropout masks are the ones the ranks draw."""
+    cfg = load_config(None, overrides(model, 8, "model.dropout=0.1"))
+    torch.manual_seed(SEED)
+    enc = Encoder.from_config(cfg.model).train()
+    tok = AutoTokenizer.from_pretrained(model)
+    examples, _ = read_train_examples(str(data))
+    per_chunk = len(idx) // accum
+    per_rank = per_chunk // world
+    zs = []
+    for r in range(world):
+        torch.manual_seed(SEED + r)
+        for a in range(accum):
+            rows = idx[a * per_chunk + r * per_rank:a * per_chunk + (r + 1) * per_rank]
+            views = [(examples[i][0], examples[i][0]) if objective == "unsup" else examples[i] for i in rows]
+            enc_in = tok([s for v in views for s in v], padding=True, truncation=True, max_length=32,
+                         return_tensors="pt")
+            zs.append(enc(**enc_in).view(len(views), len(views[0]), -1))
+    reference_simcse_loss(torch.cat(zs), TAU, HNW if objective == "sup" else 0.0).backward()
+    return {n: p.grad.detach().clone() for n, p in enc.named_parameters()}
+
+
+@pytest.mark.slow
+def test_grad_cache_with_dropout_equals_whole_global_batch(tiny_bert, tmp_path):
+    """Dropout on (the augmentation): 2 ranks x 2 chunks re-encode with each chunk's own masks."""
+    run_worker(tmp_path, 2, tiny_bert, 24, accums="2", stages="0,3",
+               extra=("train.grad_cache=true", "model.dropout=0.1"))
+    for objective in ("unsup", "sup"):
+        idx = global_batch_indices(n_examples(DATA[objective]), 24, SEED)
+        ref = reference_grads_dropout(tiny_bert, objective, DATA[objective], idx, 2, 2)
+        check(tmp_path, objective, "0,3", 2, ref, "grad_cache dropout")
+
+
+def _subset(tmp_path: Path, n: int) -> dict[str, Path]:
+    out = {}
+    for objective, path in DATA.items():
+        lines = path.read_text().splitlines()
+        header = lines[:1] if objective == "sup" else []
+        out[objective] = tmp_path / f"{objective}-{n}{path.suffix}"
+        out[objective].write_text("\n".join(header + lines[len(header):len(header) + n]) + "\n")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grad_cache", [False, True])
+def test_uneven_last_batch_seven_and_six(tiny_bert, tmp_path, grad_cache):
+    """29 examples, global batch 16, drop_last=false: step 1 holds 13, split 7/6 over 2 ranks
+    (with grad_cache and A=2: chunks of 7 and 6, each split again); padding is masked out."""
+    data = _subset(tmp_path, 29)
+    accum = 2 if grad_cache else 1
+    run_worker(tmp_path, 2, tiny_bert, 16, accums=str(accum), data=data, step=1,
+               extra=("data.drop_last=false", f"train.grad_cache={str(grad_cache).lower()}"))
+    for objective in ("unsup", "sup"):
+        last = global_batch_indices(29, 29, SEED)[16:]
+        assert len(last) == 13
+        check(tmp_path, objective, "0,1,2,3", accum,
+              reference_grads(tiny_bert, objective, data[objective], [last]), "uneven")
+
+
+@pytest.mark.slow
+def test_duplicate_premises_are_not_negatives(tiny_bert, tmp_path):
+    """NLI-style batch where premises repeat: the distributed masked loss equals the written-out
+    masked formula (loss.mask_duplicates, on by default for sup)."""
+    rows = DATA["sup"].read_text().splitlines()
+    header, body = rows[0], rows[1:25]
+    fields = [r.split("\t") for r in body]
+    for i in range(1, 24, 3):  # every third row repeats the previous row's premise
+        fields[i][0] = fields[i - 1][0]
+    sup = tmp_path / "dup.tsv"
+    sup.write_text("\n".join([header, *("\t".join(f) for f in fields)]) + "\n")
+    data = {"unsup": DATA["unsup"], "sup": sup}
+    run_worker(tmp_path, 2, tiny_bert, 24, data=data, stages="0,3", objectives="sup")
+    ref = reference_grads(tiny_bert, "sup", sup, [global_batch_indices(24, 24, SEED)], mask_duplicates=True)
+    unmasked = reference_grads(tiny_bert, "sup", sup, [global_batch_indices(24, 24, SEED)])
+    assert max_rel_diff(unmasked, ref)[0] > 1e-3  # the mask changes the gradient
+    check(tmp_path, "sup", "0,3", 1, ref, "duplicates")
+
+
+@pytest.mark.slow
+def test_reference_detects_dropped_cross_rank_terms(tiny_bert, tmp_path):
+    """Sanity of the comparison itself: 2 ranks with the official code's no-grad gather (each
+    rank's gradient reaches only its own rows) fail it by far."""
+    run_gloo(WORKER, 2, ["--out", str(tmp_path), "--stages", "0", "--grad-accums", "1", "--objectives", "sup",
+                         "--data-unsup", str(DATA["unsup"]), "--data-sup", str(DATA["sup"]),
+                         "--hard-negative-weight", str(HNW), "--no-grad-gather", *overrides(tiny_bert, 12)])
+    ref = reference_grads(tiny_bert, "sup", DATA["sup"], [global_batch_indices(n_examples(DATA["sup"]), 12, SEED)])
+    got = torch.load(tmp_path / "grads-sup-z0-a1.pt")["grads"]
+    rel, _ = max_rel_diff(got, ref)
+    assert rel > 0.1, rel

@@ -1,0 +1,326 @@
+"""Fault tolerance: exact resume after SIGKILL, stop requests, world-size change, rank failures,
+NaN losses, interrupted checkpoint writes, and two runs in one output dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from helpers import DEMO_DATA, REPO, read_jsonl, wait_for_step
+
+from simcse_dist.config import CheckpointConfig
+from simcse_dist.train.checkpoint import CheckpointLayoutError, CheckpointManager
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONPATH": str(REPO)}
+KEYS = ("train/loss", "train/grad_norm", "train/lr")
+
+
+def common(model: Path, out: Path, steps: int = 16, **kw) -> list[str]:
+    args = {"model.name_or_path": model, "model.dropout": 0.1, "data.train_file": DEMO_DATA / "wiki-demo.txt",
+            "train.global_batch_size": 12, "train.max_steps": steps, "log.every_steps": 1,
+            "log.wandb_mode": "disabled", "log.progress_bar": "false", "checkpoint.every_steps": 4,
+            "engine.zero_stage": 2, "train.output_dir": out, **kw}
+    return ["--config", str(REPO / "configs" / "demo.yaml"), *(f"{k}={v}" for k, v in args.items())]
+
+
+def command(args: list[str], nproc: int, module: str = "simcse_dist.cli") -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", module, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", module, *args]
+
+
+def run(args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command(args, nproc), capture_output=True, text=True, cwd=REPO,
+                          env={**ENV, **(env or {})}, timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def start(args: list[str], nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(command(args, nproc), cwd=REPO, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every rank: nothing gets to clean up."""
+    root = psutil.Process(proc.pid)
+    procs = [*root.children(recursive=True), root]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:  # exited on its own between listing and killing
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    proc.wait()
+
+
+def last_rows(metrics: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_jsonl(metrics) if "train/loss" in r}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_sigkill_between_checkpoints_then_resume_matches_uninterrupted(tiny_bert, tmp_path, stage):
+    """Dropout on (the augmentation): resuming must restore every rank's RNG, data position,
+    optimizer and LR schedule for the loss sequence to be identical."""
+    ok(run(common(tiny_bert, tmp_path / "ref", **{"engine.zero_stage": stage})))
+    args = common(tiny_bert, tmp_path / "run", **{"engine.zero_stage": stage})
+    proc = start(args)
+    wait_for_step(tmp_path / "run" / "metrics.jsonl", 6, proc)
+    kill_tree(proc)
+    done = [s for s, _ in CheckpointManager(tmp_path / "run", CheckpointConfig(), 0, 2).complete()]
+    assert done and max(done) < 16, done
+    resumed = ok(run(args))
+    assert f"resumed from step {max(done)}" in resumed.stdout
+    ref, got = last_rows(tmp_path / "ref" / "metrics.jsonl"), last_rows(tmp_path / "run" / "metrics.jsonl")
+    assert sorted(got) == sorted(ref) == list(range(1, 17))
+    for step in ref:
+        assert all(got[step][k] == ref[step][k] for k in KEYS), (step, ref[step], got[step])
+
+
+@pytest.mark.slow
+def test_stop_file_then_resume_at_another_world_size(tiny_bert, tmp_path):
+    """2 ranks stop on the stop file (what slurm/train.sh's USR1 trap creates), 1 rank resumes
+    the ZeRO-2 checkpoint through DeepSpeed's universal format, keeping the optimizer state."""
+    ok(run(common(tiny_bert, tmp_path / "ref", **{"model.dropout": 0})))
+    stop_file = tmp_path / "STOP"
+    args = common(tiny_bert, tmp_path / "run", **{"model.dropout": 0, "checkpoint.every_steps": 0})
+    proc = start(args, env={"SIMCSE_STOP_FILE": str(stop_file)})
+    wait_for_step(tmp_path / "run" / "metrics.jsonl", 3, proc)
+    stop_file.touch()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped at step" in out and not stop_file.exists()
+    (stopped_at, _), = CheckpointManager(tmp_path / "run", CheckpointConfig(), 0, 2).complete()
+    assert 3 <= stopped_at < 16
+    saved = json.loads((tmp_path / "run" / "checkpoints" / f"step-{stopped_at:08d}" / "trainer_state.json").read_text())
+    assert saved["zero_stage"] == 2
+    resumed = ok(run(args, nproc=1))
+    assert "resuming at world size 1 from a checkpoint written at world size 2" in resumed.stdout
+    ref, got = last_rows(tmp_path / "ref" / "metrics.jsonl"), last_rows(tmp_path / "run" / "metrics.jsonl")
+    for step in range(stopped_at + 1, 17):  # Adam moments restored: same trajectory to float tolerance
+        for k in KEYS:
+            assert got[step][k] == pytest.approx(ref[step][k], rel=1e-4), (step, k)
+
+
+def fork_run(src: Path, dst: Path, step: int) -> Path:
+    """A copy of run `src` in `dst` as if it had stopped right after checkpoint `step`."""
+    shutil.copytree(src, dst)
+    for s, d in CheckpointManager(dst, CheckpointConfig(), 0, 1).complete():
+        if s > step:
+            shutil.rmtree(d)
+    cfg = yaml.safe_load((dst / "config.yaml").read_text())
+    cfg["train"]["output_dir"] = str(dst)
+    (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return dst / "checkpoints" / f"step-{step:08d}"
+
+
+def max_rel_diff(ref: dict[int, dict], got: dict[int, dict], steps: range) -> float:
+    return max(abs(got[s][k] - ref[s][k]) / abs(ref[s][k]) for s in steps for k in KEYS)
+
+
+@pytest.mark.slow
+def test_one_rank_zero2_checkpoint_resumes_on_two_ranks_with_its_adam_state(tiny_bert, tmp_path):
+    """1 rank runs DeepSpeed's ZeRO-2; 2 ranks resume its checkpoint through DeepSpeed's
+    universal format and follow the uninterrupted run. The control resumes the same checkpoint
+    with its Adam moments zeroed: it leaves the trajectory by more than the tolerance, so the
+    comparison does see the optimizer state."""
+    kw = {"model.dropout": 0, "checkpoint.keep_last": 8}
+    ok(run(common(tiny_bert, tmp_path / "ref", **kw), nproc=1))
+    ref = last_rows(tmp_path / "ref" / "metrics.jsonl")
+    ckpt = fork_run(tmp_path / "ref", tmp_path / "run", 4)
+    assert json.loads((ckpt / "trainer_state.json").read_text())["zero_stage"] == 2
+    resumed = ok(run(common(tiny_bert, tmp_path / "run", **kw), nproc=2))
+    assert "resuming at world size 2 from a checkpoint written at world size 1" in resumed.stdout
+    got = last_rows(tmp_path / "run" / "metrics.jsonl")
+    assert sorted(got) == list(range(1, 17))
+    assert max_rel_diff(ref, got, range(5, 17)) < 1e-4
+
+    # Control, test-only surgery: convert with DeepSpeed's own converter into the folder the
+    # manager reuses (engine_universal/ + COMPLETE), then zero the moments in DeepSpeed's
+    # universal layout (zero/<param>/exp_avg*.pt holding {"param": tensor}).
+    control = fork_run(tmp_path / "ref", tmp_path / "control", 4)
+    universal = control / "engine_universal"
+    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                    str(control / "engine"), "--output_folder", str(universal), "--num_extract_workers", "1",
+                    "--num_merge_workers", "1", "--inject_missing_state"], check=True, capture_output=True, env=ENV)
+    moments = list(universal.glob("zero/*/exp_avg*.pt"))
+    assert moments
+    for f in moments:
+        state = torch.load(f, weights_only=False)
+        state["param"] = torch.zeros_like(state["param"])
+        torch.save(state, f)
+    (universal / "COMPLETE").write_text("ok\n")
+    ok(run(common(tiny_bert, tmp_path / "control", **kw), nproc=2))
+    assert max_rel_diff(ref, last_rows(tmp_path / "control" / "metrics.jsonl"), range(5, 17)) > 3e-4
+
+
+@pytest.mark.slow
+def test_bf16_layout_changes_restore_the_exact_optimizer_state(tiny_bert, tmp_path):
+    """bf16 at ZeRO-2 on 1 and on 2 ranks. Loading either checkpoint at the other world size
+    (DeepSpeed's universal format) gives every parameter the same fp32 weight, Adam moments and
+    step as loading it at its own."""
+    worker = REPO / "tests" / "workers" / "resume_state_worker.py"
+    dumps = {}
+    for written in (1, 2):
+        out = tmp_path / f"w{written}"
+        args = common(tiny_bert, out, steps=4, **{"model.dropout": 0, "engine.precision": "bf16"})
+        ok(run(args, nproc=written))
+        for nproc in (written, 3 - written):
+            dump = tmp_path / f"w{written}-on{nproc}.pt"
+            cmd = [sys.executable, str(worker), "--dump", str(dump), *args]
+            if nproc > 1:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                       *cmd[1:]]
+            ok(subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300))
+            dumps[written, nproc] = torch.load(dump, weights_only=False)
+    assert dumps[1, 2]["route"] == dumps[2, 1]["route"] == "universal"
+    for written in (1, 2):
+        own, other = dumps[written, written], dumps[written, 3 - written]
+        assert own["route"] == "direct" and own["step"] == other["step"] == 4
+        assert sorted(own["params"]) == sorted(other["params"])
+        for name, state in own["params"].items():
+            for key, value in state.items():
+                assert torch.equal(value, other["params"][name][key]), (written, name, key)
+
+
+def fake_checkpoint(path: Path, world_size: int, zero_stage: int, fmt: int = 2) -> Path:
+    path.mkdir(parents=True)
+    state = {"format": fmt, "step": 4, "world_size": world_size, "zero_stage": zero_stage, "parts": {}}
+    (path / "trainer_state.json").write_text(json.dumps(state))
+    return path
+
+
+def test_universal_only_for_partitioned_state_at_another_world_size(tmp_path):
+    """ZeRO-0 holds the whole optimizer state on every rank: loaded as written at any world size.
+    ZeRO 1-3 at another world size go through DeepSpeed's universal format. A checkpoint whose
+    engine was built at another stage, or written in another checkpoint format, is refused,
+    naming it and what differs."""
+    cfg = CheckpointConfig()
+    on = {w: CheckpointManager(tmp_path, cfg, 0, w) for w in (1, 2, 4)}
+    z2 = fake_checkpoint(tmp_path / "z2", 2, 2)
+    z0 = fake_checkpoint(tmp_path / "z0", 2, 0)
+    assert [on[w].needs_universal(z2, 2) for w in (1, 2, 4)] == [True, False, True]
+    assert [on[w].needs_universal(z0, 0) for w in (1, 2, 4)] == [False, False, False]
+    with pytest.raises(CheckpointLayoutError) as e:
+        on[1].needs_universal(z0, 2)
+    assert str(e.value).startswith(f"{z0}: written by an engine built with ZeRO stage 0, this run builds stage 2")
+    other = fake_checkpoint(tmp_path / "other", 1, 0, fmt=7)
+    with pytest.raises(CheckpointLayoutError) as e:
+        on[1].needs_universal(other, 0)
+    assert str(e.value).startswith(f"{other}: written in checkpoint format 7, this version reads format 2")
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_cleanly(tiny_bert, tmp_path):
+    args = common(tiny_bert, tmp_path / "run", steps=200, **{"checkpoint.every_steps": 0})
+    proc = start(args, nproc=1)
+    wait_for_step(tmp_path / "run" / "metrics.jsonl", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped at step" in out and "(SIGTERM)" in out
+    assert CheckpointManager(tmp_path / "run", CheckpointConfig(), 0, 2).latest() is not None
+
+
+@pytest.mark.slow
+def test_a_rank_that_raises_fails_the_job_fast_under_torchrun(tiny_bert, tmp_path):
+    args = ["--fault", "raise", "--rank", "1", "--step", "3",
+            *common(tiny_bert, tmp_path / "run", **{"engine.dist_timeout_s": 30})[2:]]
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / "tests" / "workers" / "fault_worker.py"), *args],
+                          capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
+    assert proc.returncode != 0
+    assert "injected failure on rank 1" in proc.stderr + proc.stdout  # the failing rank's error is shown
+    assert time.time() - t0 < 120
+
+
+@pytest.mark.slow
+def test_a_rank_that_raises_without_launcher_ends_peers_within_timeout(tiny_bert, tmp_path):
+    """Independent processes (as srun starts them, no agent to kill the peers): the survivor
+    must leave its collective within engine.dist_timeout_s instead of hanging."""
+    timeout_s = 20
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29400 + os.getpid() % 500), "WORLD_SIZE": "2"}
+    args = ["--fault", "raise", "--rank", "1", "--step", "3",
+            *common(tiny_bert, tmp_path / "run", **{"engine.dist_timeout_s": timeout_s})[2:]]
+    t0 = time.time()
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "workers" / "fault_worker.py"), *args],
+                              cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=timeout_s + 120)[0] for p in procs]
+    elapsed = time.time() - t0
+    assert all(p.returncode != 0 for p in procs), outs
+    assert "injected failure on rank 1" in outs[1]
+    assert elapsed < timeout_s + 90, elapsed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy,log_every", [("stop", 1), ("stop", 10), ("skip", 1)])
+def test_nonfinite_loss(tiny_bert, tmp_path, policy, log_every):
+    """log_every 10: step 7 neither logs nor saves, so its agreement is read one step later (no
+    host sync); step 8 would save a checkpoint and must not."""
+    args = ["--fault", "nan", "--rank", "1", "--step", "7",
+            *common(tiny_bert, tmp_path / "run", steps=10, **{"train.on_nonfinite": policy,
+                                                               "log.every_steps": log_every})[2:]]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / "tests" / "workers" / "fault_worker.py"), *args],
+                          capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
+    ckpts = [s for s, _ in CheckpointManager(tmp_path / "run", CheckpointConfig(), 0, 2).complete()]
+    if policy == "stop":
+        assert proc.returncode != 0
+        assert "non-finite train/loss at step 7; nothing after step 6 is saved" in proc.stderr
+        assert ckpts == [4]  # the last good checkpoint is kept, nothing written after the NaN
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "step 7: non-finite train/loss on some rank; step skipped" in proc.stdout
+        rows = last_rows(tmp_path / "run" / "metrics.jsonl")
+        assert rows[6]["train/loss"] == rows[6]["train/loss"]  # finite before the fault
+        assert ckpts == [8, 10]
+
+
+@pytest.mark.slow
+def test_interrupted_checkpoint_write_leaves_previous_usable(tiny_bert, tmp_path):
+    args = common(tiny_bert, tmp_path / "run", steps=8, **{"checkpoint.every_steps": 2})
+    ok(run(args, nproc=1))
+    reference = last_rows(tmp_path / "run" / "metrics.jsonl")
+    root = tmp_path / "run" / "checkpoints"
+    assert [s for s, _ in CheckpointManager(tmp_path / "run", CheckpointConfig(), 0, 2).complete()] == [6, 8]
+    # A crash while writing step 8: the directory never got its COMPLETE marker nor its final name.
+    (root / "step-00000008").rename(root / "step-00000008.tmp")
+    (root / "step-00000008.tmp" / "COMPLETE").unlink()
+    (root / "step-00000008.tmp" / "engine" / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    assert CheckpointManager(tmp_path / "run", CheckpointConfig(), 0, 2).latest() == root / "step-00000006"
+    resumed = ok(run(args, nproc=1))
+    assert "resumed from step 6" in resumed.stdout
+    got = last_rows(tmp_path / "run" / "metrics.jsonl")
+    for step in (7, 8):
+        assert all(got[step][k] == reference[step][k] for k in KEYS)
+    assert not (root / "step-00000008.tmp").exists()  # cleaned up by the next save
+
+
+def test_output_dir_with_another_runs_config_is_refused(tiny_bert, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    first = run(common(tiny_bert, out, steps=1), nproc=1)
+    ok(first)
+    second = run(common(tiny_bert, out, steps=1, **{"optim.lr": 1e-3}), nproc=1)
+    assert second.returncode == 2
+    assert "holds a run with a different config (optim.lr: 3e-05 -> 0.001)" in second.stderr
+    third = ok(run(common(tiny_bert, out, steps=1, **{"optim.lr": 1e-3, "train.overwrite": "true"}), nproc=1))
+    assert "discarding the different run" in third.stdout
