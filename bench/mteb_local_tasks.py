@@ -46,8 +46,13 @@ class STSBenchmarkLocal(AbsTaskSTS):
     def load_data(self, num_proc: int | None = None, **kwargs) -> None:
         pairs = read_pair_file(self.pairs_file)
         n = self.max_pairs
-        self.dataset = DatasetDict({"test": Dataset.from_dict(
-            {"sentence1": pairs.sentences1[:n], "sentence2": pairs.sentences2[:n], "score": pairs.scores[:n]})})
+        self.dataset = DatasetDict(
+            {
+                "test": Dataset.from_dict(
+                    {"sentence1": pairs.sentences1[:n], "sentence2": pairs.sentences2[:n], "score": pairs.scores[:n]}
+                )
+            }
+        )
         self.data_loaded = True
 
 
@@ -59,8 +64,13 @@ class STSRetrievalLocal(AbsTaskRetrieval):
 
     def load_data(self, num_proc: int | None = None, **kwargs) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            build_sts_retrieval_set(self.pairs_file, tmp, max_pairs=self.max_pairs, n_distractors=self.n_distractors,
-                                distractors=SHARED / "wiki1m-sample.txt")
+            build_sts_retrieval_set(
+                self.pairs_file,
+                tmp,
+                max_pairs=self.max_pairs,
+                n_distractors=self.n_distractors,
+                distractors=SHARED / "wiki1m-sample.txt",
+            )
             data = load_retrieval(*(Path(tmp) / f"{name}.tsv" for name in ("queries", "corpus", "qrels")))
         split = RetrievalSplitData(
             queries=Dataset.from_list([{"id": q, "text": t} for q, t in data.queries.items()]),

@@ -61,6 +61,7 @@ class Phases:
                 return fn(*args, **kwargs)
             finally:
                 self.current[name] += time.perf_counter() - t0
+
         return timed
 
     def end_step(self, total: float) -> None:
@@ -113,8 +114,11 @@ class PlainPhases(PlainImpl):
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         t5 = time.perf_counter()
-        for name, dt in zip(("collate", "forward", "loss", "backward", "step"),
-                            (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+        for name, dt in zip(
+            ("collate", "forward", "loss", "backward", "step"),
+            (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4),
+            strict=True,
+        ):
             ph.current[name] += dt
 
 
@@ -144,8 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     result["impls"] = {}
     with tempfile.TemporaryDirectory(prefix="simcse-prof-") as tmp:
         model_dir, simcse_name = materialize_model(args.model, Path(tmp))
-        s = Setup(model_dir=model_dir, simcse_name=simcse_name, data=args.data, batch_size=args.batch_size,
-                  seq_len=args.seq_len, precision="fp32", device=device, total_steps=total, work_dir=Path(tmp))
+        s = Setup(
+            model_dir=model_dir,
+            simcse_name=simcse_name,
+            data=args.data,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            precision="fp32",
+            device=device,
+            total_steps=total,
+            work_dir=Path(tmp),
+        )
         impls, phases = {}, {}
         for name in sorted(names, key=lambda n: not n.startswith("simcse")):
             ph = Phases()
@@ -194,8 +207,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== torch.profiler, {name}, {args.profile_steps} steps, top self CPU time ==\n{table}")
             events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:40]
             result["impls"][name]["top_ops"] = [
-                {"op": e.key, "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / args.profile_steps,
-                 "calls_per_step": e.count / args.profile_steps} for e in events]
+                {
+                    "op": e.key,
+                    "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / args.profile_steps,
+                    "calls_per_step": e.count / args.profile_steps,
+                }
+                for e in events
+            ]
     write_result(result, args.output)
     return 0
 

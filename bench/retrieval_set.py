@@ -20,14 +20,24 @@ SHARED = REPO.parent / "shared" / "data"
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir")
-    p.add_argument("--pairs", default=str(SHARED / "stsb" / "test.tsv"), help="an STS pair file (sentence1 sentence2 score)")
-    p.add_argument("--min-score", type=float, default=4.0, help="pairs scored at least this are query + relevant document")
+    p.add_argument(
+        "--pairs", default=str(SHARED / "stsb" / "test.tsv"), help="an STS pair file (sentence1 sentence2 score)"
+    )
+    p.add_argument(
+        "--min-score", type=float, default=4.0, help="pairs scored at least this are query + relevant document"
+    )
     p.add_argument("--max-pairs", type=int, default=None, help="read only the first N pairs")
     p.add_argument("--distractors", default=str(SHARED / "wiki1m-sample.txt"), help="one sentence per line")
     p.add_argument("--n-distractors", type=int, default=2000)
     args = p.parse_args()
-    counts = build_sts_retrieval_set(args.pairs, args.out_dir, min_score=args.min_score, max_pairs=args.max_pairs,
-                                     distractors=args.distractors, n_distractors=args.n_distractors)
+    counts = build_sts_retrieval_set(
+        args.pairs,
+        args.out_dir,
+        min_score=args.min_score,
+        max_pairs=args.max_pairs,
+        distractors=args.distractors,
+        n_distractors=args.n_distractors,
+    )
     print(f"{args.out_dir}: {counts['queries']} queries, {counts['corpus']} documents, {counts['qrels']} qrels")
 
 

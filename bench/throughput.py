@@ -131,13 +131,24 @@ class SimcseImpl(Impl):
 
         self.name = f"simcse-z{stage}" + ("" if cached else "-nocache") + ("-compile" if compiled else "")
         overrides = [
-            f"model.name_or_path={s.simcse_name}", f"model.dropout={DROPOUT}", f"loss.temperature={TEMPERATURE}",
-            "model.pooler=cls", f"data.train_file={s.data}", f"data.max_seq_len={s.seq_len}",
-            f"train.global_batch_size={s.batch_size}", f"train.max_steps={s.total_steps}",
-            f"train.output_dir={s.work_dir / self.name}", "train.overwrite=true", "checkpoint.resume=false",
-            "checkpoint.every_steps=0", f"engine.zero_stage={stage}", f"engine.precision={s.precision}",
-            "log.wandb_mode=disabled", "log.progress_bar=false",
-            f"data.cache_dir={s.work_dir / 'token-cache'}", f"engine.compile={str(compiled).lower()}",
+            f"model.name_or_path={s.simcse_name}",
+            f"model.dropout={DROPOUT}",
+            f"loss.temperature={TEMPERATURE}",
+            "model.pooler=cls",
+            f"data.train_file={s.data}",
+            f"data.max_seq_len={s.seq_len}",
+            f"train.global_batch_size={s.batch_size}",
+            f"train.max_steps={s.total_steps}",
+            f"train.output_dir={s.work_dir / self.name}",
+            "train.overwrite=true",
+            "checkpoint.resume=false",
+            "checkpoint.every_steps=0",
+            f"engine.zero_stage={stage}",
+            f"engine.precision={s.precision}",
+            "log.wandb_mode=disabled",
+            "log.progress_bar=false",
+            f"data.cache_dir={s.work_dir / 'token-cache'}",
+            f"engine.compile={str(compiled).lower()}",
         ]
         self.s = s
         self.trainer = Trainer(load_config(None, overrides), DistEnv.from_env())
@@ -186,15 +197,18 @@ class PlainImpl(Impl):
         self.name = ("plain-pretok" if pretokenized else "plain") + ("" if fused else "-unfused")
         self.s = s
         self.tok = AutoTokenizer.from_pretrained(s.model_dir, use_fast=True)
-        config = AutoConfig.from_pretrained(s.model_dir, hidden_dropout_prob=DROPOUT,
-                                            attention_probs_dropout_prob=DROPOUT)
+        config = AutoConfig.from_pretrained(
+            s.model_dir, hidden_dropout_prob=DROPOUT, attention_probs_dropout_prob=DROPOUT
+        )
         torch.manual_seed(1)
         self.model = AutoModel.from_pretrained(s.model_dir, config=config, add_pooling_layer=False).to(s.device)
         self.mlp = MLPHead(config.hidden_size).to(s.device)
         self.model.train()
         self.params = [*self.model.parameters(), *self.mlp.parameters()]
         # weight_decay 0: the trainer's default (optim.weight_decay), not torch's 0.01
-        self.opt = torch.optim.AdamW(self.params, lr=3e-5, weight_decay=0.0, fused=fused)  # hand-tuned: fused kernel on CPU too
+        self.opt = torch.optim.AdamW(
+            self.params, lr=3e-5, weight_decay=0.0, fused=fused
+        )  # hand-tuned: fused kernel on CPU too
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, linear_decay(s.total_steps))
         self.labels = torch.arange(s.batch_size, device=s.device)
         self.pretok: list[dict[str, torch.Tensor]] | None = None
@@ -237,9 +251,11 @@ class STImpl(Impl):
         self.name = "st-mnrl"
         self.s = s
         torch.manual_seed(2)
-        self.model = SentenceTransformer(s.model_dir, device=str(s.device),
-                                         config_kwargs={"hidden_dropout_prob": DROPOUT,
-                                                        "attention_probs_dropout_prob": DROPOUT})
+        self.model = SentenceTransformer(
+            s.model_dir,
+            device=str(s.device),
+            config_kwargs={"hidden_dropout_prob": DROPOUT, "attention_probs_dropout_prob": DROPOUT},
+        )
         self.model.max_seq_length = s.seq_len
         self.model.train()
         self.loss = MultipleNegativesRankingLoss(self.model, scale=1.0 / TEMPERATURE)
@@ -286,8 +302,9 @@ def build(name: str, s: Setup) -> Impl:
 def dropout_of(impl: Impl) -> set[float]:
     """Dropout probabilities of every nn.Dropout and attention config: the check that all
     implementations train with the same augmentation."""
-    module = {"SimcseImpl": lambda m: m.trainer.encoder, "PlainImpl": lambda m: m.model,
-              "STImpl": lambda m: m.model}[type(impl).__name__](impl)
+    module = {"SimcseImpl": lambda m: m.trainer.encoder, "PlainImpl": lambda m: m.model, "STImpl": lambda m: m.model}[
+        type(impl).__name__
+    ](impl)
     ps = {float(m.p) for m in module.modules() if isinstance(m, nn.Dropout)}
     for m in module.modules():
         cfg = getattr(m, "config", None)
@@ -365,17 +382,24 @@ def measure(s: Setup, names: list[str], steps: int, warmup: int, rounds: int, lo
             if left > 0:
                 run(impl, min(per_round, left), timed=True)
         loads.append(round(os.getloadavg()[0], 2))
-        log(f"  round {r + 1}/{rounds}: load {loads[-1]:.2f}; median so far: " + ", ".join(
-            f"{n} {1000 * statistics.median(t):.0f}ms" for n, t in times.items() if t))
+        log(
+            f"  round {r + 1}/{rounds}: load {loads[-1]:.2f}; median so far: "
+            + ", ".join(f"{n} {1000 * statistics.median(t):.0f}ms" for n, t in times.items() if t)
+        )
     rows = []
     for impl in impls:
         t = sorted(times[impl.name])
         med = statistics.median(t)
         row = {
-            "impl": impl.name, "batch_size": s.batch_size, "steps_timed": len(t),
-            "ms_per_step": 1000 * med, "sentences_per_s": s.batch_size / med,
-            "ms_p10": 1000 * t[int(0.1 * (len(t) - 1))], "ms_p90": 1000 * t[int(0.9 * (len(t) - 1))],
-            "ms_all": [round(1000 * x, 2) for x in times[impl.name]], "round_of_step": round_of[impl.name],
+            "impl": impl.name,
+            "batch_size": s.batch_size,
+            "steps_timed": len(t),
+            "ms_per_step": 1000 * med,
+            "sentences_per_s": s.batch_size / med,
+            "ms_p10": 1000 * t[int(0.1 * (len(t) - 1))],
+            "ms_p90": 1000 * t[int(0.9 * (len(t) - 1))],
+            "ms_all": [round(1000 * x, 2) for x in times[impl.name]],
+            "round_of_step": round_of[impl.name],
             "params": param_count(impl),
             "load_avg_per_round": loads,
         }
@@ -435,12 +459,16 @@ def table(rows: list[dict]) -> str:
         paired = r.get(f"{key}_paired")
         return f"{r[key]:>7.3f}x ({paired:.3f}x)" if paired is not None else f"{r[key]:>7.3f}x {'':9}"
 
-    head = (f"{'batch':>5} {'implementation':<28} {'sent/s':>8} {'ms/step':>9} {'p10-p90 ms':>17} "
-            f"{'vs plain (paired)':>19} {'vs st (paired)':>19}" + (f" {'peak GiB':>9}" if mem else ""))
+    head = (
+        f"{'batch':>5} {'implementation':<28} {'sent/s':>8} {'ms/step':>9} {'p10-p90 ms':>17} "
+        f"{'vs plain (paired)':>19} {'vs st (paired)':>19}" + (f" {'peak GiB':>9}" if mem else "")
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
-        line = (f"{r['batch_size']:>5} {r['impl']:<28} {r['sentences_per_s']:>8.1f} {r['ms_per_step']:>9.1f} "
-                f"{r['ms_p10']:>8.1f}-{r['ms_p90']:<8.1f} {ratio(r, 'vs_plain'):>19} {ratio(r, 'vs_st'):>19}")
+        line = (
+            f"{r['batch_size']:>5} {r['impl']:<28} {r['sentences_per_s']:>8.1f} {r['ms_per_step']:>9.1f} "
+            f"{r['ms_p10']:>8.1f}-{r['ms_p90']:<8.1f} {ratio(r, 'vs_plain'):>19} {ratio(r, 'vs_st'):>19}"
+        )
         if mem:
             line += f" {r.get('peak_mem_gib', float('nan')):>9.2f}"
         lines.append(line)
@@ -449,19 +477,26 @@ def table(rows: list[dict]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--model", default=None,
-                   help="minilm (CPU default) | bert-base (GPU default, random weights) | tiny | a model dir")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="minilm (CPU default) | bert-base (GPU default, random weights) | tiny | a model dir",
+    )
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="CPU default fp32, GPU bf16")
     p.add_argument("--batch-sizes", default=None, help="comma-separated; CPU default 64, GPU 64,512")
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=20, help="timed steps per implementation (median reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds the timed steps are split into")
-    p.add_argument("--impls", default=DEFAULT_IMPLS_CPU,
-                   help=f"comma-separated from {DEFAULT_IMPLS_CPU},{OPTIONAL_IMPLS} (any simcse-zN-nocache)")
+    p.add_argument(
+        "--impls",
+        default=DEFAULT_IMPLS_CPU,
+        help=f"comma-separated from {DEFAULT_IMPLS_CPU},{OPTIONAL_IMPLS} (any simcse-zN-nocache)",
+    )
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--threads", type=int, default=None, help="OMP/intra-op threads (default: all cores)")
     p.add_argument("--output", default=None, help="write the results as JSON here")
@@ -474,8 +509,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.impls = [x.strip() for x in args.impls.split(",") if x.strip()]
     unknown = [x for x in args.impls if not known(x)]
     if unknown:
-        p.error(f"--impls: unknown {unknown}; simcse-zN[-nocache] (N 0-3), plain, plain-pretok, plain-unfused, "
-                "st-mnrl (with one rank simcse-zN is DeepSpeed's own ZeRO-N: what `+partition` measured)")
+        p.error(
+            f"--impls: unknown {unknown}; simcse-zN[-nocache] (N 0-3), plain, plain-pretok, plain-unfused, "
+            "st-mnrl (with one rank simcse-zN is DeepSpeed's own ZeRO-N: what `+partition` measured)"
+        )
     return args
 
 
@@ -494,17 +531,30 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda line: print(line, flush=True)  # noqa: E731
     result = start_result(args)
     info = result["machine"]
-    log(f"machine: {info.get('cpu_model')} x{info['cpu_count']}, torch threads {info['torch_threads']}"
-        + (f", {info['gpu']}" if "gpu" in info else "") + f"; load {os.getloadavg()[0]:.2f}")
+    log(
+        f"machine: {info.get('cpu_model')} x{info['cpu_count']}, torch threads {info['torch_threads']}"
+        + (f", {info['gpu']}" if "gpu" in info else "")
+        + f"; load {os.getloadavg()[0]:.2f}"
+    )
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="simcse-bench-") as tmp:
         model_dir, simcse_name = materialize_model(args.model, Path(tmp))
         for bs in args.batch_sizes:
-            setup = Setup(model_dir=model_dir, simcse_name=simcse_name, data=args.data, batch_size=bs,
-                          seq_len=args.seq_len, precision=args.precision, device=device,
-                          total_steps=args.warmup + args.steps, work_dir=Path(tmp) / f"b{bs}")
-            log(f"batch {bs}: model {args.model}, {args.precision}, seq {args.seq_len}, {args.device}, "
-                f"{args.steps} timed steps in {args.rounds} rounds after {args.warmup} warm-up")
+            setup = Setup(
+                model_dir=model_dir,
+                simcse_name=simcse_name,
+                data=args.data,
+                batch_size=bs,
+                seq_len=args.seq_len,
+                precision=args.precision,
+                device=device,
+                total_steps=args.warmup + args.steps,
+                work_dir=Path(tmp) / f"b{bs}",
+            )
+            log(
+                f"batch {bs}: model {args.model}, {args.precision}, seq {args.seq_len}, {args.device}, "
+                f"{args.steps} timed steps in {args.rounds} rounds after {args.warmup} warm-up"
+            )
             rows += measure(setup, args.impls, args.steps, args.warmup, args.rounds, log)
     add_ratios(rows)
     log("")

@@ -89,19 +89,32 @@ def main(argv: list[str] | None = None) -> int:
                 times = []
                 for r in range(args.repeats):
                     t0 = time.perf_counter()
-                    corpus = open_or_prepare(path, None, "unsup", tok, L, cache_dir=tmp / f"c-{name}-{w}-{r}", workers=w)
+                    corpus = open_or_prepare(
+                        path, None, "unsup", tok, L, cache_dir=tmp / f"c-{name}-{w}-{r}", workers=w
+                    )
                     times.append(time.perf_counter() - t0)
                     assert corpus.built and corpus.num_rows == n
-                t_hit = timed(lambda path=path, name=name, w=w: open_or_prepare(  # noqa: B023
-                    path, None, "unsup", tok, L, cache_dir=tmp / f"c-{name}-{w}-0"), args.repeats)
+                t_hit = timed(
+                    lambda path=path, name=name, w=w: open_or_prepare(  # noqa: B023
+                        path, None, "unsup", tok, L, cache_dir=tmp / f"c-{name}-{w}-0"
+                    ),
+                    args.repeats,
+                )
                 rate = n / statistics.median(times)
                 res[f"build_{name}_workers{w}"] = {
-                    "sentences": n, "workers": w, "seconds": times, "sentences_per_s": rate,
-                    "best_sentences_per_s": n / min(times), "load_hit_seconds": min(t_hit),
-                    "extrapolated_1M_seconds": 1e6 / rate}
-                say(f"build {name} ({n} sentences, {w} worker(s)): median {statistics.median(times):.2f}s, best "
+                    "sentences": n,
+                    "workers": w,
+                    "seconds": times,
+                    "sentences_per_s": rate,
+                    "best_sentences_per_s": n / min(times),
+                    "load_hit_seconds": min(t_hit),
+                    "extrapolated_1M_seconds": 1e6 / rate,
+                }
+                say(
+                    f"build {name} ({n} sentences, {w} worker(s)): median {statistics.median(times):.2f}s, best "
                     f"{min(times):.2f}s -> {rate:,.0f} sentences/s; 1M sentences ~{1e6 / rate:.0f}s; "
-                    f"hit {1000 * min(t_hit):.0f} ms")
+                    f"hit {1000 * min(t_hit):.0f} ms"
+                )
 
         t = timed(lambda: tok(texts, truncation=True, max_length=L), args.repeats)
         res["hf_call_sample_seconds"] = min(t)
@@ -114,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         t_ref = timed(lambda: [ref([sample[i] for i in b]) for b in batches], 1)[0] / len(batches)
         t_prep = timed(lambda: [prepared(b) for b in batches], 1)[0] / len(batches)
         res["collate_ms"] = {"Collator": 1000 * t_ref, "CorpusCollator": 1000 * t_prep, "batch_size": args.batch_size}
-        say(f"per micro-batch of {args.batch_size}: Collator {1000 * t_ref:.2f} ms, CorpusCollator {1000 * t_prep:.2f} ms")
+        say(
+            f"per micro-batch of {args.batch_size}: Collator {1000 * t_ref:.2f} ms, CorpusCollator {1000 * t_prep:.2f} ms"
+        )
     write_result(res, args.output, say)
     return 0
 

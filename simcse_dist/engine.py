@@ -143,8 +143,9 @@ def _undo_init_step(optimizer) -> None:
 class Engine:
     """Thin wrapper over a DeepSpeed engine: forward, backward, step and what we log."""
 
-    def __init__(self, model: nn.Module, cfg: Config, world_size: int, total_steps: int,
-                 load_universal: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, cfg: Config, world_size: int, total_steps: int, load_universal: bool = False
+    ) -> None:
         """collective: deepspeed.initialize broadcasts the weights and builds ZeRO's groups."""
         import deepspeed
 
@@ -282,7 +283,9 @@ class Engine:
         if getattr(opt, "fp32_groups_flat", None) is not None:
             from torch._utils import _unflatten_dense_tensors
 
-            high = [_unflatten_dense_tensors(flat, group) for flat, group in zip(opt.fp32_groups_flat, low, strict=True)]
+            high = [
+                _unflatten_dense_tensors(flat, group) for flat, group in zip(opt.fp32_groups_flat, low, strict=True)
+            ]
         elif getattr(opt, "fp32_groups", None) is not None:
             high = opt.fp32_groups
         else:

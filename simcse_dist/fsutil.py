@@ -161,9 +161,13 @@ def explain(path: Path, error: BaseException) -> str:
     if code is None:
         probe = probe_writable(Path(path) if Path(path).is_dir() else Path(path).parent)
         code = getattr(probe, "errno", None)
-    words = {errno.ENOSPC: "the disk is full (ENOSPC)", errno.EDQUOT: "the disk quota is exceeded (EDQUOT)",
-             errno.EROFS: "the file system is read-only (EROFS)", errno.EACCES: "permission denied (EACCES)",
-             errno.EIO: "an I/O error from the device (EIO)"}
+    words = {
+        errno.ENOSPC: "the disk is full (ENOSPC)",
+        errno.EDQUOT: "the disk quota is exceeded (EDQUOT)",
+        errno.EROFS: "the file system is read-only (EROFS)",
+        errno.EACCES: "permission denied (EACCES)",
+        errno.EIO: "an I/O error from the device (EIO)",
+    }
     cause = words.get(code, f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}")
     detail = getattr(error, "strerror", None)
     if code in words and detail and detail != os.strerror(code):

@@ -71,8 +71,11 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     raise TypeError(f"unsupported config type {tp} at {path}")
 
 
-MOVED = {"model.temperature": "loss.temperature", "optim.hard_negative_weight": "loss.hard_negative_weight",
-         "train.mask_duplicates": "loss.mask_duplicates"}
+MOVED = {
+    "model.temperature": "loss.temperature",
+    "optim.hard_negative_weight": "loss.hard_negative_weight",
+    "train.mask_duplicates": "loss.mask_duplicates",
+}
 """Keys that now live elsewhere: a config that still uses one is told where, in one line."""
 
 
@@ -145,5 +148,3 @@ def merge_dicts(base: dict, top: dict) -> dict:
     for k, v in top.items():
         out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-

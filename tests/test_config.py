@@ -25,8 +25,16 @@ def test_defaults_are_the_papers_unsup_settings():
 def test_yaml_and_overrides(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("train:\n  global_batch_size: 64\noptim:\n  lr: 1e-5\n")  # YAML 1.1 reads 1e-5 as a string
-    cfg = load_config(y, ["train.global_batch_size=128", "engine.zero_stage=2", "model.dropout=0",
-                          "eval.sts_dev_file=null", "model.name_or_path=my/model"])
+    cfg = load_config(
+        y,
+        [
+            "train.global_batch_size=128",
+            "engine.zero_stage=2",
+            "model.dropout=0",
+            "eval.sts_dev_file=null",
+            "model.name_or_path=my/model",
+        ],
+    )
     assert cfg.train.global_batch_size == 128 and cfg.engine.zero_stage == 2
     assert cfg.optim.lr == 1e-5 and cfg.model.dropout == 0.0 and cfg.eval.sts_dev_file is None
     assert cfg.model.name_or_path == "my/model"
@@ -38,23 +46,26 @@ def test_saved_config_round_trips(tmp_path):
     assert load_config(tmp_path / "config.yaml") == cfg
 
 
-@pytest.mark.parametrize("override,field", [
-    ("train.global_batchsize=3", "train.global_batchsize: unknown key (did you mean train.global_batch_size?)"),
-    ("loss.temperature=0", "loss.temperature: must be a finite number > 0"),
-    ("loss.temperature=-0.1", "loss.temperature: must be a finite number > 0"),
-    ("loss.temperature=abc", "loss.temperature: expected a number"),
-    ("train.global_batch_size=1.5", "train.global_batch_size: expected an integer"),
-    ("train.global_batch_size=true", "train.global_batch_size: expected an integer"),
-    ("model.pooler=max", "model.pooler: 'max' is not one of cls | cls_before_pooler"),
-    ("engine.zero_stage=4", "engine.zero_stage: must be 0, 1, 2 or 3"),
-    ("engine.precision=fp8", "engine.precision: 'fp8' is not one of fp32 | bf16 | fp16"),
-    ("model.mlp_only_train=maybe", "model.mlp_only_train: expected true/false"),
-    ("model.dropout=1.5", "model.dropout: must be in [0, 1)"),
-    ("data.max_seq_len=0", "data.max_seq_len: must be >= 2"),
-    ("log.wandb_mode=cloud", "log.wandb_mode: 'cloud' is not one of online | offline | disabled"),
-    ("bogus.key=1", "bogus: unknown key"),
-    ("train=3", "expected section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("train.global_batchsize=3", "train.global_batchsize: unknown key (did you mean train.global_batch_size?)"),
+        ("loss.temperature=0", "loss.temperature: must be a finite number > 0"),
+        ("loss.temperature=-0.1", "loss.temperature: must be a finite number > 0"),
+        ("loss.temperature=abc", "loss.temperature: expected a number"),
+        ("train.global_batch_size=1.5", "train.global_batch_size: expected an integer"),
+        ("train.global_batch_size=true", "train.global_batch_size: expected an integer"),
+        ("model.pooler=max", "model.pooler: 'max' is not one of cls | cls_before_pooler"),
+        ("engine.zero_stage=4", "engine.zero_stage: must be 0, 1, 2 or 3"),
+        ("engine.precision=fp8", "engine.precision: 'fp8' is not one of fp32 | bf16 | fp16"),
+        ("model.mlp_only_train=maybe", "model.mlp_only_train: expected true/false"),
+        ("model.dropout=1.5", "model.dropout: must be in [0, 1)"),
+        ("data.max_seq_len=0", "data.max_seq_len: must be >= 2"),
+        ("log.wandb_mode=cloud", "log.wandb_mode: 'cloud' is not one of online | offline | disabled"),
+        ("bogus.key=1", "bogus: unknown key"),
+        ("train=3", "expected section.key=value"),
+    ],
+)
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
@@ -74,10 +85,14 @@ def test_yaml_errors_name_the_file(tmp_path):
 
 
 def test_batch_divisibility_and_files(tmp_path):
-    cfg = load_config(None, ["train.global_batch_size=64", "train.grad_accum=3",
-                             f"data.train_file={DEMO_DATA / 'wiki-demo.txt'}"])
-    with pytest.raises(ConfigError, match=r"train.global_batch_size: 64 must be divisible by world_size x "
-                                          r"train.grad_accum = 2 x 3 = 6"):
+    cfg = load_config(
+        None, ["train.global_batch_size=64", "train.grad_accum=3", f"data.train_file={DEMO_DATA / 'wiki-demo.txt'}"]
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"train.global_batch_size: 64 must be divisible by world_size x "
+        r"train.grad_accum = 2 x 3 = 6",
+    ):
         cfg.validate(world_size=2)
     cfg = load_config(None, [f"data.train_file={tmp_path / 'nope.txt'}"])
     with pytest.raises(ConfigError, match="data.train_file: file not found: .*nope.txt"):
@@ -116,9 +131,22 @@ def test_dist_env_resolution():
 
 def test_cli_reports_config_errors_before_starting(tmp_path):
     """A bad value exits 2 with the field named, without starting a process group."""
-    proc = subprocess.run([sys.executable, "-m", "simcse_dist.cli", "--config", str(REPO / "configs/demo.yaml"),
-                           "train.global_batch_size=33", "train.grad_accum=2", f"train.output_dir={tmp_path}"],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simcse_dist.cli",
+            "--config",
+            str(REPO / "configs/demo.yaml"),
+            "train.global_batch_size=33",
+            "train.grad_accum=2",
+            f"train.output_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "train.global_batch_size: 33 must be divisible by world_size x train.grad_accum = 1 x 2" in proc.stderr
     assert not (Path(tmp_path) / "config.yaml").exists()
@@ -129,7 +157,9 @@ def test_readme_documents_every_config_key():
 
     readme = (REPO / "README.md").read_text()
     for section in dataclasses.fields(Config):
-        for f in dataclasses.fields(section.type if isinstance(section.type, type) else type(getattr(Config(), section.name))):
+        for f in dataclasses.fields(
+            section.type if isinstance(section.type, type) else type(getattr(Config(), section.name))
+        ):
             assert f"{section.name}.{f.name}" in readme, f"README config reference lacks {section.name}.{f.name}"
 
 
@@ -170,9 +200,14 @@ def test_each_rank_selects_its_gpu_before_any_collective(monkeypatch):
         du.device_for(env)
 
 
-@pytest.mark.parametrize("old, new", [("model.temperature", "loss.temperature"),
-                                      ("optim.hard_negative_weight", "loss.hard_negative_weight"),
-                                      ("train.mask_duplicates", "loss.mask_duplicates")])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("model.temperature", "loss.temperature"),
+        ("optim.hard_negative_weight", "loss.hard_negative_weight"),
+        ("train.mask_duplicates", "loss.mask_duplicates"),
+    ],
+)
 def test_a_moved_key_says_where_it_lives_now(old, new):
     with pytest.raises(ConfigError, match=f"^{old}: moved to {new}; rename the key"):
         load_config(None, [f"{old}=1"])
@@ -213,11 +248,14 @@ def test_a_yaml_syntax_error_is_one_line_with_its_file_and_line(tmp_path):
     path.write_text("model:\n  pooler: cls\n  dropout: [0.1\ntrain:\n  seed: 1\n")
     with pytest.raises(ConfigError) as e:
         load_config(path)
-    assert str(e.value) == (f"{path}:4:6: invalid YAML: expected ',' or ']', but got ':' "
-                            "(while parsing a flow sequence)")
+    assert str(e.value) == (
+        f"{path}:4:6: invalid YAML: expected ',' or ']', but got ':' (while parsing a flow sequence)"
+    )
 
 
-@pytest.mark.parametrize("alias, pooler", [("pooler", "pooler_output"), ("last-avg", "avg"),
-                                           ("first-last-avg", "avg_first_last"), ("avg", "avg")])
+@pytest.mark.parametrize(
+    "alias, pooler",
+    [("pooler", "pooler_output"), ("last-avg", "avg"), ("first-last-avg", "avg_first_last"), ("avg", "avg")],
+)
 def test_simcse_pytorch_pooler_names_are_aliases(alias, pooler):
     assert load_config(None, [f"model.pooler={alias}"]).model.pooler == pooler

@@ -39,7 +39,11 @@ def imported(path: Path, package: str, names: set[str]) -> set[str]:
         targets: list[str] = []
         if isinstance(node, ast.ImportFrom):
             if node.level:  # relative: resolve against this module's package
-                base = here.split(".")[: -node.level] if path.name != "__init__.py" else here.split(".")[: len(here.split(".")) - node.level + 1]
+                base = (
+                    here.split(".")[: -node.level]
+                    if path.name != "__init__.py"
+                    else here.split(".")[: len(here.split(".")) - node.level + 1]
+                )
                 mod = ".".join([*base, node.module] if node.module else base)
             else:
                 mod = node.module or ""
@@ -71,7 +75,7 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
         state[node] = "open"
         for nxt in sorted(g.get(node, ())):
             if state.get(nxt) == "open":
-                out.append(path[path.index(nxt):] + [nxt])
+                out.append(path[path.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = "done"
@@ -84,8 +88,12 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
 
 def layering_violations(g: dict[str, set[str]]) -> list[str]:
     rank = {name: i for i, name in enumerate(LAYERS)}
-    return sorted(f"{a} ({layer(a)}) imports {b} ({layer(b)})" for a, deps in g.items() for b in deps
-                  if rank[layer(b)] > rank[layer(a)])
+    return sorted(
+        f"{a} ({layer(a)}) imports {b} ({layer(b)})"
+        for a, deps in g.items()
+        for b in deps
+        if rank[layer(b)] > rank[layer(a)]
+    )
 
 
 def test_the_checks_catch_what_they_look_for():
@@ -109,8 +117,13 @@ def test_deepspeed_is_imported_by_engine_only():
     users = set()
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            mods = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             if any(m.split(".")[0] == "deepspeed" for m in mods):
                 users.add(str(path.relative_to(PACKAGE)))
     assert users == {"engine.py"}
@@ -120,9 +133,14 @@ def private_imports(root: Path) -> list[str]:
     out = []
     for path in root.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module != "__future__" and (node.module or "").startswith(root.name):
-                out += [f"{path.relative_to(root)}: {node.module}.{a.name}" for a in node.names
-                        if a.name.startswith("_")]
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module != "__future__"
+                and (node.module or "").startswith(root.name)
+            ):
+                out += [
+                    f"{path.relative_to(root)}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")
+                ]
     return out
 
 
@@ -137,7 +155,11 @@ def public_definitions(root: Path) -> dict[str, list[str]]:
     defined: dict[str, list[str]] = {}
     for path in root.rglob("*.py"):
         for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.FunctionDef | ast.ClassDef) and not node.name.startswith("_") and node.name != "main":
+            if (
+                isinstance(node, ast.FunctionDef | ast.ClassDef)
+                and not node.name.startswith("_")
+                and node.name != "main"
+            ):
                 defined.setdefault(node.name, []).append(str(path.relative_to(root)))
     return {name: where for name, where in defined.items() if len(where) > 1}
 
@@ -148,8 +170,11 @@ def test_a_public_name_has_one_home():
 
 def test_design_doc_maps_every_module():
     design = (REPO / "docs" / "design.md").read_text()
-    missing = [m for m, p in modules(PACKAGE).items() if p.name not in ("__init__.py", "__main__.py")
-               and f"{p.relative_to(PACKAGE).as_posix()}" not in design]
+    missing = [
+        m
+        for m, p in modules(PACKAGE).items()
+        if p.name not in ("__init__.py", "__main__.py") and f"{p.relative_to(PACKAGE).as_posix()}" not in design
+    ]
     assert missing == []
 
 

@@ -62,31 +62,56 @@ def _eval_parser() -> argparse.ArgumentParser:
         description="Score a sentence encoder on STS (cosine, Spearman x 100; STS12-16 pooled over subsets, "
         "the 'all' setting of the paper), on a retrieval set (--retrieval) and on MTEB tasks (--mteb).",
     )
-    p.add_argument("--model", required=True,
-                   help="run dir (uses best/), model dir, sentence-transformers dir, HF dir or bundled:all-MiniLM-L6-v2")
-    p.add_argument("--tasks", default="all",
-                   help=f"comma-separated from {', '.join(TASKS)}; 'all' = the paper's tasks of the split, "
-                   "skipping absent ones (default)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="run dir (uses best/), model dir, sentence-transformers dir, HF dir or bundled:all-MiniLM-L6-v2",
+    )
+    p.add_argument(
+        "--tasks",
+        default="all",
+        help=f"comma-separated from {', '.join(TASKS)}; 'all' = the paper's tasks of the split, "
+        "skipping absent ones (default)",
+    )
     p.add_argument("--split", default="test", choices=("test", "dev", "train"))
-    p.add_argument("--sts-file", action="append", metavar="FILE",
-                   help="an STS pairs file scored as a task of its own (sentence1 sentence2 score TSV, STS-B CSV, "
-                   "id||s1||s2||score; repeatable), e.g. data/demo/sts-demo.tsv")
+    p.add_argument(
+        "--sts-file",
+        action="append",
+        metavar="FILE",
+        help="an STS pairs file scored as a task of its own (sentence1 sentence2 score TSV, STS-B CSV, "
+        "id||s1||s2||score; repeatable), e.g. data/demo/sts-demo.tsv",
+    )
     p.add_argument("--data-dir", help="STS data (the tasks of --tasks), e.g. ../shared/data or ../shared/data/senteval")
-    p.add_argument("--retrieval", nargs=3, metavar=("QUERIES", "CORPUS", "QRELS"),
-                   help="TSVs with headers 'qid text', 'docid text', 'qid docid relevance': nDCG@10, MRR@10, "
-                   "Recall@100, MAP@10 x 100 by cosine, exact ranking")
-    p.add_argument("--corpus-chunk-size", type=int, default=50_000,
-                   help="retrieval: documents encoded and ranked at a time (bounds memory)")
-    p.add_argument("--mteb", metavar="TASK[,TASK]",
-                   help="MTEB tasks (needs pip install 'simcse-dist[mteb]'): registered names whose data is in the "
-                   "local Hugging Face cache, or module:Class / file.py:Class for a task that reads local files")
-    p.add_argument("--pooler", choices=[*POOLERS, *POOLER_ALIASES],
-                   help="override the saved pooler (needed for a plain HF model)")
+    p.add_argument(
+        "--retrieval",
+        nargs=3,
+        metavar=("QUERIES", "CORPUS", "QRELS"),
+        help="TSVs with headers 'qid text', 'docid text', 'qid docid relevance': nDCG@10, MRR@10, "
+        "Recall@100, MAP@10 x 100 by cosine, exact ranking",
+    )
+    p.add_argument(
+        "--corpus-chunk-size",
+        type=int,
+        default=50_000,
+        help="retrieval: documents encoded and ranked at a time (bounds memory)",
+    )
+    p.add_argument(
+        "--mteb",
+        metavar="TASK[,TASK]",
+        help="MTEB tasks (needs pip install 'simcse-dist[mteb]'): registered names whose data is in the "
+        "local Hugging Face cache, or module:Class / file.py:Class for a task that reads local files",
+    )
+    p.add_argument(
+        "--pooler", choices=[*POOLERS, *POOLER_ALIASES], help="override the saved pooler (needed for a plain HF model)"
+    )
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="inference dtype of the weights")
     p.add_argument("--batch-size", type=int, default=128, help="sentences per forward per rank")
     p.add_argument("--max-length", type=int, default=512, help="truncation in tokens (capped by the model)")
-    p.add_argument("--output-json", help="write {task: spearman x 100, ..., 'avg': ..., 'retrieval/ndcg@10': ..., "
-                   "'mteb/<task>': main score x 100} here")
+    p.add_argument(
+        "--output-json",
+        help="write {task: spearman x 100, ..., 'avg': ..., 'retrieval/ndcg@10': ..., "
+        "'mteb/<task>': main score x 100} here",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they show on a terminal only)")
     p.add_argument("--quiet", action="store_true", help="only the results, warnings and errors")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -136,38 +161,72 @@ def main(argv: list[str] | None = None) -> int:
         encoder.to(device=device, dtype=dtype)
         max_length = min(args.max_length, getattr(encoder.backbone.config, "max_position_embeddings", 512))
         progress = not args.no_progress and logs.bars_shown()
-        log.info(f"model {meta['path']}: pooler {meta['pooler']}{' + MLP' if encoder.uses_mlp else ''}, "
-            f"{args.precision}, {env.world_size} rank(s), device {device}")
+        log.info(
+            f"model {meta['path']}: pooler {meta['pooler']}{' + MLP' if encoder.uses_mlp else ''}, "
+            f"{args.precision}, {env.world_size} rank(s), device {device}"
+        )
         scores, tables = {}, []
         for task, pairs in data.items():
             skipped = f", {pairs.skipped} blank-score rows skipped" if pairs.skipped else ""
             log.info(f"{task}: {len(pairs.scores)} pairs from {pairs.source}{skipped}")
-            e1, e2 = pair_embeddings(encoder, tokenizer, pairs.sentences1, pairs.sentences2, device,
-                                     args.batch_size, max_length, show_progress=progress)
+            e1, e2 = pair_embeddings(
+                encoder,
+                tokenizer,
+                pairs.sentences1,
+                pairs.sentences2,
+                device,
+                args.batch_size,
+                max_length,
+                show_progress=progress,
+            )
             scores[task] = 100 * sts_correlation(e1, e2, pairs.scores)
         if data:
             scores["avg"] = sum(scores.values()) / len(scores)
-            tables.append(format_table([TASKS[t].title if t in TASKS else t for t in data] + ["Avg."],
-                                       list(scores.values())))
-            missing = [t for t in PAPER_TASKS[args.split] if t not in data] if args.tasks.strip().lower() == "all" else []
+            tables.append(
+                format_table([TASKS[t].title if t in TASKS else t for t in data] + ["Avg."], list(scores.values()))
+            )
+            missing = (
+                [t for t in PAPER_TASKS[args.split] if t not in data] if args.tasks.strip().lower() == "all" else []
+            )
             if missing:
                 tables.append(f"note: Avg. is over {len(data)} tasks; skipped (no data): {', '.join(missing)}")
         if retrieval is not None:
             judged = len(retrieval.judged_queries)
-            log.info(f"retrieval: {judged} queries with a relevant document (of {len(retrieval.queries)}), "
-                f"{len(retrieval.corpus)} documents, from {retrieval.source}")
-            metrics = evaluate_retrieval(encoder, tokenizer, retrieval, device, args.batch_size, max_length,
-                                         args.corpus_chunk_size, show_progress=progress)
+            log.info(
+                f"retrieval: {judged} queries with a relevant document (of {len(retrieval.queries)}), "
+                f"{len(retrieval.corpus)} documents, from {retrieval.source}"
+            )
+            metrics = evaluate_retrieval(
+                encoder,
+                tokenizer,
+                retrieval,
+                device,
+                args.batch_size,
+                max_length,
+                args.corpus_chunk_size,
+                show_progress=progress,
+            )
             scores.update({f"retrieval/{m}": 100 * metrics[m] for m in METRICS})
             tables.append(format_table(list(TITLES), [100 * metrics[m] for m in METRICS]))
         if mteb_tasks:
-            adapter = MtebEncoder(encoder, tokenizer, device, name=Path(meta["path"]).name, batch_size=args.batch_size,
-                                  max_length=max_length, show_progress=progress)
+            adapter = MtebEncoder(
+                encoder,
+                tokenizer,
+                device,
+                name=Path(meta["path"]).name,
+                batch_size=args.batch_size,
+                max_length=max_length,
+                show_progress=progress,
+            )
             results, problems = run_mteb(adapter, mteb_tasks, show_progress=progress)
             scores.update({f"mteb/{name}": 100 * value for name, (_, value) in results.items()})
             if results:
-                tables.append(format_table([f"{name} ({main})" for name, (main, _) in results.items()],
-                                           [100 * value for _, value in results.values()]))
+                tables.append(
+                    format_table(
+                        [f"{name} ({main})" for name, (main, _) in results.items()],
+                        [100 * value for _, value in results.values()],
+                    )
+                )
         if env.is_main:
             if tables:  # the results: printed even with --quiet
                 print("\n".join(tables), flush=True)

@@ -22,12 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("src", help="run dir, model dir, or any HF encoder dir (then --pooler)")
     p.add_argument("out_dir")
-    p.add_argument("--pooler", choices=[*POOLERS, *POOLER_ALIASES],
-                   help="override (or, for a plain HF model, set) the pooler")
+    p.add_argument(
+        "--pooler", choices=[*POOLERS, *POOLER_ALIASES], help="override (or, for a plain HF model, set) the pooler"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
-    p.add_argument("--push-to-hub", metavar="REPO",
-                   help="then upload out_dir to this Hub model repo (created if missing; token from `hf auth login` "
-                   "or HF_TOKEN)")
+    p.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="then upload out_dir to this Hub model repo (created if missing; token from `hf auth login` or HF_TOKEN)",
+    )
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     args = p.parse_args(argv)
     start_logging()
@@ -50,18 +53,27 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, OSError, yaml.YAMLError, json.JSONDecodeError) as e:
         return fail(str(e))
     scores, note = best_info_scores(info)
-    write_model_card(out, config=config if isinstance(config, dict) else None, scores=scores, split_note=note,
-                     model_id=args.push_to_hub)
+    write_model_card(
+        out,
+        config=config if isinstance(config, dict) else None,
+        scores=scores,
+        split_note=note,
+        model_id=args.push_to_hub,
+    )
     meta = json.loads((out / SIMCSE_CONFIG_NAME).read_text())
-    log.info(f"exported {out}: pooler {meta['pooler']}, MLP {'kept' if meta['mlp'] else 'not used at test time'}, "
-             f"model card README.md; load with SentenceTransformer({str(out)!r}) or AutoModel (see docs/evaluation.md)")
+    log.info(
+        f"exported {out}: pooler {meta['pooler']}, MLP {'kept' if meta['mlp'] else 'not used at test time'}, "
+        f"model card README.md; load with SentenceTransformer({str(out)!r}) or AutoModel (see docs/evaluation.md)"
+    )
     if args.push_to_hub:
         try:
             url = push_to_hub(out, args.push_to_hub, private=args.private)
         except Exception as e:  # network, auth, repo name: one line, the export itself is done
             reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            return fail(f"--push-to-hub {args.push_to_hub}: upload failed ({type(e).__name__}: {reason}); "
-                        f"the exported model is in {out}")
+            return fail(
+                f"--push-to-hub {args.push_to_hub}: upload failed ({type(e).__name__}: {reason}); "
+                f"the exported model is in {out}"
+            )
         log.info(f"uploaded to {url}")
     return 0
 

@@ -48,8 +48,16 @@ def launch(args: argparse.Namespace, rank_argv: list[str], stop: StopRequest) ->
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the ranks say what happened
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does for several ranks on one machine
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")  # time to checkpoint after a signal
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=args.nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
     outcome: dict = {}
 
     def agent() -> None:

@@ -16,18 +16,32 @@ log = logging.getLogger("simcse_dist.cli.mine")  # not __name__: run as `python 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="simcse-mine", description=(
-        "Mine hard negatives for (anchor, positive) pairs and write sent0/sent1/hard_neg TSV for supervised "
-        "SimCSE. Options mean what they mean in sentence_transformers.util.mine_hard_negatives."))
-    p.add_argument("--model", required=True, help="run dir (uses best/), model dir, ST dir, HF dir or bundled:all-MiniLM-L6-v2")
-    p.add_argument("--pooler", choices=[*POOLERS, *POOLER_ALIASES], help="override the saved pooler (needed for a plain HF model)")
-    p.add_argument("--input", required=True, help="pairs: csv/tsv/jsonl with sent0,sent1[,hard_neg] (hard_neg is replaced)")
+    p = argparse.ArgumentParser(
+        prog="simcse-mine",
+        description=(
+            "Mine hard negatives for (anchor, positive) pairs and write sent0/sent1/hard_neg TSV for supervised "
+            "SimCSE. Options mean what they mean in sentence_transformers.util.mine_hard_negatives."
+        ),
+    )
+    p.add_argument(
+        "--model", required=True, help="run dir (uses best/), model dir, ST dir, HF dir or bundled:all-MiniLM-L6-v2"
+    )
+    p.add_argument(
+        "--pooler", choices=[*POOLERS, *POOLER_ALIASES], help="override the saved pooler (needed for a plain HF model)"
+    )
+    p.add_argument(
+        "--input", required=True, help="pairs: csv/tsv/jsonl with sent0,sent1[,hard_neg] (hard_neg is replaced)"
+    )
     p.add_argument("--output", required=True, help="output .tsv: sent0 sent1 hard_neg (K=1) or hard_neg_1..K")
     p.add_argument("--corpus", help="more candidate texts: txt (one per line) or every field of a csv/tsv/jsonl")
     p.add_argument("--num-negatives", type=int, default=1, help="K negatives per anchor (default 1)")
     p.add_argument("--range-min", type=int, default=0, help="skip this many of the best surviving candidates")
-    p.add_argument("--range-max", type=int, help="consider only this many nearest candidates "
-                   "(default: range_min + K + rows per anchor, or 10 x K with a margin or max_score)")
+    p.add_argument(
+        "--range-max",
+        type=int,
+        help="consider only this many nearest candidates "
+        "(default: range_min + K + rows per anchor, or 10 x K with a margin or max_score)",
+    )
     p.add_argument("--max-score", type=float, help="drop candidates scoring above this cosine")
     p.add_argument("--min-score", type=float, help="drop candidates scoring below this cosine")
     p.add_argument("--absolute-margin", type=float, help="drop candidates with score + margin > positive score")
@@ -51,8 +65,10 @@ def _check_options(args: argparse.Namespace) -> MineOptions:
     if args.range_min < 0:
         raise ValueError(f"--range-min must be non-negative, got {args.range_min}")
     if args.range_max is not None and args.range_max - args.range_min < args.num_negatives:
-        raise ValueError(f"--range-max {args.range_max} leaves {args.range_max - args.range_min} candidates after "
-                         f"--range-min {args.range_min}, fewer than --num-negatives {args.num_negatives}")
+        raise ValueError(
+            f"--range-max {args.range_max} leaves {args.range_max - args.range_min} candidates after "
+            f"--range-min {args.range_min}, fewer than --num-negatives {args.num_negatives}"
+        )
     if args.batch_size < 1 or (args.chunk_size is not None and args.chunk_size < 1):
         raise ValueError("--batch-size and --chunk-size must be at least 1")
     if Path(args.output).suffix.lower() != ".tsv":
@@ -64,8 +80,17 @@ def _check_options(args: argparse.Namespace) -> MineOptions:
             import faiss  # noqa: F401
         except ImportError:
             raise ValueError("--faiss: faiss is not installed (pip install faiss-cpu or faiss-gpu)") from None
-    return MineOptions(args.num_negatives, args.range_min, args.range_max, args.max_score, args.min_score,
-                       args.absolute_margin, args.relative_margin, args.sampling, args.seed)
+    return MineOptions(
+        args.num_negatives,
+        args.range_min,
+        args.range_max,
+        args.max_score,
+        args.min_score,
+        args.absolute_margin,
+        args.relative_margin,
+        args.sampling,
+        args.seed,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,8 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     env = du.DistEnv.from_env()
     try:
         opts = _check_options(args)
-        job = MineJob(args.model, args.input, args.output, args.pooler, args.corpus, args.batch_size, args.max_length,
-                      args.chunk_size, args.faiss, not args.no_progress)
+        job = MineJob(
+            args.model,
+            args.input,
+            args.output,
+            args.pooler,
+            args.corpus,
+            args.batch_size,
+            args.max_length,
+            args.chunk_size,
+            args.faiss,
+            not args.no_progress,
+        )
         pairs, pool, note = read_inputs(job, opts)
     except (ValueError, DataError) as e:  # DataError is a ValueError; both name the file or option
         return fail(str(e))
@@ -104,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
         if started:  # a group this process already had (e.g. a caller's) is the caller's to end
             du.teardown()
     return 0
-
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ log = logging.getLogger("simcse_dist.cli.plot")  # not __name__: run as `python 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="simcse-plot-align-uniform",
-                                description="Plot a run's alignment/uniformity trajectory (SimCSE Figure 2).")
+    p = argparse.ArgumentParser(
+        prog="simcse-plot-align-uniform", description="Plot a run's alignment/uniformity trajectory (SimCSE Figure 2)."
+    )
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default RUN_DIR/align_uniform.png)")
     args = p.parse_args(argv)

@@ -38,13 +38,26 @@ def main(argv: list[str] | None = None) -> int:
         workers = args.workers or cfg.data.prepare_workers or os.cpu_count() or 1
         for s in sources:
             t0 = time.perf_counter()
-            corpus = open_or_prepare(resolve_path(s.path), s.format, s.objective, tokenizer, cfg.data.max_seq_len,
-                                     cache_dir=cfg.data.cache_dir, workers=workers, progress=True)
+            corpus = open_or_prepare(
+                resolve_path(s.path),
+                s.format,
+                s.objective,
+                tokenizer,
+                cfg.data.max_seq_len,
+                cache_dir=cfg.data.cache_dir,
+                workers=workers,
+                progress=True,
+            )
             m, sec = corpus.manifest, time.perf_counter() - t0
-            how = (f"prepared in {sec:.1f} s ({m['rows'] / max(sec, 1e-9):,.0f} rows/s)" if corpus.built else
-                   f"already prepared ({m['build_seconds']:.1f} s when built)")
-            log.info(f"{s.name}: {corpus.directory}: {m['rows']:,} rows, {len(m['shards'])} shard(s), "
-                     f"{m['total_tokens']:,} tokens; {how}")
+            how = (
+                f"prepared in {sec:.1f} s ({m['rows'] / max(sec, 1e-9):,.0f} rows/s)"
+                if corpus.built
+                else f"already prepared ({m['build_seconds']:.1f} s when built)"
+            )
+            log.info(
+                f"{s.name}: {corpus.directory}: {m['rows']:,} rows, {len(m['shards'])} shard(s), "
+                f"{m['total_tokens']:,} tokens; {how}"
+            )
     except (ConfigError, DataError) as e:
         return fail(str(e))
     except KeyboardInterrupt:

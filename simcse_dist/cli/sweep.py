@@ -31,14 +31,33 @@ def _launcher(nproc: int, module: str) -> list[str]:
 
 
 def train_command(config: str, seed: int, out_dir: Path, overrides: list[str], nproc: int) -> list[str]:
-    return [*_launcher(nproc, "simcse_dist.cli"), "--config", config, *overrides,
-            f"train.seed={seed}", f"train.output_dir={out_dir}"]
+    return [
+        *_launcher(nproc, "simcse_dist.cli"),
+        "--config",
+        config,
+        *overrides,
+        f"train.seed={seed}",
+        f"train.output_dir={out_dir}",
+    ]
 
 
 def eval_command(run_dir: Path, args: argparse.Namespace, out_json: Path) -> list[str]:
-    cmd = [*_launcher(args.nproc_per_node, "simcse_dist.cli.eval"), "--model", str(run_dir),
-           "--tasks", args.tasks, "--split", args.split, "--data-dir", args.data_dir,
-           "--precision", args.precision, "--output-json", str(out_json), "--no-progress"]
+    cmd = [
+        *_launcher(args.nproc_per_node, "simcse_dist.cli.eval"),
+        "--model",
+        str(run_dir),
+        "--tasks",
+        args.tasks,
+        "--split",
+        args.split,
+        "--data-dir",
+        args.data_dir,
+        "--precision",
+        args.precision,
+        "--output-json",
+        str(out_json),
+        "--no-progress",
+    ]
     return cmd + (["--pooler", args.pooler] if args.pooler else [])
 
 

@@ -35,12 +35,16 @@ def _parser() -> argparse.ArgumentParser:
         prog="simcse-train",
         description="Train a SimCSE sentence encoder with DeepSpeed. "
         "Overrides are dotted keys: train.global_batch_size=128 engine.zero_stage=2",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML config (defaults are the paper's unsup settings)")
-    parser.add_argument("--nproc", type=int, metavar="N",
-                        help="start N ranks on this machine (GPUs, or CPU ranks on gloo) and own their signals: "
-                        "a clean stop exits 0")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="start N ranks on this machine (GPUs, or CPU ranks on gloo) and own their signals: a clean stop exits 0",
+    )
     parser.add_argument("--quiet", action="store_true", help="warnings and errors only (log.level=warning)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="section.key=value")

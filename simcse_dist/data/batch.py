@@ -27,11 +27,21 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch({k: v.to(device, non_blocking=True) for k, v in self.inputs.items()},
-                     move(self.row_valid), move(self.ids), self.tokens, self.source)
+        return Batch(
+            {k: v.to(device, non_blocking=True) for k, v in self.inputs.items()},
+            move(self.row_valid),
+            move(self.ids),
+            self.tokens,
+            self.source,
+        )
 
     def pin_memory(self) -> Batch:
         """DataLoader(pin_memory=True) calls this on CUDA machines."""
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
-        return Batch({k: v.pin_memory() for k, v in self.inputs.items()}, pin(self.row_valid), pin(self.ids),
-                     self.tokens, self.source)
+        return Batch(
+            {k: v.pin_memory() for k, v in self.inputs.items()},
+            pin(self.row_valid),
+            pin(self.ids),
+            self.tokens,
+            self.source,
+        )

@@ -35,9 +35,7 @@ class Collator:
             k, texts = 2, [ex[0] for ex in examples]
         else:
             k, texts = len(examples[0]), [s for ex in examples for s in ex]
-        enc = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_seq_len, return_tensors="pt"
-        )
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_seq_len, return_tensors="pt")
         batch = {}
         for key in ("input_ids", "attention_mask", "token_type_ids"):
             if key not in enc:
@@ -76,7 +74,7 @@ class CorpusCollator:
         for s, i in zip(shard.tolist(), local.tolist(), strict=True):
             sh = corpus.shard(s)
             for c in columns:
-                a, e = sh.offsets[c][i:i + 2].tolist()
+                a, e = sh.offsets[c][i : i + 2].tolist()
                 rows.append(sh.ids[c][a:e])
                 if want_types:
                     t = sh.types[c]

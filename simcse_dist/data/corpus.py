@@ -31,8 +31,10 @@ class _Shard:
     def __init__(self, directory: Path, num_columns: int) -> None:
         self.ids = [_map(directory / f"ids_{c}.npy") for c in range(num_columns)]
         self.offsets = [_map(directory / f"offsets_{c}.npy") for c in range(num_columns)]
-        self.types = [_map(directory / f"types_{c}.npy") if (directory / f"types_{c}.npy").exists() else None
-                      for c in range(num_columns)]
+        self.types = [
+            _map(directory / f"types_{c}.npy") if (directory / f"types_{c}.npy").exists() else None
+            for c in range(num_columns)
+        ]
         self.hashes = _map(directory / "hashes.npy")
 
 
@@ -123,5 +125,3 @@ class PreparedCorpus:
             sel = shard == s
             out[sel] = self.shard(s).hashes[local[sel]]
         return out
-
-

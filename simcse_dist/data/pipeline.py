@@ -41,10 +41,19 @@ class InputPipeline:
         cfg, env = self.cfg, self.env
         workers = cfg.data.prepare_workers or max(1, min(4, os.cpu_count() or 1))
         for src in self.sources:
+
             def prepared(tick=lambda: None, src=src):
-                return open_or_prepare(resolve_path(src.path), src.format, src.objective, self.tokenizer,
-                                       cfg.data.max_seq_len, cache_dir=cfg.data.cache_dir, workers=workers,
-                                       progress=True, tick=tick)
+                return open_or_prepare(
+                    resolve_path(src.path),
+                    src.format,
+                    src.objective,
+                    self.tokenizer,
+                    cfg.data.max_seq_len,
+                    cache_dir=cfg.data.cache_dir,
+                    workers=workers,
+                    progress=True,
+                    tick=tick,
+                )
 
             # rank 0 prepares while the others wait (with a keep-alive, however long it takes);
             # then every rank opens it (or, with a cache dir rank 0 cannot see, prepares its own)
@@ -56,10 +65,21 @@ class InputPipeline:
             self.collators.append(CorpusCollator(corpus, self.tokenizer.pad_token_id, src.objective))
             self.views.append(k)
             self.mask_duplicates.append((src.objective == "sup") if md is None else md)
-        self.plan = BatchPlan(tuple(c.num_rows for c in self.corpora), cfg.train.global_batch_size,
-                              env.world_size, cfg.train.grad_accum, cfg.data.drop_last)
-        self.sampler = GlobalBatchSampler(self.plan, env.rank, cfg.train.seed, cfg.data.shuffle,
-                                          [s.weight for s in self.sources], [s.path for s in self.sources])
+        self.plan = BatchPlan(
+            tuple(c.num_rows for c in self.corpora),
+            cfg.train.global_batch_size,
+            env.world_size,
+            cfg.train.grad_accum,
+            cfg.data.drop_last,
+        )
+        self.sampler = GlobalBatchSampler(
+            self.plan,
+            env.rank,
+            cfg.train.seed,
+            cfg.data.shuffle,
+            [s.weight for s in self.sources],
+            [s.path for s in self.sources],
+        )
 
     def fingerprints(self) -> dict[str, dict]:
         """{source name: {path, size, sha256}} of the input files, as hashed when prepared."""
@@ -72,20 +92,35 @@ class InputPipeline:
         lines = []
         for i, (src, corpus) in enumerate(zip(self.sources, self.corpora, strict=True)):
             where = f"{src.name}: " if len(self.sources) > 1 else ""
-            mix = (f"; {src.objective}, weight {src.weight:g}: {shares[i]} of {p.steps_per_epoch} steps per epoch"
-                   + (" (no steps: raise its weight)" if shares[i] == 0 else "")) if len(self.sources) > 1 else ""
-            lines.append(f"data: {where}{corpus.num_rows} examples from {src.path} ({corpus.blank_lines} blank lines "
-                         f"skipped; prepared in {corpus.directory}){mix}")
-        lines.append(f"data: {p.steps_per_epoch} steps/epoch, {p.dropped_per_epoch} examples dropped per epoch "
-                     "(drop_last)")
+            mix = (
+                (
+                    f"; {src.objective}, weight {src.weight:g}: {shares[i]} of {p.steps_per_epoch} steps per epoch"
+                    + (" (no steps: raise its weight)" if shares[i] == 0 else "")
+                )
+                if len(self.sources) > 1
+                else ""
+            )
+            lines.append(
+                f"data: {where}{corpus.num_rows} examples from {src.path} ({corpus.blank_lines} blank lines "
+                f"skipped; prepared in {corpus.directory}){mix}"
+            )
+        lines.append(
+            f"data: {p.steps_per_epoch} steps/epoch, {p.dropped_per_epoch} examples dropped per epoch (drop_last)"
+        )
         candidates = sorted({cfg.negatives_per_anchor(k) + 1 for k in self.views})
         lines.append(
             f"batch: world_size {p.world_size} x grad_accum {p.grad_accum} x micro_batch {p.micro_batch_size} "
             f"= global_batch {p.global_batch_size}; {' or '.join(map(str, candidates))} candidates per anchor "
             f"(1 positive, the rest negatives)"
-            + ("; gradient caching: negatives from the whole global batch" if cfg.train.grad_cache else
-               "; with grad_accum > 1 negatives come from one micro-step only" if p.grad_accum > 1 else "")
-            + ("; duplicate texts masked" if any(self.mask_duplicates) else ""))
+            + (
+                "; gradient caching: negatives from the whole global batch"
+                if cfg.train.grad_cache
+                else "; with grad_accum > 1 negatives come from one micro-step only"
+                if p.grad_accum > 1
+                else ""
+            )
+            + ("; duplicate texts masked" if any(self.mask_duplicates) else "")
+        )
         return lines
 
     def prepare(self, mb: MicroBatch | Sequence[int]) -> Batch:
@@ -119,10 +154,15 @@ class InputPipeline:
         from torch.utils.data import DataLoader
 
         a = self.plan.grad_accum
-        loader = DataLoader(StepBatches(self.sampler, self.prepare), batch_size=None,
-                            sampler=StepKeys(start, total, a), num_workers=workers,
-                            pin_memory=device.type == "cuda", prefetch_factor=4,
-                            generator=torch.Generator())  # its own seed: the dropout RNG is not touched
+        loader = DataLoader(
+            StepBatches(self.sampler, self.prepare),
+            batch_size=None,
+            sampler=StepKeys(start, total, a),
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=4,
+            generator=torch.Generator(),
+        )  # its own seed: the dropout RNG is not touched
         batches = iter(loader)
         for step in range(start, total):
             yield step, [next(batches).to(device) for _ in range(a)]

@@ -99,10 +99,16 @@ def corpus_key(path: str, fmt: str | None, objective: str, tokenizer, max_seq_le
         st = resolved.stat()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    parts = {"format_version": FORMAT_VERSION, "path": str(resolved), "size": st.st_size,
-             "mtime_ns": st.st_mtime_ns, "format": fmt or detect_format(path),
-             "columns": "first" if objective == "unsup" else "all",
-             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "max_seq_len": max_seq_len}
+    parts = {
+        "format_version": FORMAT_VERSION,
+        "path": str(resolved),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "format": fmt or detect_format(path),
+        "columns": "first" if objective == "unsup" else "all",
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "max_seq_len": max_seq_len,
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest(), parts
 
 
@@ -110,9 +116,13 @@ def _spec(tokenizer, max_seq_len: int) -> dict:
     """What a worker needs to tokenize exactly as `tokenizer(text, truncation=True, max_length=L)`."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     probe = tokenizer("x", truncation=True, max_length=max_seq_len)
-    return {"backend": backend.to_str() if backend is not None else None, "max_seq_len": max_seq_len,
-            "truncation_side": tokenizer.truncation_side, "want_types": "token_type_ids" in probe,
-            "id_dtype": "uint16" if len(tokenizer) <= 65536 else "int32"}
+    return {
+        "backend": backend.to_str() if backend is not None else None,
+        "max_seq_len": max_seq_len,
+        "truncation_side": tokenizer.truncation_side,
+        "want_types": "token_type_ids" in probe,
+        "id_dtype": "uint16" if len(tokenizer) <= 65536 else "int32",
+    }
 
 
 class _Encoder:
@@ -128,15 +138,16 @@ class _Encoder:
 
             self.fast = Tokenizer.from_str(spec["backend"])  # never mutate the caller's tokenizer
             self.fast.no_padding()
-            self.fast.enable_truncation(spec["max_seq_len"], stride=0, strategy="longest_first",
-                                        direction=spec["truncation_side"])
+            self.fast.enable_truncation(
+                spec["max_seq_len"], stride=0, strategy="longest_first", direction=spec["truncation_side"]
+            )
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         want_types, dtype = self.spec["want_types"], np.dtype(self.spec["id_dtype"])
         lengths = np.empty(len(texts), dtype=np.int64)
         id_parts, type_parts = [], []
         for start in range(0, len(texts), _BATCH):
-            chunk = texts[start:start + _BATCH]
+            chunk = texts[start : start + _BATCH]
             if self.fast is not None:
                 encs = self.fast.encode_batch_fast(chunk, add_special_tokens=True)
                 ids = [e.ids for e in encs]
@@ -144,8 +155,8 @@ class _Encoder:
             else:
                 enc = self.tokenizer(chunk, truncation=True, max_length=self.spec["max_seq_len"], padding=False)
                 ids, types = enc["input_ids"], enc.get("token_type_ids") if want_types else None
-            lengths[start:start + len(chunk)] = [len(x) for x in ids]
-            total = int(lengths[start:start + len(chunk)].sum())
+            lengths[start : start + len(chunk)] = [len(x) for x in ids]
+            total = int(lengths[start : start + len(chunk)].sum())
             id_parts.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=total))
             if types is not None:
                 type_parts.append(np.fromiter(itertools.chain.from_iterable(types), dtype=np.int8, count=total))
@@ -212,16 +223,27 @@ def _pool(workers: int, spec: dict):
         return
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_start_worker, initargs=(spec,))
+    pool = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(spec,)
+    )
     try:
         yield pool
     finally:  # on an error, the shards in flight finish (seconds) and nothing new starts
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _build(entry: Path, path: str, parts: dict, key: str, objective: str, tokenizer, workers: int,
-           progress: bool, shard_rows: int, tick: Callable[[], object]) -> None:
+def _build(
+    entry: Path,
+    path: str,
+    parts: dict,
+    key: str,
+    objective: str,
+    tokenizer,
+    workers: int,
+    progress: bool,
+    shard_rows: int,
+    tick: Callable[[], object],
+) -> None:
     t0, name, partial = time.perf_counter(), Path(path).name, entry.with_name(entry.name + ".partial")
     shards, state = partial / "shards", json.dumps({"key": key, "shard_rows": shard_rows}) + "\n"
     with contextlib.suppress(OSError):
@@ -231,13 +253,18 @@ def _build(entry: Path, path: str, parts: dict, key: str, objective: str, tokeni
     write_text_atomic(partial / "build.json", state)
     for leftover in shards.glob("*.tmp-*"):  # a killed build's half-written shards
         shutil.rmtree(leftover, ignore_errors=True)
-    done = {p.name: json.loads((p / "shard.json").read_text()) for p in shards.glob("shard-?????")
-            if (p / "shard.json").is_file()}
+    done = {
+        p.name: json.loads((p / "shard.json").read_text())
+        for p in shards.glob("shard-?????")
+        if (p / "shard.json").is_file()
+    }
     spec = _spec(tokenizer, parts["max_seq_len"])
     workers = workers if spec["backend"] is not None else 1  # a slow tokenizer cannot travel
     cols = "first column" if parts["columns"] == "first" else "all columns"
-    log.info(f"preparing {name}: {parts['format']}, {objective} ({cols}), max_seq_len {parts['max_seq_len']}, "
-             f"{workers} worker(s){f', {len(done)} shard(s) reused' if done else ''} -> {entry}")
+    log.info(
+        f"preparing {name}: {parts['format']}, {objective} ({cols}), max_seq_len {parts['max_seq_len']}, "
+        f"{workers} worker(s){f', {len(done)} shard(s) reused' if done else ''} -> {entry}"
+    )
     bar = logs.progress(progress, desc=f"preparing {name}", unit=" rows")
     results: dict[int, dict] = {}
 
@@ -262,8 +289,10 @@ def _build(entry: Path, path: str, parts: dict, key: str, objective: str, tokeni
                         try:
                             finished(index, future.result())
                         except BrokenProcessPool:
-                            raise RuntimeError(f"a simcse-prepare worker died on shard {index} (a script that "
-                                               "prepares needs `if __name__ == '__main__':` around it)") from None
+                            raise RuntimeError(
+                                f"a simcse-prepare worker died on shard {index} (a script that "
+                                "prepares needs `if __name__ == '__main__':` around it)"
+                            ) from None
 
             for index, columns, n in reader.chunks(shard_rows, objective, lambda i: _SHARD.format(i) in done):
                 tick()
@@ -292,23 +321,38 @@ def _build(entry: Path, path: str, parts: dict, key: str, objective: str, tokeni
         shutil.rmtree(shards / extra, ignore_errors=True)
     rows, seconds = sum(s["rows"] for s in results.values()), time.perf_counter() - t0
     manifest = {
-        "format_version": FORMAT_VERSION, "key": key, "input": {
-            **{k: parts[k] for k in ("path", "size", "mtime_ns")}, "sha256": hasher.hexdigest()},
-        "format": parts["format"], "objective": objective, "columns": parts["columns"], "layout": reader.layout,
-        "tokenizer": str(tokenizer.name_or_path), "tokenizer_fingerprint": parts["tokenizer_fingerprint"],
-        "max_seq_len": parts["max_seq_len"], "num_columns": len(results[0]["column_tokens"]),
-        "token_type_ids": spec["want_types"], "padding_side": tokenizer.padding_side,
-        "pad_token_type_id": int(getattr(tokenizer, "pad_token_type_id", 0) or 0), "id_dtype": spec["id_dtype"],
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "input": {**{k: parts[k] for k in ("path", "size", "mtime_ns")}, "sha256": hasher.hexdigest()},
+        "format": parts["format"],
+        "objective": objective,
+        "columns": parts["columns"],
+        "layout": reader.layout,
+        "tokenizer": str(tokenizer.name_or_path),
+        "tokenizer_fingerprint": parts["tokenizer_fingerprint"],
+        "max_seq_len": parts["max_seq_len"],
+        "num_columns": len(results[0]["column_tokens"]),
+        "token_type_ids": spec["want_types"],
+        "padding_side": tokenizer.padding_side,
+        "pad_token_type_id": int(getattr(tokenizer, "pad_token_type_id", 0) or 0),
+        "id_dtype": spec["id_dtype"],
         "shard_rows": shard_rows,
-        "shards": [{"name": n, "rows": results[i]["rows"], "tokens": results[i]["tokens"]} for i, n in enumerate(names)],
-        "rows": rows, "blank_lines": reader.blank_lines, "total_tokens": sum(s["tokens"] for s in results.values()),
-        "build_seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "shards": [
+            {"name": n, "rows": results[i]["rows"], "tokens": results[i]["tokens"]} for i, n in enumerate(names)
+        ],
+        "rows": rows,
+        "blank_lines": reader.blank_lines,
+        "total_tokens": sum(s["tokens"] for s in results.values()),
+        "build_seconds": round(seconds, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (partial / "build.json").unlink()
     write_text_atomic(partial / "manifest.json", json.dumps(manifest, indent=1) + "\n")  # last: complete
     publish_dir(partial, entry, replace=False)
-    log.info(f"preparing {name}: {rows:,} rows, {len(names)} shard(s), {manifest['total_tokens']:,} tokens in "
-        f"{seconds:.1f} s ({rows / max(seconds, 1e-9):,.0f} rows/s)")
+    log.info(
+        f"preparing {name}: {rows:,} rows, {len(names)} shard(s), {manifest['total_tokens']:,} tokens in "
+        f"{seconds:.1f} s ({rows / max(seconds, 1e-9):,.0f} rows/s)"
+    )
 
 
 @contextlib.contextmanager
@@ -323,9 +367,19 @@ def _locked(entry: Path):
         yield
 
 
-def open_or_prepare(path: str, fmt: str | None, objective: str, tokenizer, max_seq_len: int, *,
-                    cache_dir: str | os.PathLike | None = None, workers: int = 1, progress: bool = False,
-                    shard_rows: int = SHARD_ROWS, tick: Callable[[], object] = lambda: None) -> PreparedCorpus:
+def open_or_prepare(
+    path: str,
+    fmt: str | None,
+    objective: str,
+    tokenizer,
+    max_seq_len: int,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int = 1,
+    progress: bool = False,
+    shard_rows: int = SHARD_ROWS,
+    tick: Callable[[], object] = lambda: None,
+) -> PreparedCorpus:
     """The prepared corpus of a local file `path` for `objective` (unsup: the first column of any
     layout; sup: all columns, DataError on a one-column file), built first if missing.
 
@@ -345,8 +399,10 @@ def open_or_prepare(path: str, fmt: str | None, objective: str, tokenizer, max_s
             # a spawned process re-running a script's top level (spawn imports the parent's __main__
             # as __mp_main__): it would wait for the lock its parent holds, and the parent for it;
             # tests/data/test_prepare.py pins this
-            raise RuntimeError(f"{path}: preparation started inside a worker process: the script that prepares "
-                               "(or trains) must do so under `if __name__ == '__main__':`")
+            raise RuntimeError(
+                f"{path}: preparation started inside a worker process: the script that prepares "
+                "(or trains) must do so under `if __name__ == '__main__':`"
+            )
         with _locked(entry):
             if not manifest.is_file():  # else another process finished it while we waited
                 _build(entry, path, parts, key, objective, tokenizer, max(1, workers), progress, shard_rows, tick)

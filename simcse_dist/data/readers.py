@@ -39,17 +39,31 @@ class ReadStats:
 FORMATS = ("txt", "csv", "tsv", "jsonl", "parquet")
 
 _EXTENSIONS = {
-    ".txt": "txt", ".text": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
-    ".parquet": "parquet", ".pq": "parquet",
+    ".txt": "txt",
+    ".text": "txt",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
 }
 # Accepted column / key layouts, each in output order (sent0, sent1, hard_neg).
 _TABLE_LAYOUTS = (
-    ("sent0",), ("text",), ("sentence",), ("sent0", "sent1"),
-    ("sent0", "sent1", "hard_neg"), ("anchor", "entailment", "contradiction"),
+    ("sent0",),
+    ("text",),
+    ("sentence",),
+    ("sent0", "sent1"),
+    ("sent0", "sent1", "hard_neg"),
+    ("anchor", "entailment", "contradiction"),
 )
 _JSON_LAYOUTS = (
-    ("sent0",), ("text",), ("origin",), ("sent0", "sent1"),
-    ("sent0", "sent1", "hard_neg"), ("origin", "entailment", "contradiction"),
+    ("sent0",),
+    ("text",),
+    ("origin",),
+    ("sent0", "sent1"),
+    ("sent0", "sent1", "hard_neg"),
+    ("origin", "entailment", "contradiction"),
 )
 _STS_B_FIELDS = "genre, file, year, id, score, sentence1, sentence2"
 
@@ -84,7 +98,9 @@ def resolve_path(path: str) -> str:
         from huggingface_hub import hf_hub_download
 
         return hf_hub_download(
-            repo_id=f"{parts[0]}/{parts[1]}", filename=parts[2], repo_type="dataset",
+            repo_id=f"{parts[0]}/{parts[1]}",
+            filename=parts[2],
+            repo_type="dataset",
             local_files_only=offline,
         )
     except Exception as e:  # offline, missing repo/file, no huggingface_hub, ...
@@ -205,11 +221,16 @@ class TrainRows:
             return self._jsonl()
         if self.format == "parquet":
             return self._parquet()
-        return self._table(_csv_rows(self.path, self.hasher) if self.format == "csv" else
-                           _tsv_rows(self.path, self.hasher))
+        return self._table(
+            _csv_rows(self.path, self.hasher) if self.format == "csv" else _tsv_rows(self.path, self.hasher)
+        )
 
-    def chunks(self, size: int, objective: str, skip: Callable[[int], bool] = lambda i: False,
-               ) -> Iterator[tuple[int, list[list[str]] | None, int]]:
+    def chunks(
+        self,
+        size: int,
+        objective: str,
+        skip: Callable[[int], bool] = lambda i: False,
+    ) -> Iterator[tuple[int, list[list[str]] | None, int]]:
         """(index, columns, rows) per chunk of `size` examples, columns = [texts of column c]:
         the first column for unsup, all for sup (DataError at the first row of a one-column file);
         columns is None for a chunk where `skip(index)` (read past, not kept)."""
@@ -218,8 +239,9 @@ class TrainRows:
         if first is None:
             raise DataError(f"{self.path}: no examples")
         if objective == "sup" and len(first[1]) < 2:
-            raise DataError(f"{self.path}: train.objective=sup needs sent0,sent1[,hard_neg] columns, "
-                            "but the file has one column")
+            raise DataError(
+                f"{self.path}: train.objective=sup needs sent0,sent1[,hard_neg] columns, but the file has one column"
+            )
         rows = itertools.chain([first], rows)
         for index in itertools.count():
             part = itertools.islice(rows, size)
@@ -283,7 +305,9 @@ class TrainRows:
             if layout is None:
                 layout = self.layout = _match_layout(tuple(obj), _JSON_LAYOUTS)
                 if layout is None:
-                    raise DataError(f"{path}:{n}: unrecognised keys {sorted(obj)}; accepted: {_describe(_JSON_LAYOUTS)}")
+                    raise DataError(
+                        f"{path}:{n}: unrecognised keys {sorted(obj)}; accepted: {_describe(_JSON_LAYOUTS)}"
+                    )
             elif set(obj) != set(layout):
                 raise DataError(f"{path}:{n}: keys {sorted(obj)} differ from the first line's {sorted(layout)}")
             yield n, _checked(path, n, layout, [obj[key] for key in layout])

@@ -86,15 +86,23 @@ class GlobalBatchSampler:
     (`MicroBatch.valid`).
     """
 
-    def __init__(self, plan: BatchPlan, rank: int, seed: int, shuffle: bool = True,
-                 weights: Sequence[float] | None = None, names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        plan: BatchPlan,
+        rank: int,
+        seed: int,
+        shuffle: bool = True,
+        weights: Sequence[float] | None = None,
+        names: Sequence[str] | None = None,
+    ) -> None:
         empty = [i for i, b in enumerate(plan.batches_per_source) if b == 0]
         if empty:
             i = empty[0]
             raise DataError(
                 (f"{names[i]}: " if names else "") + f"{plan.source_rows[i]} training examples are fewer than one "
                 f"global batch (train.global_batch_size={plan.global_batch_size})"
-                + ("; set data.drop_last=false to train on them" if len(plan.source_rows) == 1 else ""))
+                + ("; set data.drop_last=false to train on them" if len(plan.source_rows) == 1 else "")
+            )
         self.plan, self.rank, self.seed, self.shuffle = plan, rank, seed, shuffle
         self.mixture = Mixture(plan.batches_per_source, weights or [1.0] * len(plan.source_rows), seed)
 
@@ -152,5 +160,3 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]):
         step, micro_step = key
         return self.prepare(self.sampler.micro_batches(step)[micro_step])
-
-

@@ -74,5 +74,3 @@ def pair_embeddings(
     row = {s: i for i, s in enumerate(unique)}
     emb = encode(forward, tokenizer, unique, device, batch_size, max_length, show_progress)
     return emb[[row[s] for s in sentences1]], emb[[row[s] for s in sentences2]]
-
-

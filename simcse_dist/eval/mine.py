@@ -91,8 +91,9 @@ def build_pool(pairs: list[tuple[str, str]], corpus: list[str]) -> Pool:
     return Pool(anchors, candidates, row_anchor, [cand_index[p] for _, p in pairs], excluded, max(rows), max(rows) + 1)
 
 
-def search(queries: torch.Tensor, corpus: torch.Tensor, k: int, chunk: int, progress: bool = False,
-           use_faiss: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def search(
+    queries: torch.Tensor, corpus: torch.Tensor, k: int, chunk: int, progress: bool = False, use_faiss: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k cosine of L2-normalised rows: scores [n, k] (descending) and indices [n, k]."""
     if use_faiss:
         import faiss
@@ -117,8 +118,15 @@ def search(queries: torch.Tensor, corpus: torch.Tensor, k: int, chunk: int, prog
     return torch.cat(scores), torch.cat(indices)
 
 
-def select(scores: torch.Tensor, indices: torch.Tensor, excluded: list[set[int]], positive_scores: torch.Tensor,
-           n_candidates: int, opts: MineOptions, range_max: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+def select(
+    scores: torch.Tensor,
+    indices: torch.Tensor,
+    excluded: list[set[int]],
+    positive_scores: torch.Tensor,
+    n_candidates: int,
+    opts: MineOptions,
+    range_max: int,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
     """Negatives [n, K] (candidate index, -1 where none) and their scores, from the retrieved
     scores/indices [n, k] and each anchor's lowest positive score [n]; plus candidates skipped per filter."""
     n = scores.shape[0]
@@ -197,8 +205,9 @@ def read_inputs(job: MineJob, opts: MineOptions) -> tuple[list[tuple[str, str]],
     """(pairs, candidate pool, a note to print or ""), read and checked before any model loads."""
     examples, _ = read_train_examples(job.input)
     if len(examples[0]) < 2:
-        raise DataError(f"{job.input}: mining needs (anchor, positive) pairs, a header sent0,sent1; "
-                        f"this file has one column")
+        raise DataError(
+            f"{job.input}: mining needs (anchor, positive) pairs, a header sent0,sent1; this file has one column"
+        )
     note = f"{job.input}: its hard_neg column is ignored (replaced by mined negatives)" if len(examples[0]) == 3 else ""
     pairs = [(e[0], e[1]) for e in examples]
     corpus = _read_texts(job.corpus) if job.corpus else []
@@ -206,9 +215,11 @@ def read_inputs(job: MineJob, opts: MineOptions) -> tuple[list[tuple[str, str]],
     _check_tsv_safe(corpus, job.corpus or "")
     pool = build_pool(pairs, corpus)
     if opts.num_negatives >= len(pool.candidates):
-        raise ValueError(f"--num-negatives {opts.num_negatives}: only {len(pool.candidates)} distinct candidate texts "
-                         f"(positives of {job.input}{' + --corpus' if corpus else ''}), so an anchor has at most "
-                         f"{len(pool.candidates) - 1} negatives")
+        raise ValueError(
+            f"--num-negatives {opts.num_negatives}: only {len(pool.candidates)} distinct candidate texts "
+            f"(positives of {job.input}{' + --corpus' if corpus else ''}), so an anchor has at most "
+            f"{len(pool.candidates) - 1} negatives"
+        )
     return pairs, pool, note
 
 
@@ -229,15 +240,21 @@ def _summary(stats: dict, chosen: torch.Tensor) -> str:
         f"on {stats['world']} rank(s) in {stats['seconds']:.1f} s ({stats['rows'] / stats['seconds']:.1f} anchors/s; "
         f"encode {stats['encode_s']:.1f} s, search {stats['search_s']:.1f} s)",
         f"wrote {stats['output']}: {stats['written']} rows; dropped {stats['dropped']} rows whose anchor got no negative"
-        + (f"; {stats['short']} rows have fewer than {stats['K']} negatives (their found negatives repeat to fill "
-           f"the row)" if stats["K"] > 1 else ""),
+        + (
+            f"; {stats['short']} rows have fewer than {stats['K']} negatives (their found negatives repeat to fill "
+            f"the row)"
+            if stats["K"] > 1
+            else ""
+        ),
     ]
     if stats["skipped"]:
         lines.append("skipped candidates: " + ", ".join(f"{k} {v}" for k, v in stats["skipped"].items()))
     if finite.numel():
         q = torch.quantile(finite, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.double)).tolist()
-        lines.append(f"chosen negatives' cosine: n {finite.numel()}, min {q[0]:.4f}, q25 {q[1]:.4f}, median {q[2]:.4f}, "
-                     f"mean {finite.mean():.4f}, q75 {q[3]:.4f}, max {q[4]:.4f}; positives' mean {stats['pos_mean']:.4f}")
+        lines.append(
+            f"chosen negatives' cosine: n {finite.numel()}, min {q[0]:.4f}, q25 {q[1]:.4f}, median {q[2]:.4f}, "
+            f"mean {finite.mean():.4f}, q75 {q[3]:.4f}, max {q[4]:.4f}; positives' mean {stats['pos_mean']:.4f}"
+        )
     return "\n".join(lines)
 
 
@@ -270,9 +287,11 @@ def mine(job: MineJob, opts: MineOptions, pairs: list[tuple[str, str]], pool: Po
     encoder.to(device)
     max_length = _max_length(encoder, meta, job.max_length)
     progress = env.is_main and job.progress
-    log.info(f"model {meta['path']}: pooler {meta['pooler']}, max length {max_length}, {env.world_size} rank(s), "
-             f"device {device}; {len(pairs)} pairs, {len(pool.anchors)} distinct anchors, {len(pool.candidates)} "
-             "candidates")
+    log.info(
+        f"model {meta['path']}: pooler {meta['pooler']}, max length {max_length}, {env.world_size} rank(s), "
+        f"device {device}; {len(pairs)} pairs, {len(pool.anchors)} distinct anchors, {len(pool.candidates)} "
+        "candidates"
+    )
     t0 = time.perf_counter()
     texts = list(dict.fromkeys([*pool.anchors, *pool.candidates]))
     row = {t: i for i, t in enumerate(texts)}
@@ -301,12 +320,30 @@ def mine(job: MineJob, opts: MineOptions, pairs: list[tuple[str, str]], pool: Po
         neg, chosen, skipped = select(scores, indices, pool.excluded, lowest, len(pool.candidates), opts, range_max)
         written, dropped, short = _write(job.output, pairs, pool, neg)
         seconds = time.perf_counter() - t0
-        log.info(_summary(dict(rows=len(pairs), anchors=len(pool.anchors), candidates=len(pool.candidates),
-                               world=env.world_size, seconds=seconds, encode_s=t1 - t0, search_s=t2 - t1,
-                               output=job.output, written=written, dropped=dropped, short=short, K=opts.num_negatives,
-                               skipped={name: n for name, n in skipped.items() if n}, pos_mean=float(pos.mean())),
-                          chosen[pool.row_anchor]))
+        log.info(
+            _summary(
+                dict(
+                    rows=len(pairs),
+                    anchors=len(pool.anchors),
+                    candidates=len(pool.candidates),
+                    world=env.world_size,
+                    seconds=seconds,
+                    encode_s=t1 - t0,
+                    search_s=t2 - t1,
+                    output=job.output,
+                    written=written,
+                    dropped=dropped,
+                    short=short,
+                    K=opts.num_negatives,
+                    skipped={name: n for name, n in skipped.items() if n},
+                    pos_mean=float(pos.mean()),
+                ),
+                chosen[pool.row_anchor],
+            )
+        )
 
     # collective: no rank reports success before the file exists, and none waits on a failed rank 0
-    du.agreed(select_and_write, lambda e: WriteFailure(f"cannot write {explain(Path(job.output), e)}")
-              if isinstance(e, OSError) else e)
+    du.agreed(
+        select_and_write,
+        lambda e: WriteFailure(f"cannot write {explain(Path(job.output), e)}") if isinstance(e, OSError) else e,
+    )

@@ -42,16 +42,26 @@ def import_mteb():
     try:
         import mteb
     except ImportError as e:
-        raise MtebError("--mteb needs the optional mteb package: pip install 'simcse-dist[mteb]' "
-                        f"(or pip install mteb) ({e})") from None
+        raise MtebError(
+            f"--mteb needs the optional mteb package: pip install 'simcse-dist[mteb]' (or pip install mteb) ({e})"
+        ) from None
     return mteb
 
 
 class MtebEncoder:
     """mteb's EncoderProtocol for an Encoder + tokenizer (see the module docstring)."""
 
-    def __init__(self, encoder, tokenizer, device, *, name: str, batch_size: int = 128, max_length: int = 512,
-                 show_progress: bool = False) -> None:
+    def __init__(
+        self,
+        encoder,
+        tokenizer,
+        device,
+        *,
+        name: str,
+        batch_size: int = 128,
+        max_length: int = 512,
+        show_progress: bool = False,
+    ) -> None:
         import_mteb()
         from mteb.models import ModelMeta
         from mteb.models.model_meta import ScoringFunction
@@ -60,10 +70,15 @@ class MtebEncoder:
         self.batch_size, self.max_length, self.show_progress = batch_size, max_length, show_progress
         self.dim = encoder.backbone.config.hidden_size
         # create_empty + model_copy skips pydantic validation, so the enum itself is passed
-        self.mteb_model_meta = ModelMeta.create_empty(overwrites={
-            "name": f"simcse-dist/{name}", "embed_dim": self.dim, "max_tokens": max_length,
-            "similarity_fn_name": ScoringFunction.COSINE, "framework": ["PyTorch"],
-        })
+        self.mteb_model_meta = ModelMeta.create_empty(
+            overwrites={
+                "name": f"simcse-dist/{name}",
+                "embed_dim": self.dim,
+                "max_tokens": max_length,
+                "similarity_fn_name": ScoringFunction.COSINE,
+                "framework": ["PyTorch"],
+            }
+        )
 
     def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None, **kwargs) -> np.ndarray:
         texts = []
@@ -73,8 +88,15 @@ class MtebEncoder:
             texts.extend(batch["text"])
         if not texts:  # evaluation.encode needs at least one sentence
             return np.zeros((0, self.dim), dtype=np.float32)
-        emb = encode(self.encoder, self.tokenizer, texts, self.device, kwargs.get("batch_size") or self.batch_size,
-                     self.max_length, self.show_progress)  # collective: every rank runs the same mteb loop
+        emb = encode(
+            self.encoder,
+            self.tokenizer,
+            texts,
+            self.device,
+            kwargs.get("batch_size") or self.batch_size,
+            self.max_length,
+            self.show_progress,
+        )  # collective: every rank runs the same mteb loop
         return emb.numpy()
 
     def similarity(self, embeddings1, embeddings2):
@@ -127,8 +149,10 @@ def resolve_tasks(spec: str) -> list:
         try:
             tasks.append(mteb.get_task(name))
         except KeyError:
-            raise MtebError(f"--mteb: unknown MTEB task {name!r} (mteb {mteb.__version__}); "
-                            "for a task of your own pass module:Class or file.py:Class") from None
+            raise MtebError(
+                f"--mteb: unknown MTEB task {name!r} (mteb {mteb.__version__}); "
+                "for a task of your own pass module:Class or file.py:Class"
+            ) from None
     if not tasks:
         raise MtebError("--mteb: no task given")
     return tasks
@@ -140,15 +164,23 @@ def _data_problem(task, error: Exception) -> str:
 
     name, source = task.metadata.name, task.metadata.dataset or {}
     reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-    where = f"Hugging Face dataset {source.get('path')} (revision {source.get('revision')})" if source.get("path") else "data"
+    where = (
+        f"Hugging Face dataset {source.get('path')} (revision {source.get('revision')})"
+        if source.get("path")
+        else "data"
+    )
     offline = " and the Hub is unreachable (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else ""
-    return (f"MTEB task {name}: its {where} is not in the local cache{offline} ({reason}). To provide it, run "
-            f"`python -c \"import mteb; mteb.get_task('{name}').load_data()\"` on a machine with Hub access and "
-            f"copy its Hugging Face cache ({constants.HF_HOME}) here (or point HF_HOME at a copy), or define the task "
-            "in Python with a load_data() that reads local files and pass it as file.py:Class (docs/evaluation.md)")
+    return (
+        f"MTEB task {name}: its {where} is not in the local cache{offline} ({reason}). To provide it, run "
+        f"`python -c \"import mteb; mteb.get_task('{name}').load_data()\"` on a machine with Hub access and "
+        f"copy its Hugging Face cache ({constants.HF_HOME}) here (or point HF_HOME at a copy), or define the task "
+        "in Python with a load_data() that reads local files and pass it as file.py:Class (docs/evaluation.md)"
+    )
 
 
-def run_mteb(model: MtebEncoder, tasks: list, show_progress: bool = False) -> tuple[dict[str, tuple[str, float]], list[str]]:
+def run_mteb(
+    model: MtebEncoder, tasks: list, show_progress: bool = False
+) -> tuple[dict[str, tuple[str, float]], list[str]]:
     """({task name: (main score name, main score averaged over splits and subsets)}, [one line per
     task whose data could not be loaded]). collective under a launcher: every rank calls this."""
     mteb = import_mteb()
@@ -165,11 +197,19 @@ def run_mteb(model: MtebEncoder, tasks: list, show_progress: bool = False) -> tu
         # ranks that did would wait forever in encode for the others
         if du.all_reduce_max(torch.tensor([float(failed)], device=model.device)).item() > 0:
             if not failed:
-                problems.append(f"MTEB task {task.metadata.name}: its data could not be loaded on every rank "
-                                "(each node reads its own Hugging Face cache)")
+                problems.append(
+                    f"MTEB task {task.metadata.name}: its data could not be loaded on every rank "
+                    "(each node reads its own Hugging Face cache)"
+                )
             continue
-        result = mteb.evaluate(model, task, cache=None, co2_tracker=False, show_progress_bar=show_progress,
-                               encode_kwargs={"batch_size": model.batch_size, "show_progress_bar": show_progress})
+        result = mteb.evaluate(
+            model,
+            task,
+            cache=None,
+            co2_tracker=False,
+            show_progress_bar=show_progress,
+            encode_kwargs={"batch_size": model.batch_size, "show_progress_bar": show_progress},
+        )
         (task_result,) = result.task_results
         scores[task.metadata.name] = (task.metadata.main_score, float(task_result.get_score()))
         task.unload_data()  # one task's data in memory at a time

@@ -35,8 +35,10 @@ def read_trajectory(metrics_file: str | Path) -> list[tuple[int, float, float]]:
             raise DataError(f"{path}:{n}: a row with eval/align has no 'step'")
         points[int(row["step"])] = (float(row["eval/uniform"]), float(row["eval/align"]))
     if not points:
-        raise DataError(f"{path}: no rows with both eval/align and eval/uniform (the trainer logs them "
-                        "when eval.sts_dev_file is set)")
+        raise DataError(
+            f"{path}: no rows with both eval/align and eval/uniform (the trainer logs them "
+            "when eval.sts_dev_file is set)"
+        )
     return [(step, u, a) for step, (u, a) in sorted(points.items())]
 
 

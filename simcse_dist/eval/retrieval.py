@@ -62,13 +62,16 @@ def _rows(path: str | Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dic
         fields = line.split("\t")
         if index is None:
             if sorted(fields) != sorted(columns):
-                raise DataError(f"{path}:{n}: expected a header with the TAB-separated columns "
-                                f"{' '.join(columns)} (any order), got {line[:200]!r}")
+                raise DataError(
+                    f"{path}:{n}: expected a header with the TAB-separated columns "
+                    f"{' '.join(columns)} (any order), got {line[:200]!r}"
+                )
             index = {name: fields.index(name) for name in columns}
             continue
         if len(fields) != len(columns):
-            raise DataError(f"{path}:{n}: expected {len(columns)} TAB-separated fields ({', '.join(columns)}), "
-                            f"got {len(fields)}")
+            raise DataError(
+                f"{path}:{n}: expected {len(columns)} TAB-separated fields ({', '.join(columns)}), got {len(fields)}"
+            )
         row = {name: fields[i] for name, i in index.items()}
         for name in columns:
             if not row[name].strip():
@@ -89,8 +92,13 @@ def read_texts(path: str | Path, id_column: str) -> dict[str, str]:
     return texts
 
 
-def read_qrels(path: str | Path, queries: dict[str, str], corpus: dict[str, str],
-               queries_path: str | Path = "queries", corpus_path: str | Path = "corpus") -> dict[str, dict[str, int]]:
+def read_qrels(
+    path: str | Path,
+    queries: dict[str, str],
+    corpus: dict[str, str],
+    queries_path: str | Path = "queries",
+    corpus_path: str | Path = "corpus",
+) -> dict[str, dict[str, int]]:
     """{qid: {docid: relevance}}; every id must name a query / document, relevance an integer."""
     qrels: dict[str, dict[str, int]] = {}
     for n, row in _rows(path, ("qid", "docid", "relevance")):
@@ -209,8 +217,9 @@ def evaluate_retrieval(
     gathered); every rank then ranks all queries against the chunk, so all ranks hold the same
     result. collective: every rank calls this with the same data."""
     qids = data.judged_queries
-    query_emb = encode(forward, tokenizer, [data.queries[q] for q in qids], device, batch_size, max_length,
-                       show_progress)
+    query_emb = encode(
+        forward, tokenizer, [data.queries[q] for q in qids], device, batch_size, max_length, show_progress
+    )
     docids = sorted(data.corpus)  # string order: equal scores then rank by docid, as sentence-transformers
 
     def chunks() -> Iterator[torch.Tensor]:

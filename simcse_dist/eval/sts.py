@@ -60,8 +60,11 @@ TASKS = {
         Task("cnsd-stsb", "CNSD-STSB", SPLITS),
     )
 }
-PAPER_TASKS = {"test": ("sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sickr"), "dev": ("stsb", "sickr"),
-               "train": ("stsb", "sickr")}
+PAPER_TASKS = {
+    "test": ("sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sickr"),
+    "dev": ("stsb", "sickr"),
+    "train": ("stsb", "sickr"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,15 +127,30 @@ def _detect(first: str, path: str) -> _Layout:
     cols = [c.strip().lower() for c in first.split("\t")]
     if {"sentence1", "sentence2", "score"} <= set(cols):
         subset = cols.index("subset") if "subset" in cols else None
-        return _Layout("\t", len(cols), cols.index("sentence1"), cols.index("sentence2"), cols.index("score"),
-                       subset=subset, header=True, describe=", ".join(cols))
+        return _Layout(
+            "\t",
+            len(cols),
+            cols.index("sentence1"),
+            cols.index("sentence2"),
+            cols.index("score"),
+            subset=subset,
+            header=True,
+            describe=", ".join(cols),
+        )
     if {"sentence_a", "sentence_b", "relatedness_score"} <= set(cols):
         split_col = cols.index("semeval_set") if "semeval_set" in cols else None
-        return _Layout("\t", len(cols), cols.index("sentence_a"), cols.index("sentence_b"),
-                       cols.index("relatedness_score"), semeval_set=split_col, header=True, describe=", ".join(cols))
+        return _Layout(
+            "\t",
+            len(cols),
+            cols.index("sentence_a"),
+            cols.index("sentence_b"),
+            cols.index("relatedness_score"),
+            semeval_set=split_col,
+            header=True,
+            describe=", ".join(cols),
+        )
     if len(cols) >= 7:
-        return _Layout("\t", None, 5, 6, 4, min_fields=7,
-                       describe="genre, file, year, id, score, sentence1, sentence2")
+        return _Layout("\t", None, 5, 6, 4, min_fields=7, describe="genre, file, year, id, score, sentence1, sentence2")
     raise DataError(
         f"{path}:1: unrecognised STS layout; expected a header with sentence1, sentence2, score[, subset], "
         "a SICK header (pair_ID, sentence_A, sentence_B, relatedness_score, ...), the STS-B CSV "
@@ -170,11 +188,15 @@ def read_pair_file(path: str | Path, split: str | None = None) -> StsData:
                 continue
         fields = _json_fields(line, where) if layout.sep == "json" else line.split(layout.sep)
         if layout.fields is not None and len(fields) != layout.fields:
-            raise DataError(f"{where}: expected {layout.fields} {layout.sep!r}-separated fields "
-                            f"({layout.describe}), got {len(fields)}")
+            raise DataError(
+                f"{where}: expected {layout.fields} {layout.sep!r}-separated fields "
+                f"({layout.describe}), got {len(fields)}"
+            )
         if len(fields) < layout.min_fields:
-            raise DataError(f"{where}: expected at least {layout.min_fields} {layout.sep!r}-separated fields "
-                            f"({layout.describe}), got {len(fields)}")
+            raise DataError(
+                f"{where}: expected at least {layout.min_fields} {layout.sep!r}-separated fields "
+                f"({layout.describe}), got {len(fields)}"
+            )
         if split and layout.semeval_set is not None and fields[layout.semeval_set].strip().upper() != SICK_SETS[split]:
             continue
         score = _score(fields[layout.score], where)
@@ -187,7 +209,9 @@ def read_pair_file(path: str | Path, split: str | None = None) -> StsData:
         if layout.subset is not None:
             subsets.append(fields[layout.subset].strip())
     if not gold:
-        selected = f" with SemEval_set {SICK_SETS[split]}" if split and layout and layout.semeval_set is not None else ""
+        selected = (
+            f" with SemEval_set {SICK_SETS[split]}" if split and layout and layout.semeval_set is not None else ""
+        )
         raise DataError(f"{path}: no sentence pairs{selected}")
     return StsData(s1, s2, gold, subsets or None, path, skipped)
 
@@ -198,8 +222,9 @@ def read_senteval_pair(input_path: str | Path, gs_path: str | Path, subset: str)
     inputs = list(read_lines(str(input_path)))
     golds = list(read_lines(str(gs_path)))
     if len(inputs) != len(golds):
-        raise DataError(f"{gs_path}: {len(golds)} lines, but {input_path} has {len(inputs)}; "
-                        "the two files must pair line by line")
+        raise DataError(
+            f"{gs_path}: {len(golds)} lines, but {input_path} has {len(inputs)}; the two files must pair line by line"
+        )
     s1, s2, gold, skipped = [], [], [], 0
     for (n, text), (_, raw) in zip(inputs, golds, strict=True):
         score = _score(raw.rstrip("\r\n"), f"{gs_path}:{n}")
@@ -228,9 +253,12 @@ def read_senteval_dir(directory: str | Path, task: str) -> StsData:
             raise DataError(f"{found[0][0]}: file not found (SentEval subset {subset} of {task})")
         parts.append(read_senteval_pair(*pair, subset))
     return StsData(
-        [s for p in parts for s in p.sentences1], [s for p in parts for s in p.sentences2],
-        [g for p in parts for g in p.scores], [s for p in parts for s in p.subsets],
-        str(d), sum(p.skipped for p in parts),
+        [s for p in parts for s in p.sentences1],
+        [s for p in parts for s in p.sentences2],
+        [g for p in parts for g in p.scores],
+        [s for p in parts for s in p.subsets],
+        str(d),
+        sum(p.skipped for p in parts),
     )
 
 
@@ -244,19 +272,31 @@ def candidates(task: str, split: str, root: Path) -> list[Path]:
         yy = task[-2:]
         return [root / task / f"{split}.tsv", root / f"STS{yy}-en-test", root / "STS" / f"STS{yy}-en-test"]
     if task == "stsb":
-        names = [f"STSBenchmark/sts-{split}.csv", f"stsbenchmark/sts-{split}.csv", f"STS/STSBenchmark/sts-{split}.csv",
-                 f"sts-{split}.csv"]
+        names = [
+            f"STSBenchmark/sts-{split}.csv",
+            f"stsbenchmark/sts-{split}.csv",
+            f"STS/STSBenchmark/sts-{split}.csv",
+            f"sts-{split}.csv",
+        ]
         return [root / "stsb" / f"{split}.tsv", *(root / n for n in names)]
     if task == "sickr":
         sick = SICK_FILES[split]
-        paths = [root / "sickr" / f"{split}.tsv", root / "SICK" / sick, root / sick, root / "SICK" / "SICK.txt",
-                 root / "SICK.txt"]
+        paths = [
+            root / "sickr" / f"{split}.tsv",
+            root / "SICK" / sick,
+            root / sick,
+            root / "SICK" / "SICK.txt",
+            root / "SICK.txt",
+        ]
         if root.name == "STS":  # SentEval's data/downstream/STS: SICK is a sibling folder
             paths.append(root.parent / "SICK" / sick)
         return paths
     if task == "cnsd-stsb":
-        return [root / "cnsd-stsb" / f"{split}.tsv", root / "cnsd-stsb" / f"cnsd-sts-{split}.txt",
-                root / "STS-B" / f"cnsd-sts-{split}.txt"]
+        return [
+            root / "cnsd-stsb" / f"{split}.tsv",
+            root / "cnsd-stsb" / f"cnsd-sts-{split}.txt",
+            root / "STS-B" / f"cnsd-sts-{split}.txt",
+        ]
     raise KeyError(task)
 
 

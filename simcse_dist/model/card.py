@@ -20,8 +20,10 @@ import yaml
 
 from simcse_dist.model.format import SIMCSE_CONFIG_NAME
 
-_SELECTED_ON_DEV = ("the checkpoint kept is the one with the highest dev Spearman, so this is a model-selection "
-                    "score, optimistic for unseen data; `simcse-eval` gives the test-split numbers")
+_SELECTED_ON_DEV = (
+    "the checkpoint kept is the one with the highest dev Spearman, so this is a model-selection "
+    "score, optimistic for unseen data; `simcse-eval` gives the test-split numbers"
+)
 DEFAULT_SPLIT_NOTE = f"STS-B dev: {_SELECTED_ON_DEV}"
 CITATION = """@inproceedings{gao2021simcse,
   title={{SimCSE}: Simple Contrastive Learning of Sentence Embeddings},
@@ -79,11 +81,16 @@ def _objective(config: dict) -> str:
     tau = loss.get("temperature", 0.05)
     if train.get("objective") == "sup":
         weight = loss.get("hard_negative_weight") or 0
-        return ("Supervised SimCSE: NLI triplets (premise, entailment, contradiction); the entailment hypothesis is the "
-                "positive, the contradiction a hard negative" + (f" (logit weight {weight})" if weight else "") +
-                f", and every other sentence of the global batch a negative; cross-entropy over cosine / {tau}.")
-    return ("Unsupervised SimCSE: each sentence is encoded twice with dropout on; the two views are a positive pair "
-            f"and every other sentence of the global batch a negative; cross-entropy over cosine / {tau}.")
+        return (
+            "Supervised SimCSE: NLI triplets (premise, entailment, contradiction); the entailment hypothesis is the "
+            "positive, the contradiction a hard negative"
+            + (f" (logit weight {weight})" if weight else "")
+            + f", and every other sentence of the global batch a negative; cross-entropy over cosine / {tau}."
+        )
+    return (
+        "Unsupervised SimCSE: each sentence is encoded twice with dropout on; the two views are a positive pair "
+        f"and every other sentence of the global batch a negative; cross-entropy over cosine / {tau}."
+    )
 
 
 def _public(value):
@@ -93,8 +100,11 @@ def _public(value):
         return [_public(v) for v in value]
     if isinstance(value, dict):
         return {k: _public(v) for k, v in value.items()}
-    if isinstance(value, str) and "://" not in value and (value.startswith(("/", "./", "../", "~"))
-                                                          or Path(value).exists()):
+    if (
+        isinstance(value, str)
+        and "://" not in value
+        and (value.startswith(("/", "./", "../", "~")) or Path(value).exists())
+    ):
         return Path(value).name
     return value
 
@@ -122,8 +132,9 @@ def _hyperparameters(config: dict) -> list[str]:
 
 
 def _title(config: dict, base: str | None) -> str:
-    kind = {"sup": "Supervised SimCSE", "unsup": "Unsupervised SimCSE"}.get((config.get("train") or {}).get("objective"),
-                                                                           "SimCSE")
+    kind = {"sup": "Supervised SimCSE", "unsup": "Unsupervised SimCSE"}.get(
+        (config.get("train") or {}).get("objective"), "SimCSE"
+    )
     name = _HUB_IDS.get(base, base) if base else None
     return f"{kind} on {_public(name).split('/')[-1]}" if name else f"{kind} sentence encoder"
 
@@ -131,30 +142,56 @@ def _title(config: dict, base: str | None) -> str:
 def _usage(model_id: str | None, pooling: dict) -> list[str]:
     pooler, mlp = pooling["pooler"], bool(pooling["mlp"])
     examples = repr(_EXAMPLES)
-    where = (f'model_id = "{model_id}"\n' if model_id else
-             f'model_id = "{PLACEHOLDER_ID}"  # its Hub id once uploaded (simcse-export --push-to-hub)\n'
-             '# model_id = "/path/to/this/folder"  # or this folder on disk\n')
-    st = (f"from sentence_transformers import SentenceTransformer\n\n{where}"
-          f"model = SentenceTransformer(model_id)\nsentences = {examples}\n"
-          "embeddings = model.encode(sentences)\nprint(model.similarity(embeddings, embeddings))\n")
+    where = (
+        f'model_id = "{model_id}"\n'
+        if model_id
+        else f'model_id = "{PLACEHOLDER_ID}"  # its Hub id once uploaded (simcse-export --push-to-hub)\n'
+        '# model_id = "/path/to/this/folder"  # or this folder on disk\n'
+    )
+    st = (
+        f"from sentence_transformers import SentenceTransformer\n\n{where}"
+        f"model = SentenceTransformer(model_id)\nsentences = {examples}\n"
+        "embeddings = model.encode(sentences)\nprint(model.similarity(embeddings, embeddings))\n"
+    )
     layers = pooler in ("avg_first_last", "avg_top2")
     imports = "import os\n\n" if mlp else ""
     hub = "from huggingface_hub import hf_hub_download\n" if mlp else ""
-    hf = (f"{imports}import torch\n{hub}from transformers import AutoModel, AutoTokenizer\n\n"
-          f"{where}tokenizer = AutoTokenizer.from_pretrained(model_id)\n"
-          f"model = AutoModel.from_pretrained(model_id).eval()\nsentences = {examples}\n"
-          'batch = tokenizer(sentences, padding=True, truncation=True, return_tensors="pt")\n'
-          f"with torch.no_grad():\n    out = model(**batch{', output_hidden_states=True' if layers else ''})\n"
-          + (_MEAN_CODE if pooler.startswith("avg") else "")
-          + _POOLING_CODE["cls" if pooler.startswith("cls") else pooler] + "\n" + (_MLP_CODE if mlp else ""))
+    hf = (
+        f"{imports}import torch\n{hub}from transformers import AutoModel, AutoTokenizer\n\n"
+        f"{where}tokenizer = AutoTokenizer.from_pretrained(model_id)\n"
+        f"model = AutoModel.from_pretrained(model_id).eval()\nsentences = {examples}\n"
+        'batch = tokenizer(sentences, padding=True, truncation=True, return_tensors="pt")\n'
+        f"with torch.no_grad():\n    out = model(**batch{', output_hidden_states=True' if layers else ''})\n"
+        + (_MEAN_CODE if pooler.startswith("avg") else "")
+        + _POOLING_CODE["cls" if pooler.startswith("cls") else pooler]
+        + "\n"
+        + (_MLP_CODE if mlp else "")
+    )
     head = "[CLS]" if pooler.startswith("cls") else "BERT pooler" if pooler == "pooler_output" else "mean"
-    dropped = (" The MLP head used in training is not part of the encoder at test time (`mlp_only_train`, the paper's "
-               "unsupervised setting).") if pooling.get("mlp_only_train") else ""
+    dropped = (
+        (
+            " The MLP head used in training is not part of the encoder at test time (`mlp_only_train`, the paper's "
+            "unsupervised setting)."
+        )
+        if pooling.get("mlp_only_train")
+        else ""
+    )
     return [
-        "## Usage", "",
-        "With sentence-transformers (>= 6: the module layout this folder uses):", "", "```python", st.rstrip(), "```", "",
+        "## Usage",
+        "",
+        "With sentence-transformers (>= 6: the module layout this folder uses):",
+        "",
+        "```python",
+        st.rstrip(),
+        "```",
+        "",
         f"With plain transformers, {head} pooling (`{pooler}`{', then the MLP head' if mlp else ''}), the same "
-        f"embedding as sentence-transformers and `simcse-eval`:{dropped}", "", "```python", hf.rstrip(), "```", "",
+        f"embedding as sentence-transformers and `simcse-eval`:{dropped}",
+        "",
+        "```python",
+        hf.rstrip(),
+        "```",
+        "",
         "The embeddings are not normalised; compare them by cosine.",
     ]
 
@@ -184,8 +221,9 @@ def write_model_card(
     try:
         pooling = json.loads((model_dir / SIMCSE_CONFIG_NAME).read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{model_dir}: cannot read {SIMCSE_CONFIG_NAME} ({e}); write the model first "
-                         "(save_encoder / export_model)") from None
+        raise ValueError(
+            f"{model_dir}: cannot read {SIMCSE_CONFIG_NAME} ({e}); write the model first (save_encoder / export_model)"
+        ) from None
     config = config or {}
     base = (config.get("model") or {}).get("name_or_path")
     front = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity"}
@@ -195,16 +233,42 @@ def write_model_card(
     if (dataset := _hub_dataset((config.get("data") or {}).get("train_file"))) is not None:
         front["datasets"] = [dataset]
     mlp = " + MLP head (Linear + Tanh)" if pooling["mlp"] else ""
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {_title(config, base)}", "",
-             f"A SimCSE sentence encoder (Gao, Yao & Chen, 2021) trained with simcse-dist"
-             f"{f' from `{base_id or _public(base)}`' if base else ''}. Sentence embedding: pooler `{pooling['pooler']}`{mlp}, "
-             "compared by cosine similarity.", ""]
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {_title(config, base)}",
+        "",
+        f"A SimCSE sentence encoder (Gao, Yao & Chen, 2021) trained with simcse-dist"
+        f"{f' from `{base_id or _public(base)}`' if base else ''}. Sentence embedding: pooler `{pooling['pooler']}`{mlp}, "
+        "compared by cosine similarity.",
+        "",
+    ]
     if config:
-        lines += ["## Training", "", _objective(config), "", _data_line(config), "",
-                  "Hyperparameters (the run's resolved config):", "", *_hyperparameters(config), ""]
+        lines += [
+            "## Training",
+            "",
+            _objective(config),
+            "",
+            _data_line(config),
+            "",
+            "Hyperparameters (the run's resolved config):",
+            "",
+            *_hyperparameters(config),
+            "",
+        ]
     if scores:
-        lines += ["## Evaluation", "", f"Split: {split_note}.", "", "| metric | value |", "|---|---|",
-                  *(f"| {name} | {value:.4f} |" for name, value in scores.items()), ""]
+        lines += [
+            "## Evaluation",
+            "",
+            f"Split: {split_note}.",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            *(f"| {name} | {value:.4f} |" for name, value in scores.items()),
+            "",
+        ]
     lines += [*_usage(model_id, pooling), "", "## Citation", "", "```bibtex", CITATION, "```", ""]
     path = model_dir / "README.md"
     path.write_text("\n".join(lines), encoding="utf-8")
@@ -218,6 +282,10 @@ def push_to_hub(folder: Path, repo_id: str, *, private: bool = False) -> str:
 
     api = HfApi()
     url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                      commit_message="Upload SimCSE model (simcse-export)")
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type="model",
+        commit_message="Upload SimCSE model (simcse-export)",
+    )
     return str(url)

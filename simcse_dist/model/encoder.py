@@ -132,8 +132,10 @@ def load_backbone(path: str, pooler: str, **kwargs) -> nn.Module:
                 return AutoModel.from_pretrained(path, **kwargs)
         backbone, info = AutoModel.from_pretrained(path, output_loading_info=True, **kwargs)
     if getattr(backbone, "pooler", None) is None:
-        raise ConfigError(f"model.pooler: pooler_output needs a model with a pooler layer (BERT, RoBERTa); "
-                          f"{type(backbone).__name__} of {path} has none")
+        raise ConfigError(
+            f"model.pooler: pooler_output needs a model with a pooler layer (BERT, RoBERTa); "
+            f"{type(backbone).__name__} of {path} has none"
+        )
     if any(k.startswith("pooler.") for k in info.get("missing_keys", ())):
         log.warning(f"model.pooler: pooler_output: {path} has no pretrained pooler weights; its pooler starts random")
     return backbone

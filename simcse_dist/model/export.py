@@ -63,45 +63,70 @@ def write_sentence_transformers(
     if pooler in ("avg_first_last", "avg_top2"):
         start, weights = layer_weights(pooler, num_layers)
         modules.append(("1_WeightedLayerPooling", ST_WLP))
-        _write_json(out / "1_WeightedLayerPooling" / "config.json",
-                    {"embedding_dimension": hidden_size, "layer_start": start, "num_hidden_layers": num_layers})
-        _save_safetensors(out / "1_WeightedLayerPooling" / "model.safetensors",
-                          {"layer_weights": torch.tensor(weights)})
+        _write_json(
+            out / "1_WeightedLayerPooling" / "config.json",
+            {"embedding_dimension": hidden_size, "layer_start": start, "num_hidden_layers": num_layers},
+        )
+        _save_safetensors(
+            out / "1_WeightedLayerPooling" / "model.safetensors", {"layer_weights": torch.tensor(weights)}
+        )
         pooling_dir = "2_Pooling"
         config = json.loads((out / "config.json").read_text())
         config["output_hidden_states"] = True
         _write_json(out / "config.json", config, indent=2)
     modules.append((pooling_dir, ST_POOLING))
     mode = "cls" if pooler in ("cls", "cls_before_pooler", "pooler_output") else "mean"
-    _write_json(out / pooling_dir / "config.json",
-                {"embedding_dimension": hidden_size, "pooling_mode": mode, "include_prompt": True})
+    _write_json(
+        out / pooling_dir / "config.json",
+        {"embedding_dimension": hidden_size, "pooling_mode": mode, "include_prompt": True},
+    )
     if head is not None:
         modules.append(("2_Dense", ST_DENSE))
-        _write_json(out / "2_Dense" / "config.json", {
-            "in_features": hidden_size, "out_features": hidden_size, "bias": True,
-            "activation_function": "torch.nn.modules.activation.Tanh",
-            "module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding",
-        })
-        _save_safetensors(out / "2_Dense" / "model.safetensors",
-                          {"linear.weight": head["dense.weight"], "linear.bias": head["dense.bias"]})
-    _write_json(out / "modules.json",
-                [{"idx": i, "name": str(i), "path": path, "type": kind} for i, (path, kind) in enumerate(modules)],
-                indent=2)
-    _write_json(out / "sentence_bert_config.json", {
-        "transformer_task": "feature-extraction",
-        "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
-        "module_output_name": "token_embeddings",
-    })
+        _write_json(
+            out / "2_Dense" / "config.json",
+            {
+                "in_features": hidden_size,
+                "out_features": hidden_size,
+                "bias": True,
+                "activation_function": "torch.nn.modules.activation.Tanh",
+                "module_input_name": "sentence_embedding",
+                "module_output_name": "sentence_embedding",
+            },
+        )
+        _save_safetensors(
+            out / "2_Dense" / "model.safetensors",
+            {"linear.weight": head["dense.weight"], "linear.bias": head["dense.bias"]},
+        )
+    _write_json(
+        out / "modules.json",
+        [{"idx": i, "name": str(i), "path": path, "type": kind} for i, (path, kind) in enumerate(modules)],
+        indent=2,
+    )
+    _write_json(
+        out / "sentence_bert_config.json",
+        {
+            "transformer_task": "feature-extraction",
+            "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+            "module_output_name": "token_embeddings",
+        },
+    )
     import transformers
 
-    _write_json(out / "config_sentence_transformers.json", {
-        "__version__": {"pytorch": torch.__version__, "sentence_transformers": ST_FORMAT_VERSION,
-                        "transformers": transformers.__version__},
-        "default_prompt_name": None,
-        "model_type": "SentenceTransformer",
-        "prompts": {"document": "", "query": ""},
-        "similarity_fn_name": "cosine",
-    }, indent=2)
+    _write_json(
+        out / "config_sentence_transformers.json",
+        {
+            "__version__": {
+                "pytorch": torch.__version__,
+                "sentence_transformers": ST_FORMAT_VERSION,
+                "transformers": transformers.__version__,
+            },
+            "default_prompt_name": None,
+            "model_type": "SentenceTransformer",
+            "prompts": {"document": "", "query": ""},
+            "similarity_fn_name": "cosine",
+        },
+        indent=2,
+    )
 
 
 def _base_tensors(model_dir: str, names: set[str]) -> dict[str, torch.Tensor]:
@@ -109,8 +134,13 @@ def _base_tensors(model_dir: str, names: set[str]) -> dict[str, torch.Tensor]:
     pytorch_model.bin); those it lacks are left out."""
     root = Path(model_dir)
     index = root / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
-             else ["model.safetensors"] if (root / "model.safetensors").is_file() else [])
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.is_file()
+        else ["model.safetensors"]
+        if (root / "model.safetensors").is_file()
+        else []
+    )
     out: dict[str, torch.Tensor] = {}
     if files:
         from safetensors import safe_open
@@ -139,9 +169,14 @@ def pooler_weights(config, base_dir: str | Path) -> dict[str, torch.Tensor]:
     base = _base_tensors(str(base_dir), set(shapes)) if Path(base_dir).is_dir() else {}
     g = torch.Generator().manual_seed(0)
     std = getattr(config, "initializer_range", 0.02)
-    return {k: base[k] if k in base and base[k].shape == shape else
-            torch.zeros(shape) if k.endswith("bias") else torch.randn(shape, generator=g) * std
-            for k, shape in shapes.items()}
+    return {
+        k: base[k]
+        if k in base and base[k].shape == shape
+        else torch.zeros(shape)
+        if k.endswith("bias")
+        else torch.randn(shape, generator=g) * std
+        for k, shape in shapes.items()
+    }
 
 
 def _pooler_head(state: dict[str, torch.Tensor], pooler: str) -> dict[str, torch.Tensor] | None:
@@ -171,7 +206,10 @@ def save_encoder(
     # gathered state would be reported as UNEXPECTED keys on every load. state_dict()'s keys
     # are exactly the persistent ones (under ZeRO-3 too: the keys do not depend on partitioning).
     persistent = set(encoder.backbone.state_dict().keys())
-    backbone_state = {**pooler_weights(encoder.backbone.config, encoder.backbone.name_or_path), **{k: v for k, v in backbone_state.items() if k in persistent}}
+    backbone_state = {
+        **pooler_weights(encoder.backbone.config, encoder.backbone.name_or_path),
+        **{k: v for k, v in backbone_state.items() if k in persistent},
+    }
     with quiet_transformers():  # no "Writing model shards" bar in the training log
         encoder.backbone.save_pretrained(out, state_dict=backbone_state, safe_serialization=True)
         tokenizer.save_pretrained(out)
@@ -184,12 +222,18 @@ def save_encoder(
         mlp_state = {k: v.detach().cpu() for k, v in mlp_state.items()}
         torch.save(mlp_state, out / MLP_WEIGHTS_NAME)
     config = encoder.backbone.config
-    write_sentence_transformers(out, encoder.pooler, config.hidden_size, config.num_hidden_layers,
-                                mlp_state if keep_mlp else _pooler_head(backbone_state, encoder.pooler))
+    write_sentence_transformers(
+        out,
+        encoder.pooler,
+        config.hidden_size,
+        config.num_hidden_layers,
+        mlp_state if keep_mlp else _pooler_head(backbone_state, encoder.pooler),
+    )
 
 
-def write_best(out: Path, state: dict[str, torch.Tensor], encoder: Encoder, tokenizer, info: dict,
-               config: dict | None = None) -> Path:
+def write_best(
+    out: Path, state: dict[str, torch.Tensor], encoder: Encoder, tokenizer, info: dict, config: dict | None = None
+) -> Path:
     """Publish `out` (a run's best/) from a full state dict of the Encoder ("backbone.*",
     "mlp.*") with its model card, atomically: readers see the previous best model or the new
     one, never neither. `config`: the run's resolved config, for the card."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 class ExportError(ValueError):
     """A model directory cannot be exported or loaded as asked; the message says why and where."""
 
+
 SIMCSE_CONFIG_NAME = "simcse_config.json"
 MLP_WEIGHTS_NAME = "simcse_mlp.pt"
 ST_FORMAT_VERSION = "6.0.0"  # oldest sentence-transformers that reads this layout

@@ -42,7 +42,9 @@ def _pooler_from_st(model_dir: Path) -> tuple[str, bool] | None:
     mode = pooling.get("pooling_mode")
     if mode is None:  # the legacy booleans; exactly one of cls / mean tokens must be on
         on = [key for key, value in pooling.items() if key.startswith("pooling_mode_") and value]
-        mode = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean"}.get(on[0]) if len(on) == 1 else None
+        mode = (
+            {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean"}.get(on[0]) if len(on) == 1 else None
+        )
     mlp = False
     if "Dense" in paths:
         dense = config("Dense")
@@ -74,8 +76,10 @@ def read_pooling(model_dir: Path, pooler: str | None = None) -> dict:
     elif (st := _pooler_from_st(model_dir)) is not None:
         meta = {"pooler": st[0], "mlp_only_train": False, "mlp": st[1]}
     elif pooler is None:
-        raise ExportError(f"{model_dir}: no {SIMCSE_CONFIG_NAME} and no sentence-transformers pooling to map; "
-                          f"pass --pooler ({' | '.join(POOLERS)})")
+        raise ExportError(
+            f"{model_dir}: no {SIMCSE_CONFIG_NAME} and no sentence-transformers pooling to map; "
+            f"pass --pooler ({' | '.join(POOLERS)})"
+        )
     else:
         meta = {"pooler": pooler, "mlp_only_train": False, "mlp": False}
     if pooler is not None and pooler != meta["pooler"]:
@@ -83,8 +87,10 @@ def read_pooling(model_dir: Path, pooler: str | None = None) -> dict:
     if meta["pooler"] not in POOLERS:
         raise ExportError(f"{model_dir}: unknown pooler {meta['pooler']!r}; expected one of {', '.join(POOLERS)}")
     if meta["pooler"] == "cls" and not meta["mlp_only_train"] and not meta["mlp"]:
-        raise ExportError(f"{model_dir}: pooler cls applies the MLP at test time, but the directory has no MLP "
-                          f"weights ({MLP_WEIGHTS_NAME} or 2_Dense); use cls_before_pooler")
+        raise ExportError(
+            f"{model_dir}: pooler cls applies the MLP at test time, but the directory has no MLP "
+            f"weights ({MLP_WEIGHTS_NAME} or 2_Dense); use cls_before_pooler"
+        )
     return meta
 
 

@@ -54,8 +54,10 @@ def read_meta(path: Path) -> dict[str, Any]:
     """trainer_state.json; a checkpoint in another format is refused (CheckpointLayoutError)."""
     state = json.loads((path / "trainer_state.json").read_text())
     if state.get("format") != FORMAT:
-        raise CheckpointLayoutError(f"{path}: written in checkpoint format {state.get('format')!r}, this version "
-                                    f"reads format {FORMAT}; start a new run (another train.output_dir)")
+        raise CheckpointLayoutError(
+            f"{path}: written in checkpoint format {state.get('format')!r}, this version "
+            f"reads format {FORMAT}; start a new run (another train.output_dir)"
+        )
     return state
 
 
@@ -113,8 +115,9 @@ class CheckpointManager:
             need = self.size(last)
             free = free_bytes(final.parent)
             if free < need:
-                raise OSError(errno.ENOSPC, f"~{human_bytes(need)} needed (the size of {last.name}), "
-                              f"{human_bytes(free)} free")
+                raise OSError(
+                    errno.ENOSPC, f"~{human_bytes(need)} needed (the size of {last.name}), {human_bytes(free)} free"
+                )
         staging_dir(final)
 
     def save(self, engine, step: int, meta: dict[str, Any]) -> Path:
@@ -128,8 +131,10 @@ class CheckpointManager:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             kept = self.latest()
-            return WriteFailure(f"cannot write checkpoint {explain(tmp, error)}. "
-                                + (f"The previous checkpoint {kept} is intact." if kept else "No checkpoint was kept."))
+            return WriteFailure(
+                f"cannot write checkpoint {explain(tmp, error)}. "
+                + (f"The previous checkpoint {kept} is intact." if kept else "No checkpoint was kept.")
+            )
 
         du.agreed(lambda: self._room_for(final) if self.rank == 0 else None, failure)
         try:  # DeepSpeed's own barriers are inside: a rank failing here cannot reach an agreement
@@ -146,8 +151,13 @@ class CheckpointManager:
         def publish() -> None:
             if self.rank != 0:
                 return
-            state = {"format": FORMAT, "step": step, "world_size": self.world_size, **meta,
-                     "parts": {name: part.state_dict() for name, part in self.parts.items()}}
+            state = {
+                "format": FORMAT,
+                "step": step,
+                "world_size": self.world_size,
+                **meta,
+                "parts": {name: part.state_dict() for name, part in self.parts.items()},
+            }
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
             with open(tmp / COMPLETE, "w") as f:
                 f.write(f"{step}\n")
@@ -176,7 +186,8 @@ class CheckpointManager:
             raise CheckpointLayoutError(
                 f"{path}: written by an engine built with ZeRO stage {saved_stage}, this run builds stage "
                 f"{zero_stage}; resume with the engine.zero_stage that wrote it, or start a new run (another "
-                "train.output_dir)")
+                "train.output_dir)"
+            )
         return zero_stage > 0 and saved_world != self.world_size
 
     def _to_universal(self, path: Path) -> None:
@@ -189,12 +200,27 @@ class CheckpointManager:
                 return
             tmp = staging_dir(target)
             proc = subprocess.run(
-                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                 str(path / "engine"), "--output_folder", str(tmp), "--num_extract_workers", "1",
-                 "--num_merge_workers", "1", "--inject_missing_state"], capture_output=True, text=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "deepspeed.checkpoint.ds_to_universal",
+                    "--input_folder",
+                    str(path / "engine"),
+                    "--output_folder",
+                    str(tmp),
+                    "--num_extract_workers",
+                    "1",
+                    "--num_merge_workers",
+                    "1",
+                    "--inject_missing_state",
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
-                raise CheckpointLayoutError(f"{path}: converting to a universal checkpoint failed:\n"
-                                            f"{proc.stderr[-3000:]}")
+                raise CheckpointLayoutError(
+                    f"{path}: converting to a universal checkpoint failed:\n{proc.stderr[-3000:]}"
+                )
             (tmp / COMPLETE).write_text("ok\n")
             publish_dir(tmp, target)
 

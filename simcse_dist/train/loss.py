@@ -78,8 +78,17 @@ def simcse_loss(
     """Loss from local views z [b, k, d] (k = 2 unsup/pairs, 3 with hard negatives) and the
     candidates that `gather.gather_candidates` built from them."""
     global_b = candidates.shape[0] // (z.shape[1] - 1)
-    return info_nce(z[:, 0], candidates, label_offset, temperature, hard_negative_weight, global_b,
-                    candidate_mask, anchor_weight, normalizer)
+    return info_nce(
+        z[:, 0],
+        candidates,
+        label_offset,
+        temperature,
+        hard_negative_weight,
+        global_b,
+        candidate_mask,
+        anchor_weight,
+        normalizer,
+    )
 
 
 def padding_mask(valid: torch.Tensor, num_views: int, num_anchors: int) -> torch.Tensor:
@@ -100,11 +109,11 @@ def duplicate_mask(ids: torch.Tensor, label_offset: int, num_anchors: int) -> to
     big_b, k = ids.shape
     g = torch.arange(num_anchors, device=ids.device) + label_offset  # [b]
     own_positive = ids[g, 1]  # [b]
-    blocks = [(ids[:, 1].unsqueeze(0) == own_positive.unsqueeze(1))  # [b, B]
-              | (ids[:, 0].unsqueeze(0) == ids[g, 0].unsqueeze(1))]
+    blocks = [
+        (ids[:, 1].unsqueeze(0) == own_positive.unsqueeze(1))  # [b, B]
+        | (ids[:, 0].unsqueeze(0) == ids[g, 0].unsqueeze(1))
+    ]
     blocks[0][torch.arange(num_anchors, device=ids.device), g] = False
     if k == 3:
         blocks.append(ids[:, 2].unsqueeze(0) == own_positive.unsqueeze(1))  # a hard negative equal to the positive
     return torch.cat(blocks, dim=1)
-
-

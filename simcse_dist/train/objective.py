@@ -27,8 +27,9 @@ class ContrastiveLoss:
     rank: int = 0
     world_size: int = 1
 
-    def __call__(self, z: torch.Tensor, row_valid: torch.Tensor | None = None,
-                 ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(
+        self, z: torch.Tensor, row_valid: torch.Tensor | None = None, ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """z [b, k, d] -> (this rank's loss, pairs masked as false negatives or None)."""
         b, k = z.shape[:2]
         anchors, candidates = gather_candidates(z)  # [b, d], [(k-1)*N*b, d]  (collective)
@@ -49,6 +50,7 @@ class ContrastiveLoss:
             masked = dup.sum()
             mask = mask | dup
         normalizer = valid.sum() / self.world_size  # mean over the real anchors of all ranks
-        loss = simcse_loss(z, candidates, offset, self.temperature, self.hard_negative_weight,
-                           mask, row_valid, normalizer)
+        loss = simcse_loss(
+            z, candidates, offset, self.temperature, self.hard_negative_weight, mask, row_valid, normalizer
+        )
         return loss, masked

@@ -61,12 +61,16 @@ def resolve_model(name: str, timeout_s: float = HUB_TIMEOUT_S) -> str:
     worker.join(timeout_s)
     if "file" in result:
         return path
-    why = (f"{type(result['error']).__name__}: {str(result['error']).splitlines()[0]}" if "error" in result
-           else f"no answer from the Hugging Face Hub in {timeout_s:.0f} s")
+    why = (
+        f"{type(result['error']).__name__}: {str(result['error']).splitlines()[0]}"
+        if "error" in result
+        else f"no answer from the Hugging Face Hub in {timeout_s:.0f} s"
+    )
     raise ConfigError(
         f"model.name_or_path: {name!r} is not a local directory and could not be fetched ({why}). "
         f"Download it where there is network (`huggingface-cli download {name} --local-dir DIR`) and pass "
-        "model.name_or_path=DIR, or fix the id")
+        "model.name_or_path=DIR, or fix the id"
+    )
 
 
 def probe_output_dir(out: Path) -> None:
@@ -88,15 +92,21 @@ def check_space(cfg: Config, num_params: int) -> None:
     out = Path(cfg.train.output_dir)
     weights, optimizer = checkpoint_bytes(cfg, num_params)
     one, free = weights + optimizer, free_bytes(out)
-    size = (f"a checkpoint takes ~{human_bytes(one)} (weights {human_bytes(weights)} + optimizer state "
-            f"{human_bytes(optimizer)})")
+    size = (
+        f"a checkpoint takes ~{human_bytes(one)} (weights {human_bytes(weights)} + optimizer state "
+        f"{human_bytes(optimizer)})"
+    )
     if free < one:
-        raise ConfigError(f"train.output_dir: {size}, but only {human_bytes(free)} is free in {out}; free space "
-                          "or choose another train.output_dir")
+        raise ConfigError(
+            f"train.output_dir: {size}, but only {human_bytes(free)} is free in {out}; free space "
+            "or choose another train.output_dir"
+        )
     need = one * (cfg.checkpoint.keep_last + 1)
     if free < need:
-        log.warning(f"{size}; keeping checkpoint.keep_last={cfg.checkpoint.keep_last} needs ~{human_bytes(need)}, "
-            f"{human_bytes(free)} is free in {out}")
+        log.warning(
+            f"{size}; keeping checkpoint.keep_last={cfg.checkpoint.keep_last} needs ~{human_bytes(need)}, "
+            f"{human_bytes(free)} is free in {out}"
+        )
 
 
 def preflight(cfg: Config, is_main: bool) -> None:

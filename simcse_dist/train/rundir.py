@@ -23,9 +23,22 @@ log = logging.getLogger(__name__)
 # Keys that may change between attempts of one run without changing what is trained.
 # train.max_steps / train.epochs: raising them extends a run (the trainer says how the LR
 # schedule continues); data.allow_changed_data is checked against the data itself on resume.
-_MAY_DIFFER = ("log.", "eval.every_steps", "eval.batch_size", "checkpoint.", "engine.dist_timeout_s",
-               "train.overwrite", "train.on_nonfinite", "train.max_steps", "train.epochs", "data.allow_changed_data",
-               "data.num_workers", "data.cache_dir", "data.prepare_workers", "train.output_dir")  # a moved run dir resumes
+_MAY_DIFFER = (
+    "log.",
+    "eval.every_steps",
+    "eval.batch_size",
+    "checkpoint.",
+    "engine.dist_timeout_s",
+    "train.overwrite",
+    "train.on_nonfinite",
+    "train.max_steps",
+    "train.epochs",
+    "data.allow_changed_data",
+    "data.num_workers",
+    "data.cache_dir",
+    "data.prepare_workers",
+    "train.output_dir",
+)  # a moved run dir resumes
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -122,8 +135,13 @@ class RunLock:
 
     def __init__(self, out: Path) -> None:
         self.path = out / LOCK_NAME
-        self.mine = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
-                     "slurm_job": os.environ.get("SLURM_JOB_ID"), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.mine = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "start": _process_start(os.getpid()),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         self._stop = threading.Event()
 
     def _stale(self, other: dict) -> str | None:
@@ -158,7 +176,8 @@ class RunLock:
                 raise RunLocked(
                     f"train.output_dir: {self.path.parent} is in use by another run (host {other.get('host')}, pid "
                     f"{other.get('pid')}, started {other.get('started')}); wait for it, use another output_dir, or "
-                    f"delete {self.path} if that run is gone") from None
+                    f"delete {self.path} if that run is gone"
+                ) from None
             log.info(f"taking over the lock of a run that is gone ({why}): {self.path}")
             tmp = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}")
             tmp.write_text(text)
@@ -204,13 +223,17 @@ def check_data(meta: dict[str, Any], now: dict[str, dict[str, Any]], checkpoint:
     training source changed (unless data.allow_changed_data)."""
     version = meta.get("sampler")
     if version != SAMPLER_VERSION:
-        raise DataChanged(f"{checkpoint} was written with the data order {version!r}; this version draws batches in "
-                          f"the order {SAMPLER_VERSION!r}, so resuming would repeat and skip examples. Finish that "
-                          "run with the simcse-dist version that started it, or start a new train.output_dir")
+        raise DataChanged(
+            f"{checkpoint} was written with the data order {version!r}; this version draws batches in "
+            f"the order {SAMPLER_VERSION!r}, so resuming would repeat and skip examples. Finish that "
+            "run with the simcse-dist version that started it, or start a new train.output_dir"
+        )
     saved = meta.get("data")
     change = saved and data_changes(saved, now)
     if change and not allow:
-        raise DataChanged(f"{change}; refusing to resume {checkpoint} on other data (start a new train.output_dir, "
-                          "or set data.allow_changed_data=true to resume anyway)")
+        raise DataChanged(
+            f"{change}; refusing to resume {checkpoint} on other data (start a new train.output_dir, "
+            "or set data.allow_changed_data=true to resume anyway)"
+        )
     if change:
         log.warning(f"{change}; resuming anyway (data.allow_changed_data=true)")

@@ -136,8 +136,13 @@ class MetricsWindow:
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "source_steps": self.source_steps, "tokens": self.tokens,
-                "loss": self.loss.tolist(), "masked": int(self.masked)}
+        return {
+            "steps": self.steps,
+            "source_steps": self.source_steps,
+            "tokens": self.tokens,
+            "loss": self.loss.tolist(),
+            "masked": int(self.masked),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps, self.tokens = state["steps"], state["tokens"]

@@ -86,7 +86,8 @@ def grad_cache(batches: Sequence[Batch], encode: Encode, backward: Backward, los
     return StepResult(loss.detach().float(), masked)
 
 
-def forward_backward(batches: Sequence[Batch], encode: Encode, backward: Backward, loss_fn: LossFn,
-                     use_grad_cache: bool) -> StepResult:
+def forward_backward(
+    batches: Sequence[Batch], encode: Encode, backward: Backward, loss_fn: LossFn, use_grad_cache: bool
+) -> StepResult:
     """Everything of one optimizer step but the optimizer: gradients are complete afterwards."""
     return (grad_cache if use_grad_cache else accumulate)(batches, encode, backward, loss_fn)

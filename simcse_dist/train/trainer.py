@@ -61,8 +61,9 @@ class Trainer:
         self.data = InputPipeline(cfg, env, self.tokenizer)
         self.total_steps = 0  # known once setup() has the row counts
         dev = cfg.eval.sts_dev_file
-        self.validator = StsValidator(read_pair_file(resolve_path(dev)), cfg.eval.every_steps,
-                                      cfg.eval.batch_size) if dev else None
+        self.validator = (
+            StsValidator(read_pair_file(resolve_path(dev)), cfg.eval.every_steps, cfg.eval.batch_size) if dev else None
+        )
         self.ckpt = CheckpointManager(self.out, cfg.checkpoint, env.rank, env.world_size)
         self.loss_fns: list[ContrastiveLoss] = []  # one per source
         self.encoder: Encoder | None = None
@@ -92,16 +93,25 @@ class Trainer:
         du.agreed(claim if env.is_main else lambda: None)
         self.data.setup()
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.data.plan.steps_per_epoch
-        self.loss_fns = [ContrastiveLoss(cfg.loss.temperature, cfg.loss.hard_negative_weight, md, env.rank,
-                                         env.world_size) for md in self.data.mask_duplicates]
+        self.loss_fns = [
+            ContrastiveLoss(cfg.loss.temperature, cfg.loss.hard_negative_weight, md, env.rank, env.world_size)
+            for md in self.data.mask_duplicates
+        ]
         latest = self.ckpt.latest() if cfg.checkpoint.resume else None
         if latest is not None:
             meta = read_meta(latest)
-            du.agreed(lambda: check_data(meta, self.data.fingerprints(), latest, cfg.data.allow_changed_data)
-                      if env.is_main else None)
+            du.agreed(
+                lambda: (
+                    check_data(meta, self.data.fingerprints(), latest, cfg.data.allow_changed_data)
+                    if env.is_main
+                    else None
+                )
+            )
             if meta["step"] >= self.total_steps and self._published(meta):
-                log.info(f"nothing to train: the run in {self.out} finished its {meta['step']} steps and its model is "
-                         f"in {self.out / 'best'}; to train on, raise train.max_steps (or train.epochs) and rerun")
+                log.info(
+                    f"nothing to train: the run in {self.out} finished its {meta['step']} steps and its model is "
+                    f"in {self.out / 'best'}; to train on, raise train.max_steps (or train.epochs) and rerun"
+                )
                 self.start_step = self.step = meta["step"]
                 self.finished = True
                 if self.validator is not None and "best" in meta["parts"]:
@@ -129,9 +139,12 @@ class Trainer:
 
     def _announce(self) -> None:
         cfg = self.cfg
-        for line in [*self.data.describe(), f"engine: ZeRO-{self.engine.zero_stage} {cfg.engine.precision}, "
-                     f"{self.total_steps} optimizer steps, lr {cfg.optim.lr}, clip {cfg.engine.gradient_clipping}, "
-                     f"device {self.engine.device}"]:
+        for line in [
+            *self.data.describe(),
+            f"engine: ZeRO-{self.engine.zero_stage} {cfg.engine.precision}, "
+            f"{self.total_steps} optimizer steps, lr {cfg.optim.lr}, clip {cfg.engine.gradient_clipping}, "
+            f"device {self.engine.device}",
+        ]:
             log.info(line)
 
     def _resume(self, latest: Path, universal: bool) -> int:
@@ -139,17 +152,23 @@ class Trainer:
         lr, saved_total = self.engine.sync_lr(), meta.get("total_steps", self.total_steps)
         if saved_total != self.total_steps and meta["step"] < self.total_steps:
             how = "extending" if self.total_steps > saved_total else "shortening"
-            log.info(f"{how} the run from {saved_total} to {self.total_steps} steps: the linear LR schedule is "
-                     f"recomputed for {self.total_steps} steps: lr {lr:.3g} at step {meta['step']}, 0 at step "
-                     f"{self.total_steps}")
+            log.info(
+                f"{how} the run from {saved_total} to {self.total_steps} steps: the linear LR schedule is "
+                f"recomputed for {self.total_steps} steps: lr {lr:.3g} at step {meta['step']}, 0 at step "
+                f"{self.total_steps}"
+            )
         if meta["world_size"] != self.env.world_size:
-            log.info(f"resuming at world size {self.env.world_size} from a checkpoint written at world size "
-                     f"{meta['world_size']} (same global batch and data order; dropout RNG streams differ, "
-                     "so the losses are not bit-identical to an uninterrupted run)")
+            log.info(
+                f"resuming at world size {self.env.world_size} from a checkpoint written at world size "
+                f"{meta['world_size']} (same global batch and data order; dropout RNG streams differ, "
+                "so the losses are not bit-identical to an uninterrupted run)"
+            )
         log.info(f"resumed from step {meta['step']} ({latest})")
         if meta["step"] >= self.total_steps:
-            log.info(f"the run finished its {meta['step']} steps but did not publish its final model: writing "
-                     f"{self.out / 'best'}")
+            log.info(
+                f"the run finished its {meta['step']} steps but did not publish its final model: writing "
+                f"{self.out / 'best'}"
+            )
         return meta["step"]
 
     def _published(self, meta: dict) -> bool:
@@ -188,7 +207,8 @@ class Trainer:
             raise NonFiniteLossError(
                 f"non-finite train/loss at step {first_bad + 1}; nothing after step {first_bad} is saved. Last "
                 f"checkpoint: {self.ckpt.latest() or 'none'}. Lower optim.lr, use fp32/bf16, or set "
-                "train.on_nonfinite=skip")
+                "train.on_nonfinite=skip"
+            )
         else:
             self.window.add(result.loss, result.masked, batches[0].source)
         self.engine.step()
@@ -215,8 +235,9 @@ class Trainer:
         try:
             stop.training(check_file=self.env.is_main)
             logger = MetricsLogger(self.cfg, self.env.is_main)
-            bar = logs.progress(self.env.is_main and self.cfg.log.progress_bar, total=self.total_steps, initial=start,
-                                desc="train")
+            bar = logs.progress(
+                self.env.is_main and self.cfg.log.progress_bar, total=self.total_steps, initial=start, desc="train"
+            )
             for step, batches in self.data.steps(start, self.total_steps, self.engine.device):
                 lr, done = self.engine.lr(), step + 1
                 due_log = done % self.cfg.log.every_steps == 0 or done == self.total_steps
@@ -234,8 +255,10 @@ class Trainer:
                     bar.update(1)
                 if stopped:
                     stop.clear_file()
-                    log.info(f"stopped at step {done} ({stop.reason()}): checkpoint saved in {self.ckpt.latest()}; "
-                             "rerun the same command to resume")
+                    log.info(
+                        f"stopped at step {done} ({stop.reason()}): checkpoint saved in {self.ckpt.latest()}; "
+                        "rerun the same command to resume"
+                    )
                     return True
             stop.finishing()
             if self.validator is None and not self._published({"step": self.total_steps}):
@@ -250,12 +273,18 @@ class Trainer:
                 stop.close()
 
     def _checkpoint_meta(self) -> dict:
-        return {"zero_stage": self.engine.zero_stage, "total_steps": self.total_steps, "sampler": SAMPLER_VERSION,
-                "data": self.data.fingerprints(), "global_batch_size": self.cfg.train.global_batch_size}
+        return {
+            "zero_stage": self.engine.zero_stage,
+            "total_steps": self.total_steps,
+            "sampler": SAMPLER_VERSION,
+            "data": self.data.fingerprints(),
+            "global_batch_size": self.cfg.train.global_batch_size,
+        }
 
     def _log(self, logger: MetricsLogger, bar, lr: float, step: int) -> None:
-        metrics = self.window.summarize(lr, self.engine.grad_norm(), self.cfg.train.global_batch_size,
-                                        any(self.data.mask_duplicates))
+        metrics = self.window.summarize(
+            lr, self.engine.grad_norm(), self.cfg.train.global_batch_size, any(self.data.mask_duplicates)
+        )
         self._log_rows(logger, metrics, step)
         if bar is not None:
             bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
@@ -271,17 +300,33 @@ class Trainer:
 
     def _log_rows(self, logger: MetricsLogger, metrics: dict, step: int) -> None:
         """collective: a failed write of metrics.jsonl on rank 0 stops every rank."""
-        du.agreed(lambda: logger.log(metrics, step),
-                  lambda e: WriteFailure(f"cannot write metrics {explain(self.out / 'metrics.jsonl', e)}"))
+        du.agreed(
+            lambda: logger.log(metrics, step),
+            lambda e: WriteFailure(f"cannot write metrics {explain(self.out / 'metrics.jsonl', e)}"),
+        )
 
     def _export_best(self, step: int, score: float | None) -> None:
         """Publish best/. collective: ZeRO gathers the full weights on every rank."""
         state = self.engine.full_state_dict(dst_rank=0)
         best = self.out / "best"
-        du.agreed(lambda: write_best(best, state, self.encoder, self.tokenizer, {"step": step, "stsb_dev_spearman": score},
-                                     self.cfg.to_dict()) if self.env.is_main else None,
-                  lambda e: WriteFailure(f"cannot write the best model {explain(best, e)}; "
-                                         + ("the previous best/ is intact" if best.exists() else "no best/ was written")))
+        du.agreed(
+            lambda: (
+                write_best(
+                    best,
+                    state,
+                    self.encoder,
+                    self.tokenizer,
+                    {"step": step, "stsb_dev_spearman": score},
+                    self.cfg.to_dict(),
+                )
+                if self.env.is_main
+                else None
+            ),
+            lambda e: WriteFailure(
+                f"cannot write the best model {explain(best, e)}; "
+                + ("the previous best/ is intact" if best.exists() else "no best/ was written")
+            ),
+        )
 
     def _finish(self, stopped: bool) -> TrainResult:
         v, best_dir, last = self.validator, self.out / "best", self.ckpt.latest()
@@ -290,6 +335,8 @@ class Trainer:
         what = "final model" if v is None else f"best dev spearman {score} at step {best_step}; model"
         where = f"in {best_dir}" if best_dir.is_dir() else f"not written ({best_dir} does not exist)"
         if not stopped:
-            log.info(f"done: {self.total_steps} steps; {what} {where}"
-                     + (f"; last checkpoint {last} ({human_bytes(self.ckpt.size(last))})" if last else ""))
+            log.info(
+                f"done: {self.total_steps} steps; {what} {where}"
+                + (f"; last checkpoint {last} ({human_bytes(self.ckpt.size(last))})" if last else "")
+            )
         return TrainResult(self.step, best_score, best_step, best_dir, stopped)

@@ -17,19 +17,51 @@ from helpers import DEMO_DATA, REPO
 
 def test_throughput_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "bench.throughput", "--model", "tiny", "--steps", "2", "--warmup", "1",
-           "--rounds", "1", "--batch-sizes", "8", "--threads", "1", "--data", str(DEMO_DATA / "wiki-demo.txt"),
-           "--impls", "simcse-z0,simcse-z1,simcse-z2,simcse-z3,plain,st-mnrl,plain-pretok,simcse-z0-nocache",
-           "--output", str(out)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
-           "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.throughput",
+        "--model",
+        "tiny",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--rounds",
+        "1",
+        "--batch-sizes",
+        "8",
+        "--threads",
+        "1",
+        "--data",
+        str(DEMO_DATA / "wiki-demo.txt"),
+        "--impls",
+        "simcse-z0,simcse-z1,simcse-z2,simcse-z3,plain,st-mnrl,plain-pretok,simcse-z0-nocache",
+        "--output",
+        str(out),
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": str(REPO),
+    }
     env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads(out.read_text())
     rows = {r["impl"]: r for r in result["results"]}
-    assert set(rows) == {"simcse-z0", "simcse-z1", "simcse-z2", "simcse-z3", "plain", "st-mnrl", "plain-pretok",
-                         "simcse-z0-nocache"}
+    assert set(rows) == {
+        "simcse-z0",
+        "simcse-z1",
+        "simcse-z2",
+        "simcse-z3",
+        "plain",
+        "st-mnrl",
+        "plain-pretok",
+        "simcse-z0-nocache",
+    }
     for r in rows.values():
         assert r["steps_timed"] == 2 and r["batch_size"] == 8
         assert r["ms_per_step"] > 0 and math.isfinite(r["sentences_per_s"])

@@ -16,9 +16,16 @@ import sys
 import pytest
 from helpers import REPO, SHARED_DATA
 
-CORRECTNESS = {"bf16 ZeRO-0", "bf16 ZeRO-2 (+ STS-B dev eval)", "bf16 ZeRO-3", "fp16 ZeRO-0 (fp32: dry run)",
-               "fp32 dropout 0: GPU vs CPU losses", "grad cache (accum 2) vs accum 1",
-               "short last batch, padding rows (ZeRO-3, grad cache)", "export + simcse-eval (STS-B dev)"}
+CORRECTNESS = {
+    "bf16 ZeRO-0",
+    "bf16 ZeRO-2 (+ STS-B dev eval)",
+    "bf16 ZeRO-3",
+    "fp16 ZeRO-0 (fp32: dry run)",
+    "fp32 dropout 0: GPU vs CPU losses",
+    "grad cache (accum 2) vs accum 1",
+    "short last batch, padding rows (ZeRO-3, grad cache)",
+    "export + simcse-eval (STS-B dev)",
+}
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "stsb" / "dev.tsv").exists(), reason=f"shared data not found at {SHARED_DATA}")
@@ -26,12 +33,22 @@ def test_gpu_suite_dry_run_runs_every_section(tmp_path):
     out = tmp_path / "suite"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHON"] = sys.executable
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "--dry-run", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu_suite.sh"), "--dry-run", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
     assert (out / "gpu_suite.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "gpu_suite.json").read_text())
-    failed = [(s, c["name"], c["detail"][-1500:]) for s, sec in result["sections"].items() for c in sec["checks"]
-              if c["status"] == "fail"]
+    failed = [
+        (s, c["name"], c["detail"][-1500:])
+        for s, sec in result["sections"].items()
+        for c in sec["checks"]
+        if c["status"] == "fail"
+    ]
     assert not failed, failed
     assert proc.returncode == 0 and result["passed"] and result["dry_run"], proc.stdout[-2000:]
     assert set(result["sections"]) == {"correctness", "throughput", "pipeline"}
@@ -45,8 +62,14 @@ def test_gpu_suite_dry_run_runs_every_section(tmp_path):
     assert -100 <= spearman <= 100
     measured = checks["throughput"]["measured every implementation"]
     assert measured["status"] == "pass"
-    assert {k.split(" ", 1)[1] for k in measured["numbers"]} == {"simcse-z0", "simcse-z2", "simcse-z3",
-                                                                  "simcse-z0-compile", "plain", "st-mnrl"}
+    assert {k.split(" ", 1)[1] for k in measured["numbers"]} == {
+        "simcse-z0",
+        "simcse-z2",
+        "simcse-z3",
+        "simcse-z0-compile",
+        "plain",
+        "st-mnrl",
+    }
     assert checks["throughput"]["issue targets"]["status"] == "skipped"  # GPU only, and says so
     pipeline = checks["pipeline"]["DataLoader workers + backend"]
     assert pipeline["status"] == "pass" and pipeline["numbers"]["backend"] == "gloo"

@@ -27,9 +27,15 @@ def simcse_train() -> list[str]:
 
 def start(out: Path, *extra: str) -> subprocess.Popen:
     """The README command in its own session, as a terminal runs a foreground job."""
-    return subprocess.Popen([*simcse_train(), *README_COMMAND, f"train.output_dir={out}", "log.wandb_mode=disabled",
-                             *extra], cwd=REPO, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        [*simcse_train(), *README_COMMAND, f"train.output_dir={out}", "log.wandb_mode=disabled", *extra],
+        cwd=REPO,
+        env=CLI_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def tree(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -91,8 +97,9 @@ def test_ctrl_c_in_training_checkpoints_and_exits_0(tmp_path):
 @pytest.mark.slow
 def test_a_second_ctrl_c_aborts_with_130(tmp_path):
     out_dir = tmp_path / "run"
-    proc = start(out_dir, "train.max_steps=400", "log.every_steps=1", "eval.every_steps=1000",
-                 "checkpoint.every_steps=0")
+    proc = start(
+        out_dir, "train.max_steps=400", "log.every_steps=1", "eval.every_steps=1000", "checkpoint.every_steps=0"
+    )
     metrics = out_dir / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (metrics.exists() and read_jsonl(metrics)):
@@ -109,10 +116,16 @@ def test_a_second_ctrl_c_aborts_with_130(tmp_path):
 
 
 def test_a_bad_config_is_one_line_before_any_rank_starts(tmp_path):
-    proc = subprocess.run([*simcse_train(), *README_COMMAND, "train.global_batch_size=33",
-                           f"train.output_dir={tmp_path / 'run'}"], cwd=REPO, env=CLI_ENV, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [*simcse_train(), *README_COMMAND, "train.global_batch_size=33", f"train.output_dir={tmp_path / 'run'}"],
+        cwd=REPO,
+        env=CLI_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
-    assert proc.stderr == ("error: train.global_batch_size: 33 must be divisible by world_size x train.grad_accum "
-                           "= 2 x 1 = 2\n"), proc.stderr
+    assert proc.stderr == (
+        "error: train.global_batch_size: 33 must be divisible by world_size x train.grad_accum = 2 x 1 = 2\n"
+    ), proc.stderr
     assert proc.stdout == ""

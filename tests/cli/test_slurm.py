@@ -24,8 +24,17 @@ pytestmark = pytest.mark.slow
 
 SLURM_TESTS = REPO / "tests" / "slurm"
 SLURM_DIR = Path(os.environ.get("SIMCSE_SLURM_DIR", "/tmp/simcse-slurm"))
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-            "DEADLINE", "PREEMPTED"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 @pytest.fixture(scope="session")
@@ -49,8 +58,9 @@ def slurm_env():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SIMCSE_STOP"))}
     env["SIMCSE_SLURM_DIR"] = str(SLURM_DIR)
     try:
-        setup = subprocess.run(["bash", str(SLURM_TESTS / "setup.sh")], capture_output=True, text=True,
-                               timeout=900, env=env)
+        setup = subprocess.run(
+            ["bash", str(SLURM_TESTS / "setup.sh")], capture_output=True, text=True, timeout=900, env=env
+        )
         if setup.returncode == 77:
             pytest.skip(setup.stdout.strip().splitlines()[-1])
         assert setup.returncode == 0, f"tests/slurm/setup.sh failed:\n{setup.stdout}\n{setup.stderr}"
@@ -63,10 +73,18 @@ def slurm_env():
 
 def train_args(model: Path, out: Path, max_steps: int) -> list[str]:
     """A tiny fp32 CPU run on the demo corpus: global batch 8 over 2 gloo ranks, a row per step."""
-    return ["--config", "configs/demo.yaml", f"model.name_or_path={model}",
-            f"data.train_file={DEMO_DATA / 'wiki-demo.txt'}", f"train.max_steps={max_steps}",
-            "train.global_batch_size=8", "log.every_steps=1", "log.wandb_mode=disabled",
-            "log.progress_bar=false", f"train.output_dir={out}"]
+    return [
+        "--config",
+        "configs/demo.yaml",
+        f"model.name_or_path={model}",
+        f"data.train_file={DEMO_DATA / 'wiki-demo.txt'}",
+        f"train.max_steps={max_steps}",
+        "train.global_batch_size=8",
+        "log.every_steps=1",
+        "log.wandb_mode=disabled",
+        "log.progress_bar=false",
+        f"train.output_dir={out}",
+    ]
 
 
 class Submitter:
@@ -77,12 +95,35 @@ class Submitter:
 
     def __call__(self, tmp: Path, args: list[str], nodes: int = 1, launcher: str = "torchrun") -> tuple[str, Path]:
         """Submits slurm/train.sh in CPU mode, 2 ranks in all; returns the job id and its output file."""
-        job_env = {**self.env, "GPUS_PER_NODE": "0", "NPROC_PER_NODE": str(2 // nodes), "LAUNCHER": launcher,
-                   "PYTHON": sys.executable, "SIMCSE_STOP_DIR": str(tmp), "GLOO_SOCKET_IFNAME": "lo",
-                   "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
-        proc = subprocess.run(["sbatch", "--parsable", f"--nodes={nodes}", "--time=15", "--job-name=simcse-test",
-                               f"--output={tmp}/slurm-%j.out", "slurm/train.sh", *args],
-                              capture_output=True, text=True, cwd=REPO, env=job_env, timeout=60)
+        job_env = {
+            **self.env,
+            "GPUS_PER_NODE": "0",
+            "NPROC_PER_NODE": str(2 // nodes),
+            "LAUNCHER": launcher,
+            "PYTHON": sys.executable,
+            "SIMCSE_STOP_DIR": str(tmp),
+            "GLOO_SOCKET_IFNAME": "lo",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "WANDB_MODE": "disabled",
+        }
+        proc = subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                f"--nodes={nodes}",
+                "--time=15",
+                "--job-name=simcse-test",
+                f"--output={tmp}/slurm-%j.out",
+                "slurm/train.sh",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=job_env,
+            timeout=60,
+        )
         assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
         job = proc.stdout.strip().split(";")[0]
         self.jobs.append(job)
@@ -100,8 +141,9 @@ def sbatch(slurm_env):
 
 def job_info(env: dict, job: str) -> dict[str, str]:
     """`scontrol show job -o` as a dict (no accounting here, so no sacct)."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, env=env,
-                         timeout=30).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job], capture_output=True, text=True, env=env, timeout=30
+    ).stdout
     return dict(re.findall(r"(\S+?)=(\S*)", out))
 
 
@@ -115,8 +157,9 @@ def wait_for(pred, timeout: float, what: str, log: Path | None = None, poll: flo
 
 
 def wait_job(env: dict, job: str, log: Path, timeout: float) -> dict[str, str]:
-    return wait_for(lambda: (i := job_info(env, job)).get("JobState") in TERMINAL and i, timeout,
-                    f"job {job} to end", log)
+    return wait_for(
+        lambda: (i := job_info(env, job)).get("JobState") in TERMINAL and i, timeout, f"job {job} to end", log
+    )
 
 
 def tail(log: Path | None, n: int = 6000) -> str:
@@ -177,9 +220,22 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_env, sbatc
     ref_env = {k: v for k, v in slurm_env.items() if k != "SLURM_CONF"}
     ref_env |= {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     reference = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "simcse_dist.cli",
-         *train_args(tiny_bert, ref_out, steps)],
-        cwd=REPO, env=ref_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "simcse_dist.cli",
+            *train_args(tiny_bert, ref_out, steps),
+        ],
+        cwd=REPO,
+        env=ref_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         job, log = sbatch(tmp_path, train_args(tiny_bert, out, steps), nodes=2)
         metrics = out / "metrics.jsonl"
@@ -209,6 +265,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_env, sbatc
     got, want = last_row_per_step(metrics), last_row_per_step(ref_out / "metrics.jsonl")
     assert sorted(got) == sorted(want) == list(range(1, steps + 1))
     assert got[steps]["train/loss"] == pytest.approx(want[steps]["train/loss"], rel=1e-6)
-    mismatched = [(s, got[s]["train/loss"], want[s]["train/loss"]) for s in want
-                  if got[s]["train/loss"] != pytest.approx(want[s]["train/loss"], rel=1e-6)]
+    mismatched = [
+        (s, got[s]["train/loss"], want[s]["train/loss"])
+        for s in want
+        if got[s]["train/loss"] != pytest.approx(want[s]["train/loss"], rel=1e-6)
+    ]
     assert not mismatched, f"stopped at step {stopped[0]}; (step, resumed, reference) differ: {mismatched[:10]}"

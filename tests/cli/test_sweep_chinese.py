@@ -38,12 +38,25 @@ def chinese_bert(tmp_path_factory) -> Path:
     texts += [f for row in _tsv_rows(SHARED_DATA / "zh-nli-ocnli.tsv") for f in row]
     wordpiece = BertWordPieceTokenizer(handle_chinese_chars=True, lowercase=True)
     wordpiece.train_from_iterator(texts, vocab_size=8000, min_frequency=1, limit_alphabet=8000)
-    tokenizer = BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, unk_token="[UNK]", sep_token="[SEP]",
-                                  pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
+    tokenizer = BertTokenizerFast(
+        tokenizer_object=wordpiece._tokenizer,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+    )
     tokenizer.save_pretrained(out)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, initializer_range=0.3)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        initializer_range=0.3,
+    )
     BertModel(config, add_pooling_layer=False).save_pretrained(out)
     return out
 
@@ -61,12 +74,22 @@ def test_chinese_tokenizer_covers_the_dev_set(chinese_bert):
 
 def test_sweep_commands_use_torchrun_only_for_several_ranks(tmp_path):
     one = train_command("c.yaml", 3, tmp_path / "seed-3", ["train.max_steps=2"], 1)
-    assert one[1:] == ["-m", "simcse_dist.cli", "--config", "c.yaml", "train.max_steps=2", "train.seed=3",
-                       f"train.output_dir={tmp_path / 'seed-3'}"]
+    assert one[1:] == [
+        "-m",
+        "simcse_dist.cli",
+        "--config",
+        "c.yaml",
+        "train.max_steps=2",
+        "train.seed=3",
+        f"train.output_dir={tmp_path / 'seed-3'}",
+    ]
     two = train_command("c.yaml", 3, tmp_path / "seed-3", [], 2)
     assert two[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
-    args = type("A", (), {"nproc_per_node": 2, "tasks": "stsb", "split": "dev", "data_dir": "d", "precision": "fp32",
-                          "pooler": None})()
+    args = type(
+        "A",
+        (),
+        {"nproc_per_node": 2, "tasks": "stsb", "split": "dev", "data_dir": "d", "precision": "fp32", "pooler": None},
+    )()
     cmd = eval_command(tmp_path / "seed-3", args, tmp_path / "e.json")
     assert "torch.distributed.run" in cmd and "simcse_dist.cli.eval" in cmd
 
@@ -90,11 +113,31 @@ def test_chinese_sweep_end_to_end(tmp_path, chinese_bert):
         "log": {"wandb_mode": "disabled", "progress_bar": False},
     }
     (tmp_path / "zh.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "simcse_dist.cli.sweep", "--config", str(tmp_path / "zh.yaml"), "--seeds", "1,2",
-           "--tasks", "cnsd-stsb", "--split", "dev", "--data-dir", str(SHARED_DATA), "--nproc-per-node", "2",
-           "log.every_steps=1"]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "simcse_dist.cli.sweep",
+        "--config",
+        str(tmp_path / "zh.yaml"),
+        "--seeds",
+        "1,2",
+        "--tasks",
+        "cnsd-stsb",
+        "--split",
+        "dev",
+        "--data-dir",
+        str(SHARED_DATA),
+        "--nproc-per-node",
+        "2",
+        "log.every_steps=1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "CNSD-STSB" in proc.stdout and "±" in proc.stdout

@@ -14,10 +14,23 @@ from simcse_dist.train.trainer import Trainer
 
 
 def _train(tiny_bert, out, objective, data, *overrides, on_the_fly: bool = False) -> list[tuple[float, float]]:
-    cfg = load_config(None, [f"model.name_or_path={tiny_bert}", "model.dropout=0.1", f"train.objective={objective}",
-                             f"data.train_file={DEMO_DATA / data}", "train.global_batch_size=8", "train.max_steps=4",
-                             "log.every_steps=1", f"train.output_dir={out}", "log.wandb_mode=disabled",
-                             "log.progress_bar=false", "checkpoint.every_steps=0", *overrides])
+    cfg = load_config(
+        None,
+        [
+            f"model.name_or_path={tiny_bert}",
+            "model.dropout=0.1",
+            f"train.objective={objective}",
+            f"data.train_file={DEMO_DATA / data}",
+            "train.global_batch_size=8",
+            "train.max_steps=4",
+            "log.every_steps=1",
+            f"train.output_dir={out}",
+            "log.wandb_mode=disabled",
+            "log.progress_bar=false",
+            "checkpoint.every_steps=0",
+            *overrides,
+        ],
+    )
     trainer = Trainer(cfg, du.DistEnv.from_env({}))
     trainer.setup()
     if on_the_fly:  # the reference: the texts of each micro-batch through the tokenizer
@@ -29,14 +42,14 @@ def _train(tiny_bert, out, objective, data, *overrides, on_the_fly: bool = False
 
 
 @pytest.mark.parametrize("objective,data", [("unsup", "wiki-demo.txt"), ("sup", "nli-demo.tsv")])
-def test_prepared_data_and_workers_train_exactly_as_on_the_fly_tokenization(tiny_bert, tmp_path, single_process_group,
-                                                                            objective, data):
+def test_prepared_data_and_workers_train_exactly_as_on_the_fly_tokenization(
+    tiny_bert, tmp_path, single_process_group, objective, data
+):
     """Dropout on, so equal losses also mean the DataLoader left the dropout RNG untouched."""
     cache = tmp_path / "cache"
     reference = _train(tiny_bert, tmp_path / "fly", objective, data, f"data.cache_dir={cache}", on_the_fly=True)
     prepared = _train(tiny_bert, tmp_path / "prepared", objective, data, f"data.cache_dir={cache}")
-    workers = _train(tiny_bert, tmp_path / "workers", objective, data, f"data.cache_dir={cache}",
-                     "data.num_workers=2")
+    workers = _train(tiny_bert, tmp_path / "workers", objective, data, f"data.cache_dir={cache}", "data.num_workers=2")
     assert len(reference) == 4 and len(set(reference)) == 4
     assert prepared == reference and workers == reference
     entries = [d for d in cache.iterdir() if d.is_dir()]

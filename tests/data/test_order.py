@@ -83,7 +83,7 @@ def test_mixture_gives_each_source_its_share_of_every_epoch():
     epoch1 = [i for s in range(spe, 2 * spe) for src, batch in [smp.step_examples(s)] if src == 2 for i in batch]
     assert set(by_source[2]).isdisjoint(epoch1) and len(set(epoch1)) == 410  # still the first pass
     # the schedule interleaves sources instead of running them in blocks
-    assert len({tuple(sources[i:i + 10]) for i in range(0, 100, 10)}) > 1 and sources != sorted(sources)
+    assert len({tuple(sources[i : i + 10]) for i in range(0, 100, 10)}) > 1 and sources != sorted(sources)
 
 
 def test_steps_before_counts_the_schedule():

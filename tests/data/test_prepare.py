@@ -66,8 +66,7 @@ def write_tsv(path: Path, rows, header=("sent0", "sent1", "hard_neg")) -> Path:
 
 
 def nli_rows(n: int = 30) -> list[tuple[str, str, str]]:
-    return [(SENTENCES[i % 10], SENTENCES[(i + 3) % 10].strip() + f" {i}", SENTENCES[(i + 7) % 10])
-            for i in range(n)]
+    return [(SENTENCES[i % 10], SENTENCES[(i + 3) % 10].strip() + f" {i}", SENTENCES[(i + 7) % 10]) for i in range(n)]
 
 
 def prep(path, objective, tok, tmp_path, max_len=MAX_LEN, fmt=None, cache="c", **kw) -> PreparedCorpus:
@@ -112,7 +111,9 @@ def tree_bytes(directory: Path) -> dict[str, bytes]:
 def test_real_wiki_ids_and_batches_across_shards(tmp_path, minilm, tiny_bert, shared_data):
     from transformers import AutoTokenizer
 
-    path = write_lines(tmp_path / "wiki.txt", (shared_data / "wiki1m-sample.txt").read_text("utf-8").splitlines()[:2000])
+    path = write_lines(
+        tmp_path / "wiki.txt", (shared_data / "wiki1m-sample.txt").read_text("utf-8").splitlines()[:2000]
+    )
     examples, _ = read_train_examples(str(path))
     for tok in (minilm, AutoTokenizer.from_pretrained(tiny_bert, use_fast=True)):
         corpus = prep(path, "unsup", tok, tmp_path, max_len=32, shard_rows=700)
@@ -155,18 +156,21 @@ def test_batches_equal_collator_for_tokenizer_settings(tmp_path, minilm, variant
     from transformers import AutoTokenizer
 
     name = resolve_model_path("bundled:all-MiniLM-L6-v2")
-    tok = {"plain": lambda: minilm,
-           "no-types": lambda: AutoTokenizer.from_pretrained(name, model_input_names=["input_ids", "attention_mask"]),
-           "left-padding": lambda: AutoTokenizer.from_pretrained(name, padding_side="left"),
-           "nonzero-types": lambda: AutoTokenizer.from_pretrained(name),
-           "pairs": lambda: minilm}[variant]()
+    tok = {
+        "plain": lambda: minilm,
+        "no-types": lambda: AutoTokenizer.from_pretrained(name, model_input_names=["input_ids", "attention_mask"]),
+        "left-padding": lambda: AutoTokenizer.from_pretrained(name, padding_side="left"),
+        "nonzero-types": lambda: AutoTokenizer.from_pretrained(name),
+        "pairs": lambda: minilm,
+    }[variant]()
     if variant == "nonzero-types":  # stored types files (BERT's single-sentence types are all 0)
         tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-            single="[CLS]:1 $A:1 [SEP]:1", special_tokens=[("[CLS]", tok.cls_token_id), ("[SEP]", tok.sep_token_id)])
+            single="[CLS]:1 $A:1 [SEP]:1", special_tokens=[("[CLS]", tok.cls_token_id), ("[SEP]", tok.sep_token_id)]
+        )
     rows = nli_rows()
     if variant == "pairs":
         rows = [r[:2] for r in rows]
-    path = write_tsv(tmp_path / "d.tsv", rows, ("sent0", "sent1", "hard_neg")[:len(rows[0])])
+    path = write_tsv(tmp_path / "d.tsv", rows, ("sent0", "sent1", "hard_neg")[: len(rows[0])])
     examples, _ = read_train_examples(str(path))
     for objective in ("unsup", "sup"):
         corpus = prep(path, objective, tok, tmp_path, shard_rows=8)
@@ -190,7 +194,9 @@ def test_collator_pickles_without_copying_the_maps(tmp_path, minilm):
 
 
 def test_two_workers_write_identical_bytes(tmp_path, minilm, shared_data, caplog):
-    path = write_lines(tmp_path / "wiki.txt", (shared_data / "wiki1m-sample.txt").read_text("utf-8").splitlines()[:3000])
+    path = write_lines(
+        tmp_path / "wiki.txt", (shared_data / "wiki1m-sample.txt").read_text("utf-8").splitlines()[:3000]
+    )
     one = prep(path, "unsup", minilm, tmp_path, max_len=32, cache="one", shard_rows=500)
     with caplog.at_level(logging.INFO, logger="simcse_dist"):
         two = prep(path, "unsup", minilm, tmp_path, max_len=32, cache="two", shard_rows=500, workers=2)
@@ -205,8 +211,11 @@ def test_key_from_metadata_and_hits_do_not_read(tmp_path, minilm, monkeypatch):
 
     path = write_lines(tmp_path / "s.txt", SENTENCES)
     base = prep(path, "unsup", minilm, tmp_path)
-    assert base.built and base.fingerprint == {"path": str(path.resolve()), "size": path.stat().st_size,
-                                               "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert base.built and base.fingerprint == {
+        "path": str(path.resolve()),
+        "size": path.stat().st_size,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
     assert prep(path, "unsup", minilm, tmp_path, max_len=17).directory != base.directory
     left = AutoTokenizer.from_pretrained(resolve_model_path("bundled:all-MiniLM-L6-v2"), padding_side="left")
     assert prep(path, "unsup", left, tmp_path).directory != base.directory
@@ -235,15 +244,17 @@ def test_gzip_and_parquet(tmp_path, minilm):
     gz.write_bytes(gzip.compress(plain.read_bytes()))
     a, b = prep(plain, "sup", minilm, tmp_path, shard_rows=10), prep(gz, "sup", minilm, tmp_path, shard_rows=10)
     assert b.fingerprint["sha256"] == hashlib.sha256(gz.read_bytes()).hexdigest()  # the bytes as stored
-    assert {k: v for k, v in tree_bytes(a.directory).items() if k != "manifest.json"} == \
-           {k: v for k, v in tree_bytes(b.directory).items() if k != "manifest.json"}
+    assert {k: v for k, v in tree_bytes(a.directory).items() if k != "manifest.json"} == {
+        k: v for k, v in tree_bytes(b.directory).items() if k != "manifest.json"
+    }
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     table = pa.table({"hard_neg": [r[2] for r in rows], "sent0": [r[0] for r in rows], "sent1": [r[1] for r in rows]})
     pq.write_table(table, tmp_path / "d.parquet", row_group_size=7)
     c = prep(tmp_path / "d.parquet", "sup", minilm, tmp_path, shard_rows=10)
     assert c.fingerprint["sha256"] == hashlib.sha256((tmp_path / "d.parquet").read_bytes()).hexdigest()
-    assert {k: v for k, v in tree_bytes(a.directory).items() if k != "manifest.json"} == \
-           {k: v for k, v in tree_bytes(c.directory).items() if k != "manifest.json"}
+    assert {k: v for k, v in tree_bytes(a.directory).items() if k != "manifest.json"} == {
+        k: v for k, v in tree_bytes(c.directory).items() if k != "manifest.json"
+    }
     pq.write_table(pa.table({"sent0": ["a"] * 12 + [None], "sent1": ["b"] * 13}), tmp_path / "bad.parquet")
     with pytest.raises(DataError) as e:
         prep(tmp_path / "bad.parquet", "sup", minilm, tmp_path, shard_rows=5)
@@ -272,7 +283,9 @@ def test_sup_on_one_column_and_empty_input(tmp_path, minilm):
     path = write_lines(tmp_path / "s.txt", SENTENCES)
     with pytest.raises(DataError) as e:
         prep(path, "sup", minilm, tmp_path)
-    assert str(e.value) == f"{path}: train.objective=sup needs sent0,sent1[,hard_neg] columns, but the file has one column"
+    assert (
+        str(e.value) == f"{path}: train.objective=sup needs sent0,sent1[,hard_neg] columns, but the file has one column"
+    )
     empty = write_lines(tmp_path / "e.txt", ["", "  "])
     with pytest.raises(DataError) as e:
         prep(empty, "unsup", minilm, tmp_path)
@@ -322,8 +335,13 @@ def test_sigkill_mid_build_then_rerun_equals_a_clean_build(tmp_path, minilm, sha
     wiki = (shared_data / "wiki1m-sample.txt").read_text("utf-8").splitlines()
     path = write_lines(tmp_path / "w.txt", [f"{i} {wiki[i % len(wiki)]}" for i in range(40_000)])
     cache = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(path), str(cache)], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_BUILD, str(path), str(cache)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline() == "go\n"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(cache.glob("*.partial/shards/shard-0000?"))) < 3:
@@ -350,8 +368,10 @@ def test_sigkill_mid_build_then_rerun_equals_a_clean_build(tmp_path, minilm, sha
 def test_simcse_prepare_cli(tmp_path, tiny_bert, capsys):
     data = write_tsv(tmp_path / "nli.tsv", nli_rows(12))
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(f"model:\n  name_or_path: {tiny_bert}\ndata:\n  train_file: nli.tsv\n  cache_dir: cache\n"
-                   "train:\n  objective: sup\n")
+    cfg.write_text(
+        f"model:\n  name_or_path: {tiny_bert}\ndata:\n  train_file: nli.tsv\n  cache_dir: cache\n"
+        "train:\n  objective: sup\n"
+    )
     assert prepare_cli.main(["--config", str(cfg), "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "preparing nli.tsv" in out and "12 rows, 1 shard(s)" in out and "prepared in" in out
@@ -418,15 +438,23 @@ def test_two_million_lines_in_bounded_memory(tmp_path, shared_data):
     with path.open("w", encoding="utf-8") as f:
         for start in range(0, n, 100_000):
             f.write("".join(f"{i} {short[i % len(short)]}\n" for i in range(start, start + 100_000)))
-    out = subprocess.run([sys.executable, "-c", BIG_BUILD, str(path), str(tmp_path / "cache")], cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", BIG_BUILD, str(path), str(tmp_path / "cache")],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows, shards, grew, workers, last_hash, seconds = out.stdout.split()
     assert (int(rows), int(shards)) == (n, -(-n // prepare.SHARD_ROWS))
     assert int(last_hash) == blake63(f"{n - 1} {short[(n - 1) % len(short)]}")
     assert int(grew) + int(workers) < 1 << 30, (grew, workers)  # the whole build: < 1 GiB
-    print(f"2M lines in {float(seconds):.1f} s: main process grew {int(grew) / 2**20:.0f} MiB, "
-          f"workers {int(workers) / 2**20:.0f} MiB together at their peak")
+    print(
+        f"2M lines in {float(seconds):.1f} s: main process grew {int(grew) / 2**20:.0f} MiB, "
+        f"workers {int(workers) / 2**20:.0f} MiB together at their peak"
+    )
 
 
 def test_open_shards_are_bounded_and_reading_stays_exact(tmp_path, minilm, monkeypatch):
@@ -462,7 +490,13 @@ def test_a_script_without_a_main_guard_fails_instead_of_hanging(tmp_path):
     script = tmp_path / "prepare_it.py"
     script.write_text(UNGUARDED)
     path = write_lines(tmp_path / "s.txt", SENTENCES)
-    proc = subprocess.run([sys.executable, str(script), str(path), str(tmp_path / "cache")], cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(path), str(tmp_path / "cache")],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "if __name__ == '__main__':" in proc.stderr, proc.stderr[-3000:]

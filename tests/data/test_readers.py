@@ -178,9 +178,17 @@ def test_jsonl_invalid_json_and_bad_values(tmp_path):
 @pytest.mark.parametrize(
     ("name", "fmt"),
     [
-        ("a.txt", "txt"), ("a.TEXT", "txt"), ("dir.v2/a.csv", "csv"), ("a.TSV", "tsv"),
-        ("a.jsonl", "jsonl"), ("a.json", "jsonl"), ("hf://datasets/o/r/x.tsv", "tsv"),
-        ("a.parquet", "parquet"), ("wiki.txt.gz", "txt"), ("d/nli.TSV.GZ", "tsv"), ("x.jsonl.gz", "jsonl"),
+        ("a.txt", "txt"),
+        ("a.TEXT", "txt"),
+        ("dir.v2/a.csv", "csv"),
+        ("a.TSV", "tsv"),
+        ("a.jsonl", "jsonl"),
+        ("a.json", "jsonl"),
+        ("hf://datasets/o/r/x.tsv", "tsv"),
+        ("a.parquet", "parquet"),
+        ("wiki.txt.gz", "txt"),
+        ("d/nli.TSV.GZ", "tsv"),
+        ("x.jsonl.gz", "jsonl"),
     ],
 )
 def test_detect_format(name, fmt):
@@ -197,7 +205,10 @@ def test_detect_format_unknown():
 def test_explicit_format_and_missing_file(tmp_path):
     p = write(tmp_path, "sentences.dat", "a\nb\n")
     assert read_train_examples(p, fmt="txt")[0] == [("a",), ("b",)]
-    assert error(read_train_examples, p, "xml") == f"{p}: unknown data format 'xml'; expected one of txt, csv, tsv, jsonl, parquet"
+    assert (
+        error(read_train_examples, p, "xml")
+        == f"{p}: unknown data format 'xml'; expected one of txt, csv, tsv, jsonl, parquet"
+    )
     missing = str(tmp_path / "nope.tsv")
     assert error(read_train_examples, missing) == f"{missing}: file not found"
     assert error(read_sts_pairs, missing) == f"{missing}: file not found"
@@ -233,7 +244,9 @@ def test_resolve_hf_parses_reference(monkeypatch):
         {"repo_id": "owner/repo", "filename": "data/nli.csv", "repo_type": "dataset", "local_files_only": False},
         {"repo_id": "owner/repo", "filename": "wiki.txt", "repo_type": "dataset", "local_files_only": False},
     ]
-    assert error(resolve_path, "hf://owner/repo") == "hf://owner/repo: expected hf://datasets/<owner>/<repo>/<file path>"
+    assert (
+        error(resolve_path, "hf://owner/repo") == "hf://owner/repo: expected hf://datasets/<owner>/<repo>/<file path>"
+    )
 
 
 # --- STS pairs (sts.read_pair_file, what training and simcse-eval read) -------------------
@@ -269,7 +282,9 @@ def test_sts_chinese_pipes(tmp_path):
     p = write(tmp_path, "cnsd.txt", "0||一个女人在切洋葱。||一个男人在切洋葱，很快。||2\n1||a||b||4.5\n")
     assert read_sts_pairs(p) == (["一个女人在切洋葱。", "a"], ["一个男人在切洋葱，很快。", "b"], [2.0, 4.5])
     p = write(tmp_path, "bad.txt", "0||a||b||2\n1||a||b\n")
-    assert error(read_sts_pairs, p) == f"{p}:2: expected 4 '||'-separated fields (id||sentence1||sentence2||score), got 3"
+    assert (
+        error(read_sts_pairs, p) == f"{p}:2: expected 4 '||'-separated fields (id||sentence1||sentence2||score), got 3"
+    )
 
 
 def test_sts_bad_score_and_empty(tmp_path):
@@ -288,7 +303,11 @@ def test_sts_bad_score_and_empty(tmp_path):
 def test_real_stsb_dev():
     s1, s2, scores = read_sts_pairs(str(DATA / "stsb" / "dev.tsv"))
     assert len(s1) == len(s2) == len(scores) == 1500
-    assert (s1[0], s2[0], scores[0]) == ("A man with a hard hat is dancing.", "A man wearing a hard hat is dancing.", 5.0)
+    assert (s1[0], s2[0], scores[0]) == (
+        "A man with a hard hat is dancing.",
+        "A man wearing a hard hat is dancing.",
+        5.0,
+    )
     assert all(0.0 <= s <= 5.0 for s in scores)
 
 

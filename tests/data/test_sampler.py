@@ -29,7 +29,7 @@ def test_ranks_partition_the_single_process_global_batch(world, accum):
             assert all(len(per_rank[r][micro]) == big_b // (world * accum) for r in range(world))
             expected = global_batch_indices(n, big_b, seed, step)
             size = big_b // accum
-            assert chunk == expected[micro * size:(micro + 1) * size]
+            assert chunk == expected[micro * size : (micro + 1) * size]
             if epoch == 0:
                 seen_epoch0 += chunk
     assert len(seen_epoch0) == len(set(seen_epoch0)) == spe * big_b  # nothing seen twice in an epoch
@@ -47,7 +47,7 @@ def test_without_drop_last_every_example_is_seen_once_per_epoch(world, accum):
         for micro in range(accum):
             rows = {len(shares[r][micro].indices) for r in range(world)}
             assert len(rows) == 1  # every rank holds the same number of rows (padding included)
-            real = [i for r in range(world) for i in shares[r][micro].indices[:shares[r][micro].valid]]
+            real = [i for r in range(world) for i in shares[r][micro].indices[: shares[r][micro].valid]]
             valid = [shares[r][micro].valid for r in range(world)]
             (row_count,) = rows
             # "full" means no rank pads this micro-step, and all ranks agree on it

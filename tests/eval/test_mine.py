@@ -31,10 +31,17 @@ def data(tmp_path_factory) -> dict[str, Path | list]:
     anchors, positives = [r[0] for r in rows], [r[1] for r in rows]
     assert len(set(anchors)) == len(anchors) and not set(anchors) & set(positives)
     d = tmp_path_factory.mktemp("mine-data")
-    (d / "pairs.tsv").write_text("sent0\tsent1\n" + "".join(f"{a}\t{p}\n" for a, p in zip(anchors, positives, strict=True)))
+    (d / "pairs.tsv").write_text(
+        "sent0\tsent1\n" + "".join(f"{a}\t{p}\n" for a, p in zip(anchors, positives, strict=True))
+    )
     (d / "corpus.txt").write_text("".join(f"{r[2]}\n" for r in rows))  # the contradictions as extra candidates
-    return {"pairs": d / "pairs.tsv", "corpus": d / "corpus.txt", "anchors": anchors, "positives": positives,
-            "extra": [r[2] for r in rows]}
+    return {
+        "pairs": d / "pairs.tsv",
+        "corpus": d / "corpus.txt",
+        "anchors": anchors,
+        "positives": positives,
+        "extra": [r[2] for r in rows],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +69,15 @@ def reference(st_model, data, corpus: bool = False, **options) -> dict[tuple[str
     from sentence_transformers.util import mine_hard_negatives
 
     dataset = Dataset.from_dict({"anchor": data["anchors"], "positive": data["positives"]})
-    out = mine_hard_negatives(dataset, st_model, corpus=data["extra"] if corpus else None, output_format="triplet",
-                              batch_size=64, verbose=False, **options)
+    out = mine_hard_negatives(
+        dataset,
+        st_model,
+        corpus=data["extra"] if corpus else None,
+        output_format="triplet",
+        batch_size=64,
+        verbose=False,
+        **options,
+    )
     picked: dict[tuple[str, str], list[str]] = {}
     for row in out:
         picked.setdefault((row["anchor"], row["positive"]), []).append(row["negative"])
@@ -76,18 +90,37 @@ def mined(path: Path) -> dict[tuple[str, str], list[str]]:
 
 
 def run_mine(model_dir, data, out: Path, *options: str, corpus: bool = False) -> int:
-    args = ["--model", str(model_dir), "--input", str(data["pairs"]), "--output", str(out), "--batch-size", "64",
-            "--no-progress", *options]
+    args = [
+        "--model",
+        str(model_dir),
+        "--input",
+        str(data["pairs"]),
+        "--output",
+        str(out),
+        "--batch-size",
+        "64",
+        "--no-progress",
+        *options,
+    ]
     return mine_main(args + (["--corpus", str(data["corpus"])] if corpus else []))
 
 
 CASES = {  # simcse-mine options, the same for mine_hard_negatives; scaled to the tiny model's cosines (0.85-0.99)
-    "top1-relative-margin": (["--relative-margin", "0.05", "--range-max", "100"],
-                             dict(num_negatives=1, relative_margin=0.05, range_max=100), False),
-    "top3-range-max-score": (["--num-negatives", "3", "--range-min", "5", "--range-max", "40", "--max-score", "0.97"],
-                             dict(num_negatives=3, range_min=5, range_max=40, max_score=0.97), False),
-    "top2-corpus-abs-margin-min-score": (["--num-negatives", "2", "--absolute-margin", "0.02", "--min-score", "0.9"],
-                                         dict(num_negatives=2, absolute_margin=0.02, min_score=0.9), True),
+    "top1-relative-margin": (
+        ["--relative-margin", "0.05", "--range-max", "100"],
+        dict(num_negatives=1, relative_margin=0.05, range_max=100),
+        False,
+    ),
+    "top3-range-max-score": (
+        ["--num-negatives", "3", "--range-min", "5", "--range-max", "40", "--max-score", "0.97"],
+        dict(num_negatives=3, range_min=5, range_max=40, max_score=0.97),
+        False,
+    ),
+    "top2-corpus-abs-margin-min-score": (
+        ["--num-negatives", "2", "--absolute-margin", "0.02", "--min-score", "0.9"],
+        dict(num_negatives=2, absolute_margin=0.02, min_score=0.9),
+        True,
+    ),
 }
 
 
@@ -109,10 +142,24 @@ def test_top_equals_sentence_transformers(case, model_dir, st_model, data, tmp_p
 
 def test_faiss_search_equals_sentence_transformers_with_faiss(model_dir, st_model, data, tmp_path):
     pytest.importorskip("faiss")
-    expected = reference(st_model, data, sampling_strategy="top", num_negatives=2, range_max=30, max_score=0.98,
-                         use_faiss=True)
-    assert run_mine(model_dir, data, tmp_path / "out.tsv", "--faiss", "--num-negatives", "2", "--range-max", "30",
-                    "--max-score", "0.98") == 0
+    expected = reference(
+        st_model, data, sampling_strategy="top", num_negatives=2, range_max=30, max_score=0.98, use_faiss=True
+    )
+    assert (
+        run_mine(
+            model_dir,
+            data,
+            tmp_path / "out.tsv",
+            "--faiss",
+            "--num-negatives",
+            "2",
+            "--range-max",
+            "30",
+            "--max-score",
+            "0.98",
+        )
+        == 0
+    )
     assert mined(tmp_path / "out.tsv") == expected
 
 
@@ -129,11 +176,22 @@ def test_output_trains_as_sup(model_dir, data, tmp_path):
 
 
 def test_random_sampling_is_seeded_and_within_the_window(model_dir, st_model, data, tmp_path):
-    window = reference(st_model, data, sampling_strategy="top", num_negatives=10, range_min=3, range_max=13,
-                       max_score=0.98)
+    window = reference(
+        st_model, data, sampling_strategy="top", num_negatives=10, range_min=3, range_max=13, max_score=0.98
+    )
     assert any(len(w) < 10 for w in window.values())  # max_score thins some windows
-    options = ["--sampling", "random", "--num-negatives", "2", "--range-min", "3", "--range-max", "13",
-               "--max-score", "0.98"]
+    options = [
+        "--sampling",
+        "random",
+        "--num-negatives",
+        "2",
+        "--range-min",
+        "3",
+        "--range-max",
+        "13",
+        "--max-score",
+        "0.98",
+    ]
     for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
         assert run_mine(model_dir, data, tmp_path / f"{name}.tsv", *options, "--seed", seed) == 0
     a, b, c = (mined(tmp_path / f"{n}.tsv") for n in "abc")
@@ -145,17 +203,50 @@ def test_random_sampling_is_seeded_and_within_the_window(model_dir, st_model, da
 
 
 def mine_on_two_ranks(model_dir, data, out: Path, *options: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "simcse_dist.cli.mine", "--model", str(model_dir), "--input", str(data["pairs"]), "--output",
-           str(out), "--batch-size", "64", "--no-progress", *options]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "simcse_dist.cli.mine",
+        "--model",
+        str(model_dir),
+        "--input",
+        str(data["pairs"]),
+        "--output",
+        str(out),
+        "--batch-size",
+        "64",
+        "--no-progress",
+        *options,
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+    }
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
 
 
 def test_two_ranks_write_what_one_rank_writes(model_dir, data, tmp_path):
-    options = ["--sampling", "random", "--num-negatives", "2", "--range-min", "2", "--range-max", "30",
-               "--max-score", "0.98", "--seed", "7"]
+    options = [
+        "--sampling",
+        "random",
+        "--num-negatives",
+        "2",
+        "--range-min",
+        "2",
+        "--range-max",
+        "30",
+        "--max-score",
+        "0.98",
+        "--seed",
+        "7",
+    ]
     assert run_mine(model_dir, data, tmp_path / "one.tsv", *options) == 0
     proc = mine_on_two_ranks(model_dir, data, tmp_path / "two.tsv", *options)
     assert proc.returncode == 0, proc.stderr[-4000:]

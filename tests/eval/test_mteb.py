@@ -51,13 +51,16 @@ def test_adapter_equals_mteb_on_the_exported_sentence_transformer(tmp_path, tiny
         export_model("bundled:all-MiniLM-L6-v2", tmp_path / "minilm")
         export_model(tiny_bert, tmp_path / "tiny", pooler="avg_top2")  # a layer pooler: WeightedLayerPooling in ST
     main = {}
-    for model_dir, task_class in ((tmp_path / "minilm", mteb_tasks.LocalSTSB),
-                                  (tmp_path / "tiny", mteb_tasks.LocalSTSRetrieval)):
+    for model_dir, task_class in (
+        (tmp_path / "minilm", mteb_tasks.LocalSTSB),
+        (tmp_path / "tiny", mteb_tasks.LocalSTSRetrieval),
+    ):
         with quiet_transformers():
             encoder, tokenizer, meta = load_encoder(model_dir)
         adapter = MtebEncoder(encoder, tokenizer, torch.device("cpu"), name=model_dir.name, batch_size=64)
-        (ours,) = mteb.evaluate(adapter, task_class(), cache=None, co2_tracker=False,
-                                show_progress_bar=False).task_results
+        (ours,) = mteb.evaluate(
+            adapter, task_class(), cache=None, co2_tracker=False, show_progress_bar=False
+        ).task_results
         ours = numbers(ours.scores["test"][0])
         reference = numbers(st_scores(model_dir, task_class()))
         assert ours.keys() == reference.keys() and "main_score" in ours
@@ -77,8 +80,17 @@ def test_eval_cli_mteb_runs_local_tasks_and_names_the_missing_one(tmp_path, caps
         export_model(tiny_bert, tmp_path / "tiny", pooler="avg")
     out = tmp_path / "mteb.json"
     # STSBenchmark is registered, but its Hub dataset is not in this machine's cache (no network)
-    code = eval_cli(["--model", str(tmp_path / "tiny"), "--mteb", f"{TASKS_FILE}:LocalSTSB,STSBenchmark",
-                     "--output-json", str(out), "--no-progress"])
+    code = eval_cli(
+        [
+            "--model",
+            str(tmp_path / "tiny"),
+            "--mteb",
+            f"{TASKS_FILE}:LocalSTSB,STSBenchmark",
+            "--output-json",
+            str(out),
+            "--no-progress",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 2, captured.err
     assert "STSBenchmarkLocal (cosine_spearman)" in captured.out  # the task that could run still ran
@@ -101,17 +113,39 @@ def test_eval_cli_mteb_on_two_ranks(tmp_path, tiny_bert):
     with quiet_transformers():
         export_model(tiny_bert, tmp_path / "tiny", pooler="avg_first_last")
     out = tmp_path / "two-ranks.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "simcse_dist.cli.eval", "--model", str(tmp_path / "tiny"), "--batch-size", "16", "--mteb",
-           f"{TASKS_FILE}:LocalSTSB,STSBenchmark,{TASKS_FILE}:LocalSTSRetrieval", "--output-json", str(out),
-           "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "simcse_dist.cli.eval",
+        "--model",
+        str(tmp_path / "tiny"),
+        "--batch-size",
+        "16",
+        "--mteb",
+        f"{TASKS_FILE}:LocalSTSB,STSBenchmark,{TASKS_FILE}:LocalSTSRetrieval",
+        "--output-json",
+        str(out),
+        "--no-progress",
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO),
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode != 0 and proc.stderr.count("error: MTEB task STSBenchmark:") == 1, proc.stderr[-4000:]
     assert "2 rank(s)" in proc.stdout
     got = json.loads(out.read_text())
-    for name, task in (("STSBenchmarkLocal", mteb_tasks.LocalSTSB()), ("STSRetrievalLocal", mteb_tasks.LocalSTSRetrieval())):
+    for name, task in (
+        ("STSBenchmarkLocal", mteb_tasks.LocalSTSB()),
+        ("STSRetrievalLocal", mteb_tasks.LocalSTSRetrieval()),
+    ):
         assert got[f"mteb/{name}"] / 100 == pytest.approx(st_scores(tmp_path / "tiny", task)["main_score"], abs=1e-6)
 
 

@@ -30,11 +30,20 @@ from simcse_dist.model.export import export_model
 from simcse_dist.model.load import load_encoder
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} not present")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONPATH": str(REPO)}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONPATH": str(REPO),
+}
 ST_KS = {"mrr_at_k": [10], "ndcg_at_k": [10], "precision_recall_at_k": [100], "map_at_k": [10], "accuracy_at_k": [1]}
-ST_NAMES = {"ndcg@10": "cosine_ndcg@10", "mrr@10": "cosine_mrr@10", "recall@100": "cosine_recall@100",
-            "map@10": "cosine_map@10"}
+ST_NAMES = {
+    "ndcg@10": "cosine_ndcg@10",
+    "mrr@10": "cosine_mrr@10",
+    "recall@100": "cosine_recall@100",
+    "map@10": "cosine_map@10",
+}
 
 
 def write_set(root: Path, queries: str, corpus: str, qrels: str) -> list[str]:
@@ -174,8 +183,13 @@ def test_graded_ndcg_and_recall_match_trec_eval():
 @needs_data
 def test_minilm_metrics_match_sentence_transformers(tmp_path):
     root = tmp_path / "set"
-    counts = build_sts_retrieval_set(SHARED_DATA / "stsb" / "dev.tsv", root, max_pairs=150,
-                       distractors=SHARED_DATA / "wiki1m-sample.txt", n_distractors=80)
+    counts = build_sts_retrieval_set(
+        SHARED_DATA / "stsb" / "dev.tsv",
+        root,
+        max_pairs=150,
+        distractors=SHARED_DATA / "wiki1m-sample.txt",
+        n_distractors=80,
+    )
     assert counts["queries"] >= 25 and counts["corpus"] >= 200
     harder_qrels(root)
     paths = [str(root / f"{n}.tsv") for n in ("queries", "corpus", "qrels")]
@@ -185,8 +199,9 @@ def test_minilm_metrics_match_sentence_transformers(tmp_path):
         encoder, tokenizer, _ = load_encoder(model_dir)
     data = load_retrieval(*paths)
     assert len(data.judged_queries) == counts["queries"] - 1  # the query judged only irrelevant is left out
-    ours = evaluate_retrieval(encoder, tokenizer, data, torch.device("cpu"), batch_size=64,
-                              corpus_chunk_size=97)  # several chunks, merged
+    ours = evaluate_retrieval(
+        encoder, tokenizer, data, torch.device("cpu"), batch_size=64, corpus_chunk_size=97
+    )  # several chunks, merged
     reference = st_reference(model_dir, paths)
     for name in ours:
         assert ours[name] == pytest.approx(reference[name], abs=1e-6), (name, ours, reference)
@@ -197,17 +212,39 @@ def test_minilm_metrics_match_sentence_transformers(tmp_path):
 @needs_data
 def test_eval_cli_retrieval_on_two_ranks_matches_sentence_transformers(tmp_path, tiny_bert):
     root = tmp_path / "set"
-    build_sts_retrieval_set(SHARED_DATA / "stsb" / "dev.tsv", root, max_pairs=120, distractors=SHARED_DATA / "wiki1m-sample.txt",
-              n_distractors=60)
+    build_sts_retrieval_set(
+        SHARED_DATA / "stsb" / "dev.tsv",
+        root,
+        max_pairs=120,
+        distractors=SHARED_DATA / "wiki1m-sample.txt",
+        n_distractors=60,
+    )
     harder_qrels(root, seed=2)
     paths = [str(root / f"{n}.tsv") for n in ("queries", "corpus", "qrels")]
     model_dir = tmp_path / "tiny"
     with quiet_transformers():  # avg_first_last: the layer pooler, WeightedLayerPooling on the ST side
         export_model(tiny_bert, model_dir, pooler="avg_first_last")
     out = tmp_path / "two-ranks.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "simcse_dist.cli.eval", "--model", str(model_dir), "--retrieval", *paths,
-           "--corpus-chunk-size", "50", "--batch-size", "16", "--output-json", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "simcse_dist.cli.eval",
+        "--model",
+        str(model_dir),
+        "--retrieval",
+        *paths,
+        "--corpus-chunk-size",
+        "50",
+        "--batch-size",
+        "16",
+        "--output-json",
+        str(out),
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 rank(s)" in proc.stdout and proc.stdout.count("nDCG@10 |") == 1  # rank 0 prints once

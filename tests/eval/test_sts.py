@@ -25,8 +25,13 @@ from simcse_dist.eval.plot import read_trajectory
 from simcse_dist.eval.sts import TaskNotFound, load_task, read_pair_file, read_senteval_dir
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} not present")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONPATH": str(REPO)}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONPATH": str(REPO),
+}
 
 
 def write(path: Path, text: str) -> Path:
@@ -84,8 +89,10 @@ def _tiny_sts_dir(root: Path) -> list[tuple[str, str, float, str]]:
         for j in range(3):
             a, b = words[(k + j) % 10], words[(3 * k + 2 * j + 1) % 10]
             rows.append((f"I like {a} .", f"you saw {b} and {a}", round((k * 3 + j * 7) % 11 / 2, 1), subset))
-    write(root / "tsv" / "sts12" / "test.tsv",
-          "sentence1\tsentence2\tscore\tsubset\n" + "".join(f"{a}\t{b}\t{s}\t{t}\n" for a, b, s, t in rows))
+    write(
+        root / "tsv" / "sts12" / "test.tsv",
+        "sentence1\tsentence2\tscore\tsubset\n" + "".join(f"{a}\t{b}\t{s}\t{t}\n" for a, b, s, t in rows),
+    )
     senteval = root / "senteval-raw" / "STS12-en-test"
     for subset in {r[3] for r in rows}:
         mine = [r for r in rows if r[3] == subset]
@@ -98,11 +105,27 @@ def _tiny_sts_dir(root: Path) -> list[tuple[str, str, float, str]]:
 def test_eval_cli_sts12_all_against_written_out_reference(tmp_path, tiny_bert):
     rows = _tiny_sts_dir(tmp_path)
     emb = documented_embeddings(tiny_bert, [r[0] for r in rows] + [r[1] for r in rows], pooler="avg")
-    expected = 100 * spearman_by_hand(cosine(emb[: len(rows)], emb[len(rows):]), [r[2] for r in rows])
+    expected = 100 * spearman_by_hand(cosine(emb[: len(rows)], emb[len(rows) :]), [r[2] for r in rows])
     for data_dir in (tmp_path / "tsv", tmp_path / "senteval-raw"):
         out = tmp_path / f"{data_dir.name}.json"
-        assert eval_cli(["--model", str(tiny_bert), "--pooler", "avg", "--tasks", "sts12", "--data-dir",
-                         str(data_dir), "--output-json", str(out), "--no-progress"]) == 0
+        assert (
+            eval_cli(
+                [
+                    "--model",
+                    str(tiny_bert),
+                    "--pooler",
+                    "avg",
+                    "--tasks",
+                    "sts12",
+                    "--data-dir",
+                    str(data_dir),
+                    "--output-json",
+                    str(out),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         got = json.loads(out.read_text())
         assert got["sts12"] == pytest.approx(expected, abs=1e-6)
         assert got["avg"] == pytest.approx(expected, abs=1e-6)
@@ -112,11 +135,29 @@ def test_eval_cli_sts12_all_against_written_out_reference(tmp_path, tiny_bert):
 def test_eval_cli_sharded_over_two_ranks(tmp_path, tiny_bert):
     rows = _tiny_sts_dir(tmp_path)
     emb = documented_embeddings(tiny_bert, [r[0] for r in rows] + [r[1] for r in rows], pooler="cls_before_pooler")
-    expected = 100 * spearman_by_hand(cosine(emb[: len(rows)], emb[len(rows):]), [r[2] for r in rows])
+    expected = 100 * spearman_by_hand(cosine(emb[: len(rows)], emb[len(rows) :]), [r[2] for r in rows])
     out = tmp_path / "two-ranks.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "simcse_dist.cli.eval", "--model", str(tiny_bert), "--pooler", "cls_before_pooler",
-           "--tasks", "sts12", "--data-dir", str(tmp_path / "tsv"), "--output-json", str(out), "--batch-size", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "simcse_dist.cli.eval",
+        "--model",
+        str(tiny_bert),
+        "--pooler",
+        "cls_before_pooler",
+        "--tasks",
+        "sts12",
+        "--data-dir",
+        str(tmp_path / "tsv"),
+        "--output-json",
+        str(out),
+        "--batch-size",
+        "4",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 rank(s)" in proc.stdout and proc.stdout.count("STS12 |") == 1  # rank 0 prints once
@@ -131,9 +172,28 @@ def test_eval_precision_bf16_matches_fp32(tmp_path, shared_data):
     (tmp_path / "d" / "stsb").mkdir(parents=True)
     (tmp_path / "d" / "stsb" / "dev.tsv").write_text("\n".join(rows) + "\n")
     for precision in ("fp32", "bf16"):
-        assert eval_cli(["--model", "bundled:all-MiniLM-L6-v2", "--pooler", "avg", "--tasks", "stsb", "--split", "dev",
-                         "--data-dir", str(tmp_path / "d"), "--precision", precision, "--no-progress",
-                         "--output-json", str(tmp_path / f"{precision}.json")]) == 0
+        assert (
+            eval_cli(
+                [
+                    "--model",
+                    "bundled:all-MiniLM-L6-v2",
+                    "--pooler",
+                    "avg",
+                    "--tasks",
+                    "stsb",
+                    "--split",
+                    "dev",
+                    "--data-dir",
+                    str(tmp_path / "d"),
+                    "--precision",
+                    precision,
+                    "--no-progress",
+                    "--output-json",
+                    str(tmp_path / f"{precision}.json"),
+                ]
+            )
+            == 0
+        )
     fp32, bf16 = (json.loads((tmp_path / f"{p}.json").read_text())["stsb"] for p in ("fp32", "bf16"))
     assert fp32 > 90 and 0 < abs(bf16 - fp32) < 0.5, (fp32, bf16)
 
@@ -149,9 +209,24 @@ def test_minilm_stsb_test_matches_sentence_transformers_evaluator(tmp_path):
     from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
 
     out = tmp_path / "minilm.json"
-    cmd = [sys.executable, "-m", "simcse_dist.cli.eval", "--model", "bundled:all-MiniLM-L6-v2",
-           "--pooler", "avg", "--tasks", "stsb", "--split", "test", "--data-dir", str(SHARED_DATA),
-           "--output-json", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "simcse_dist.cli.eval",
+        "--model",
+        "bundled:all-MiniLM-L6-v2",
+        "--pooler",
+        "avg",
+        "--tasks",
+        "stsb",
+        "--split",
+        "test",
+        "--data-dir",
+        str(SHARED_DATA),
+        "--output-json",
+        str(out),
+        "--no-progress",
+    ]
     ours = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
     try:  # the ST reference runs here meanwhile (2 cores)
         s1, s2, gold = [], [], []
@@ -210,21 +285,28 @@ def test_senteval_pairs_skip_blank_gold_and_check_lengths(tmp_path):
 
 
 def test_sick_layouts(tmp_path):
-    annotated = ("pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment\n"
-                 "1\tA group of kids is playing\tA group of boys is playing\t4.5\tENTAILMENT\n"
-                 "2\tA man is cutting\tNobody is cutting\t3.2\tCONTRADICTION\n")
+    annotated = (
+        "pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment\n"
+        "1\tA group of kids is playing\tA group of boys is playing\t4.5\tENTAILMENT\n"
+        "2\tA man is cutting\tNobody is cutting\t3.2\tCONTRADICTION\n"
+    )
     write(tmp_path / "a" / "SICK" / "SICK_test_annotated.txt", annotated)
     data = load_task("sickr", "test", tmp_path / "a")
     assert data.sentences2 == ["A group of boys is playing", "Nobody is cutting"] and data.scores == [4.5, 3.2]
-    full = ("pair_ID\tsentence_A\tsentence_B\tentailment_label\trelatedness_score\tSemEval_set\n"
-            "1\ta\tb\tNEUTRAL\t3.1\tTRAIN\n2\tc\td\tNEUTRAL\t4.0\tTRIAL\n3\te\tf\tNEUTRAL\t1.5\tTEST\n"
-            "4\tg\th\tNEUTRAL\t2\tTEST\n")
+    full = (
+        "pair_ID\tsentence_A\tsentence_B\tentailment_label\trelatedness_score\tSemEval_set\n"
+        "1\ta\tb\tNEUTRAL\t3.1\tTRAIN\n2\tc\td\tNEUTRAL\t4.0\tTRIAL\n3\te\tf\tNEUTRAL\t1.5\tTEST\n"
+        "4\tg\th\tNEUTRAL\t2\tTEST\n"
+    )
     write(tmp_path / "b" / "SICK.txt", full)
     assert load_task("sickr", "test", tmp_path / "b").scores == [1.5, 2.0]
     assert load_task("sickr", "dev", tmp_path / "b").sentences1 == ["c"]
     assert load_task("sickr", "train", tmp_path / "b").scores == [3.1]
     write(tmp_path / "c" / "SICK.txt", full.replace("\t2\tTEST", "\tTEST"))
-    assert error(load_task, "sickr", "test", tmp_path / "c") == f"{tmp_path / 'c' / 'SICK.txt'}:5: expected 6 '\\t'-separated fields (pair_id, sentence_a, sentence_b, entailment_label, relatedness_score, semeval_set), got 5"
+    assert (
+        error(load_task, "sickr", "test", tmp_path / "c")
+        == f"{tmp_path / 'c' / 'SICK.txt'}:5: expected 6 '\\t'-separated fields (pair_id, sentence_a, sentence_b, entailment_label, relatedness_score, semeval_set), got 5"
+    )
 
 
 def test_chinese_text_is_never_split(tmp_path):
@@ -243,7 +325,9 @@ def test_missing_tasks_error_when_named_and_skip_under_all(tmp_path, capsys, cap
     write(tmp_path / "stsb" / "dev.tsv", "sentence1\tsentence2\tscore\na\tb\t1\nc\td\t2\n")
     with pytest.raises(TaskNotFound) as info:
         select_tasks("stsb,sickr", "dev", str(tmp_path))
-    assert str(tmp_path / "sickr" / "dev.tsv") in str(info.value) and str(tmp_path / "SICK" / "SICK_trial.txt") in str(info.value)
+    assert str(tmp_path / "sickr" / "dev.tsv") in str(info.value) and str(tmp_path / "SICK" / "SICK_trial.txt") in str(
+        info.value
+    )
     assert list(select_tasks("all", "dev", str(tmp_path))) == ["stsb"]
     assert caplog.messages and caplog.messages[0].startswith("skipping sickr (dev): no data found; tried")
     assert error(select_tasks, "sts12", "dev", str(tmp_path)) == "task sts12 has no dev split (it has test)"
@@ -300,9 +384,12 @@ def test_align_uniform_against_written_out_formulas():
 
 
 def test_plot_align_uniform(tmp_path, capsys):
-    rows = [{"step": 10, "train/loss": 2.0}, {"step": 125, "eval/align": 0.3, "eval/uniform": -2.0},
-            {"step": 250, "eval/align": 0.25, "eval/uniform": -2.4, "eval/stsb_spearman": 0.8},
-            {"step": 250, "eval/align": 0.26, "eval/uniform": -2.5}]
+    rows = [
+        {"step": 10, "train/loss": 2.0},
+        {"step": 125, "eval/align": 0.3, "eval/uniform": -2.0},
+        {"step": 250, "eval/align": 0.25, "eval/uniform": -2.4, "eval/stsb_spearman": 0.8},
+        {"step": 250, "eval/align": 0.26, "eval/uniform": -2.5},
+    ]
     write(tmp_path / "run" / "metrics.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
     assert read_trajectory(tmp_path / "run" / "metrics.jsonl") == [(125, -2.0, 0.3), (250, -2.5, 0.26)]
     assert plot_main([str(tmp_path / "run"), "--out", str(tmp_path / "fig.png")]) == 0
@@ -310,8 +397,10 @@ def test_plot_align_uniform(tmp_path, capsys):
     write(tmp_path / "empty" / "metrics.jsonl", json.dumps({"step": 1, "train/loss": 1}) + "\n")
     assert plot_main([str(tmp_path / "empty")]) == 2
     assert "no rows with both eval/align and eval/uniform" in capsys.readouterr().err
-    write(tmp_path / "bad" / "metrics.jsonl", "{\"step\": 1}\n{oops\n")
-    assert error(read_trajectory, tmp_path / "bad" / "metrics.jsonl").startswith(f"{tmp_path / 'bad' / 'metrics.jsonl'}:2: invalid JSON")
+    write(tmp_path / "bad" / "metrics.jsonl", '{"step": 1}\n{oops\n')
+    assert error(read_trajectory, tmp_path / "bad" / "metrics.jsonl").startswith(
+        f"{tmp_path / 'bad' / 'metrics.jsonl'}:2: invalid JSON"
+    )
 
 
 def test_mteb_jsonl_gz_pairs(tmp_path):
@@ -325,7 +414,11 @@ def test_mteb_jsonl_gz_pairs(tmp_path):
         f.write('{"split": "dev", "sentence1": "A man.", "sentence2": "A person.", "score": 4.2}\n')
         f.write('{"split": "dev", "sentence1": "Two dogs.", "sentence2": "A cat.", "score": 0.5}\n')
     data = read_pair_file(path)
-    assert (data.sentences1, data.sentences2, data.scores) == (["A man.", "Two dogs."], ["A person.", "A cat."], [4.2, 0.5])
+    assert (data.sentences1, data.sentences2, data.scores) == (
+        ["A man.", "Two dogs."],
+        ["A person.", "A cat."],
+        [4.2, 0.5],
+    )
     bad = tmp_path / "bad.jsonl.gz"
     with gzip.open(bad, "wt", encoding="utf-8") as f:
         f.write('{"sentence1": "a", "sentence2": "b", "score": 1}\n{"sentence1": "a"}\n')

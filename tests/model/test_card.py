@@ -32,10 +32,15 @@ CONFIG = {
     "engine": {"zero_stage": 2},
 }
 # (pooler, mlp_only_train, MLP weights in the folder)
-KINDS = {"cls-mlp": ("cls", False, True), "cls-mlp-only-train": ("cls", True, False),
-         "cls_before_pooler": ("cls_before_pooler", False, False), "avg": ("avg", False, False),
-         "avg_first_last": ("avg_first_last", False, False), "avg_top2": ("avg_top2", False, False),
-         "pooler_output": ("pooler_output", False, False)}
+KINDS = {
+    "cls-mlp": ("cls", False, True),
+    "cls-mlp-only-train": ("cls", True, False),
+    "cls_before_pooler": ("cls_before_pooler", False, False),
+    "avg": ("avg", False, False),
+    "avg_first_last": ("avg_first_last", False, False),
+    "avg_top2": ("avg_top2", False, False),
+    "pooler_output": ("pooler_output", False, False),
+}
 
 
 def model_dir(tmp_path: Path, tiny_bert: Path, kind: str) -> Path:
@@ -44,11 +49,15 @@ def model_dir(tmp_path: Path, tiny_bert: Path, kind: str) -> Path:
     pooler, mlp_only_train, mlp = KINDS[kind]
     src = tmp_path / f"src-{kind}"
     shutil.copytree(tiny_bert, src)
-    (src / "simcse_config.json").write_text(json.dumps({"pooler": pooler, "mlp_only_train": mlp_only_train, "mlp": mlp}))
+    (src / "simcse_config.json").write_text(
+        json.dumps({"pooler": pooler, "mlp_only_train": mlp_only_train, "mlp": mlp})
+    )
     if mlp:
         gen = torch.Generator().manual_seed(3)
-        torch.save({"dense.weight": torch.randn(32, 32, generator=gen) * 0.2, "dense.bias": torch.randn(32, generator=gen)},
-                   src / "simcse_mlp.pt")
+        torch.save(
+            {"dense.weight": torch.randn(32, 32, generator=gen) * 0.2, "dense.bias": torch.randn(32, generator=gen)},
+            src / "simcse_mlp.pt",
+        )
     with quiet_transformers():
         return export_model(src, tmp_path / kind)
 
@@ -86,8 +95,12 @@ def test_card_front_matter_is_what_the_hub_reads(tmp_path, tiny_bert):
     from huggingface_hub import ModelCard
 
     path = model_dir(tmp_path, tiny_bert, "cls-mlp-only-train")
-    write_model_card(path, config=CONFIG, scores={"STS-B test Spearman x 100": 81.234, "retrieval/ndcg@10": 65.4321},
-                     split_note="STS-B test, retrieval on a set built from STS-B dev")
+    write_model_card(
+        path,
+        config=CONFIG,
+        scores={"STS-B test Spearman x 100": 81.234, "retrieval/ndcg@10": 65.4321},
+        split_note="STS-B test, retrieval on a set built from STS-B dev",
+    )
     card = ModelCard.load(path / "README.md")
     data = card.data.to_dict()
     assert data["library_name"] == "sentence-transformers" and data["pipeline_tag"] == "sentence-similarity"

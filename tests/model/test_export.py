@@ -18,14 +18,23 @@ from simcse_dist.cli.export import main as export_cli
 from simcse_dist.model.load import load_encoder
 
 SENTENCES = [
-    "A man is playing a guitar.", "hello", "The quick brown fox jumps over the lazy dog, again and again.",
-    "一个女人在切洋葱。", "x y", "Two dogs play in the snow near a red barn.", "what?",
+    "A man is playing a guitar.",
+    "hello",
+    "The quick brown fox jumps over the lazy dog, again and again.",
+    "一个女人在切洋葱。",
+    "x y",
+    "Two dogs play in the snow near a red barn.",
+    "what?",
     "She sells sea shells by the sea shore.",
 ]
 # (name, pooler, mlp_only_train)
 KINDS = [
-    ("cls", "cls", False), ("cls-mlp-only-train", "cls", True), ("cls_before_pooler", "cls_before_pooler", False),
-    ("avg", "avg", False), ("avg_first_last", "avg_first_last", False), ("avg_top2", "avg_top2", False),
+    ("cls", "cls", False),
+    ("cls-mlp-only-train", "cls", True),
+    ("cls_before_pooler", "cls_before_pooler", False),
+    ("avg", "avg", False),
+    ("avg_first_last", "avg_first_last", False),
+    ("avg_top2", "avg_top2", False),
 ]
 VARIANTS = [(f"{name}-z{stage}", pooler, mot, stage) for stage in (0, 3) for name, pooler, mot in KINDS]
 TOL = 1e-5
@@ -36,10 +45,23 @@ def trained(tmp_path_factory, tiny_bert) -> Path:
     """One torchrun job (2 gloo ranks) training every variant for 2 steps at lr 1e-3."""
     out = tmp_path_factory.mktemp("export-runs")
     (out / "sentences.json").write_text(json.dumps(SENTENCES))
-    run_gloo(REPO / "tests" / "workers" / "export_worker.py", 2, [
-        "--out", str(out), "--model", str(tiny_bert), "--train-file", str(DEMO_DATA / "wiki-demo.txt"),
-        "--sentences", str(out / "sentences.json"), "--variants", json.dumps([list(v) for v in VARIANTS]),
-    ], timeout=300)
+    run_gloo(
+        REPO / "tests" / "workers" / "export_worker.py",
+        2,
+        [
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_bert),
+            "--train-file",
+            str(DEMO_DATA / "wiki-demo.txt"),
+            "--sentences",
+            str(out / "sentences.json"),
+            "--variants",
+            json.dumps([list(v) for v in VARIANTS]),
+        ],
+        timeout=300,
+    )
     return out
 
 
@@ -64,8 +86,12 @@ def test_export_round_trip(trained, tmp_path, tiny_bert, name, pooler, mlp_only_
     best_st = SentenceTransformer(str(run / "best"), device="cpu").encode(SENTENCES, convert_to_tensor=True)
     documented = documented_embeddings(out, SENTENCES)
     fresh_encoder = _encoder_embeddings(run / "best")
-    for label, emb in [("ST(export)", exported_st), ("ST(best/)", best_st), ("AutoModel+pooling", documented),
-                       ("fresh Encoder(best/)", fresh_encoder)]:
+    for label, emb in [
+        ("ST(export)", exported_st),
+        ("ST(best/)", best_st),
+        ("AutoModel+pooling", documented),
+        ("fresh Encoder(best/)", fresh_encoder),
+    ]:
         diff = (emb.float() - in_process).abs().max().item()
         assert diff <= TOL, f"{label} vs in-process encoder after training: max |diff| {diff:.2e}"
 
@@ -80,9 +106,10 @@ def test_export_round_trip(trained, tmp_path, tiny_bert, name, pooler, mlp_only_
     assert (out / "simcse_mlp.pt").is_file() == keeps_mlp
     assert (out / "2_Dense").is_dir() == keeps_mlp
     modules = [m["type"].rsplit(".", 1)[-1] for m in json.loads((out / "modules.json").read_text())]
-    expected = {"avg_first_last": ["Transformer", "WeightedLayerPooling", "Pooling"],
-                "avg_top2": ["Transformer", "WeightedLayerPooling", "Pooling"]}.get(
-        pooler, ["Transformer", "Pooling", "Dense"] if keeps_mlp else ["Transformer", "Pooling"])
+    expected = {
+        "avg_first_last": ["Transformer", "WeightedLayerPooling", "Pooling"],
+        "avg_top2": ["Transformer", "WeightedLayerPooling", "Pooling"],
+    }.get(pooler, ["Transformer", "Pooling", "Dense"] if keeps_mlp else ["Transformer", "Pooling"])
     assert modules == expected
 
 
@@ -118,8 +145,9 @@ def _st_reference_save(model_dir: Path, out: Path, pooler: str, keeps_mlp: bool)
     modules = [Transformer(str(model_dir), config_kwargs={"output_hidden_states": True} if wlp else None)]
     if pooler == "avg_first_last":  # (h_1 + h_L) / 2
         weights = torch.tensor([1.0] + [0.0] * (layers - 2) + [1.0])
-        modules.append(WeightedLayerPooling(d, num_hidden_layers=layers, layer_start=1,
-                                            layer_weights=torch.nn.Parameter(weights)))
+        modules.append(
+            WeightedLayerPooling(d, num_hidden_layers=layers, layer_start=1, layer_weights=torch.nn.Parameter(weights))
+        )
     if pooler == "avg_top2":  # (h_{L-1} + h_L) / 2
         modules.append(WeightedLayerPooling(d, num_hidden_layers=layers, layer_start=layers - 1))
     modules.append(Pooling(d, "cls" if pooler.startswith("cls") else "mean"))
@@ -130,8 +158,9 @@ def _st_reference_save(model_dir: Path, out: Path, pooler: str, keeps_mlp: bool)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["cls-z0", "cls-mlp-only-train-z0", "cls_before_pooler-z0", "avg-z0",
-                                  "avg_first_last-z0", "avg_top2-z0"])
+@pytest.mark.parametrize(
+    "name", ["cls-z0", "cls-mlp-only-train-z0", "cls_before_pooler-z0", "avg-z0", "avg_first_last-z0", "avg_top2-z0"]
+)
 def test_st_files_match_what_sentence_transformers_writes(trained, tmp_path, name):
     best = trained / name / "best"
     settings = json.loads((best / "simcse_config.json").read_text())
@@ -140,12 +169,16 @@ def test_st_files_match_what_sentence_transformers_writes(trained, tmp_path, nam
     for f in ["modules.json", "sentence_bert_config.json"]:
         assert json.loads((best / f).read_text()) == json.loads((ref / f).read_text()), f
     ours, theirs = (json.loads((p / "config_sentence_transformers.json").read_text()) for p in (best, ref))
-    assert {k: v for k, v in ours.items() if k != "__version__"} == {k: v for k, v in theirs.items() if k != "__version__"}
+    assert {k: v for k, v in ours.items() if k != "__version__"} == {
+        k: v for k, v in theirs.items() if k != "__version__"
+    }
     ours, theirs = (json.loads((p / "config.json").read_text()) for p in (best, ref))
     assert ours.get("output_hidden_states", False) == theirs.get("output_hidden_states", False)
     for module in json.loads((ref / "modules.json").read_text())[1:]:
         sub = module["path"]
-        assert json.loads((best / sub / "config.json").read_text()) == json.loads((ref / sub / "config.json").read_text())
+        assert json.loads((best / sub / "config.json").read_text()) == json.loads(
+            (ref / sub / "config.json").read_text()
+        )
         if (ref / sub / "model.safetensors").exists():
             a, b = load_file(best / sub / "model.safetensors"), load_file(ref / sub / "model.safetensors")
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub

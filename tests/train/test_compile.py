@@ -25,21 +25,32 @@ CXX = os.environ.get("CXX") or next((c for c in ("g++", "clang++") if shutil.whi
 
 
 def train(tiny_bert, compile_: bool, batches: list[Batch]) -> tuple[list[float], Engine]:
-    cfg = load_config(None, [f"model.name_or_path={tiny_bert}", "model.dropout=0", "train.global_batch_size=4",
-                             "optim.lr=1e-3", f"engine.compile={str(compile_).lower()}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name_or_path={tiny_bert}",
+            "model.dropout=0",
+            "train.global_batch_size=4",
+            "optim.lr=1e-3",
+            f"engine.compile={str(compile_).lower()}",
+        ],
+    )
     torch.manual_seed(0)
     engine = Engine(Encoder.from_config(cfg.model), cfg, world_size=1, total_steps=len(batches))
     engine.train()
     losses = []
     for batch in batches:
-        result = forward_backward([batch], lambda inputs: engine(**inputs), engine.backward, ContrastiveLoss(0.05), False)
+        result = forward_backward(
+            [batch], lambda inputs: engine(**inputs), engine.backward, ContrastiveLoss(0.05), False
+        )
         engine.step()
         losses.append(float(result.loss))
     return losses, engine
 
 
-@pytest.mark.skipif(CXX is None, reason="torch.compile on CPU (inductor) needs a C++ compiler: none of $CXX, g++, "
-                                        "clang++ found")
+@pytest.mark.skipif(
+    CXX is None, reason="torch.compile on CPU (inductor) needs a C++ compiler: none of $CXX, g++, clang++ found"
+)
 def test_compile_keeps_losses_and_state_dict_keys(tiny_bert, single_process_group):
     import torch._dynamo
 

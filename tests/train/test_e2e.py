@@ -11,13 +11,31 @@ import torch
 from helpers import DEMO_DATA, REPO, cli, ok, read_jsonl, run_gloo
 
 TRAIN_FIELDS = {"step", "train/loss", "train/lr", "train/grad_norm", "train/sentences_per_s", "train/tokens_per_s"}
+
+
 @pytest.mark.slow
 def test_two_ranks_train_minilm_on_wiki_sample(shared_data, tmp_path):
     out, cache = tmp_path / "run", tmp_path / "token-cache"
-    proc = ok(cli(["--config", "configs/demo.yaml", f"data.train_file={shared_data / 'wiki1m-sample.txt'}",
-                   f"eval.sts_dev_file={shared_data / 'stsb' / 'dev.tsv'}", "eval.every_steps=15", "train.max_steps=30",
-                   "train.global_batch_size=16", "log.every_steps=1", "log.wandb_mode=disabled", "engine.zero_stage=2",
-                   f"train.output_dir={out}", f"data.cache_dir={cache}"], launcher="torchrun", nproc=2))
+    proc = ok(
+        cli(
+            [
+                "--config",
+                "configs/demo.yaml",
+                f"data.train_file={shared_data / 'wiki1m-sample.txt'}",
+                f"eval.sts_dev_file={shared_data / 'stsb' / 'dev.tsv'}",
+                "eval.every_steps=15",
+                "train.max_steps=30",
+                "train.global_batch_size=16",
+                "log.every_steps=1",
+                "log.wandb_mode=disabled",
+                "engine.zero_stage=2",
+                f"train.output_dir={out}",
+                f"data.cache_dir={cache}",
+            ],
+            launcher="torchrun",
+            nproc=2,
+        )
+    )
     # Prepared once by rank 0 while rank 1 waited: one complete entry, no partial build left over.
     assert proc.stdout.count("preparing wiki1m-sample.txt:") == 2, proc.stdout  # its start and end lines
     (entry,) = [p for p in cache.iterdir() if p.is_dir()]
@@ -48,10 +66,20 @@ def test_two_ranks_train_minilm_on_wiki_sample(shared_data, tmp_path):
 
 
 def _runs_for_equality(tiny_bert: Path, tmp_path: Path, stage: int, launcher: str) -> tuple[list, list]:
-    common = ["--config", "configs/demo.yaml", f"model.name_or_path={tiny_bert}", "model.dropout=0",
-              f"data.train_file={DEMO_DATA / 'wiki-demo.txt'}", "train.global_batch_size=12", "train.max_steps=3",
-              "log.every_steps=1", "log.wandb_mode=disabled", "log.progress_bar=false", f"engine.zero_stage={stage}",
-              "optim.lr=1e-3"]
+    common = [
+        "--config",
+        "configs/demo.yaml",
+        f"model.name_or_path={tiny_bert}",
+        "model.dropout=0",
+        f"data.train_file={DEMO_DATA / 'wiki-demo.txt'}",
+        "train.global_batch_size=12",
+        "train.max_steps=3",
+        "log.every_steps=1",
+        "log.wandb_mode=disabled",
+        "log.progress_bar=false",
+        f"engine.zero_stage={stage}",
+        "optim.lr=1e-3",
+    ]
     # One rank prepares batches in the step; two ranks through a DataLoader worker each.
     ok(cli([*common, f"train.output_dir={tmp_path / 'one'}"]))
     ok(cli([*common, f"train.output_dir={tmp_path / 'two'}", "data.num_workers=1"], launcher=launcher, nproc=2))
@@ -77,14 +105,35 @@ def test_bf16_smoke_every_zero_stage_with_sharded_eval(tiny_bert, tmp_path):
     """bf16 at ZeRO 0-3 on 2 ranks, with STS evaluation (every rank forwards: ZeRO-3 needs it)."""
     triplets = (DEMO_DATA / "nli-demo.tsv").read_text().splitlines()[1:42]
     dev = tmp_path / "dev.tsv"  # 41 pairs: an odd count, so the ranks' shares need padding
-    dev.write_text("sentence1\tsentence2\tscore\n" + "".join(
-        f"{t.split(chr(9))[0]}\t{t.split(chr(9))[1 + i % 2]}\t{5.0 if i % 2 == 0 else 1.0}\n"
-        for i, t in enumerate(triplets)))
-    run_gloo(REPO / "tests" / "workers" / "train_worker.py", 2, [
-        "--out", str(tmp_path), "--stages", "0,1,2,3", f"model.name_or_path={tiny_bert}",
-        f"data.train_file={DEMO_DATA / 'nli-demo.tsv'}", "train.objective=sup", "engine.precision=bf16",
-        "train.global_batch_size=16", "train.max_steps=4", "log.every_steps=2", "log.wandb_mode=disabled",
-        "log.progress_bar=false", f"eval.sts_dev_file={dev}", "eval.every_steps=2", "eval.batch_size=8"])
+    dev.write_text(
+        "sentence1\tsentence2\tscore\n"
+        + "".join(
+            f"{t.split(chr(9))[0]}\t{t.split(chr(9))[1 + i % 2]}\t{5.0 if i % 2 == 0 else 1.0}\n"
+            for i, t in enumerate(triplets)
+        )
+    )
+    run_gloo(
+        REPO / "tests" / "workers" / "train_worker.py",
+        2,
+        [
+            "--out",
+            str(tmp_path),
+            "--stages",
+            "0,1,2,3",
+            f"model.name_or_path={tiny_bert}",
+            f"data.train_file={DEMO_DATA / 'nli-demo.tsv'}",
+            "train.objective=sup",
+            "engine.precision=bf16",
+            "train.global_batch_size=16",
+            "train.max_steps=4",
+            "log.every_steps=2",
+            "log.wandb_mode=disabled",
+            "log.progress_bar=false",
+            f"eval.sts_dev_file={dev}",
+            "eval.every_steps=2",
+            "eval.batch_size=8",
+        ],
+    )
     for stage in range(4):
         rows = read_jsonl(tmp_path / f"z{stage}" / "metrics.jsonl")
         train = [r for r in rows if "train/loss" in r]
@@ -102,9 +151,19 @@ def test_malformed_row_names_file_and_line(tiny_bert, tmp_path, nproc):
     bad = tmp_path / "bad.tsv"
     bad.write_text("sent0\tsent1\thard_neg\na\tb\tc\nonly\ttwo\n")
     t0 = time.monotonic()
-    proc = cli(["--config", "configs/demo.yaml", f"model.name_or_path={tiny_bert}", f"data.train_file={bad}",
-                "train.objective=sup", f"train.output_dir={tmp_path / 'out'}", "log.wandb_mode=disabled"],
-               launcher="python" if nproc == 1 else "torchrun", nproc=nproc)
+    proc = cli(
+        [
+            "--config",
+            "configs/demo.yaml",
+            f"model.name_or_path={tiny_bert}",
+            f"data.train_file={bad}",
+            "train.objective=sup",
+            f"train.output_dir={tmp_path / 'out'}",
+            "log.wandb_mode=disabled",
+        ],
+        launcher="python" if nproc == 1 else "torchrun",
+        nproc=nproc,
+    )
     assert proc.returncode == (2 if nproc == 1 else 1)  # torchrun reports a failed rank with 1
     assert f"{bad}:3: expected 3 fields" in proc.stderr
     assert time.monotonic() - t0 < 120
@@ -114,11 +173,28 @@ def test_malformed_row_names_file_and_line(tiny_bert, tmp_path, nproc):
 def test_bf16_grad_cache_with_short_last_batch_every_zero_stage(tiny_bert, tmp_path):
     """Gradient caching through DeepSpeed's bf16 engine at ZeRO 0-3 on 2 ranks, across an epoch
     end with drop_last=false (216 triplets, 16 per step: step 14 holds the last 8)."""
-    run_gloo(REPO / "tests" / "workers" / "train_worker.py", 2, [
-        "--out", str(tmp_path), "--stages", "0,1,2,3", f"model.name_or_path={tiny_bert}",
-        f"data.train_file={DEMO_DATA / 'nli-demo.tsv'}", "train.objective=sup", "engine.precision=bf16",
-        "train.global_batch_size=16", "train.grad_accum=2", "train.grad_cache=true", "data.drop_last=false",
-        "train.max_steps=14", "log.every_steps=7", "log.wandb_mode=disabled", "log.progress_bar=false"])
+    run_gloo(
+        REPO / "tests" / "workers" / "train_worker.py",
+        2,
+        [
+            "--out",
+            str(tmp_path),
+            "--stages",
+            "0,1,2,3",
+            f"model.name_or_path={tiny_bert}",
+            f"data.train_file={DEMO_DATA / 'nli-demo.tsv'}",
+            "train.objective=sup",
+            "engine.precision=bf16",
+            "train.global_batch_size=16",
+            "train.grad_accum=2",
+            "train.grad_cache=true",
+            "data.drop_last=false",
+            "train.max_steps=14",
+            "log.every_steps=7",
+            "log.wandb_mode=disabled",
+            "log.progress_bar=false",
+        ],
+    )
     for stage in range(4):
         rows = read_jsonl(tmp_path / f"z{stage}" / "metrics.jsonl")
         assert [r["step"] for r in rows] == [7, 14]

@@ -15,11 +15,23 @@ from simcse_dist.train.sinks import MetricsLogger
 def test_deepspeed_config_from_ours_and_expert_merge(tmp_path):
     expert = tmp_path / "ds.json"
     expert.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 12345}, "steps_per_print": 7}))
-    cfg = load_config(None, ["train.global_batch_size=64", "train.grad_accum=2", "engine.zero_stage=2",
-                             "engine.precision=bf16", "engine.gradient_clipping=0",
-                             f"engine.deepspeed_config={expert}"])
+    cfg = load_config(
+        None,
+        [
+            "train.global_batch_size=64",
+            "train.grad_accum=2",
+            "engine.zero_stage=2",
+            "engine.precision=bf16",
+            "engine.gradient_clipping=0",
+            f"engine.deepspeed_config={expert}",
+        ],
+    )
     ds = deepspeed_config(cfg, world_size=4)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 8, 2)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        64,
+        8,
+        2,
+    )
     assert ds["gradient_clipping"] == 0 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["reduce_bucket_size"] == 12345
     assert ds["steps_per_print"] == 7
@@ -46,7 +58,11 @@ def test_offline_wandb_without_key_and_jsonl(tmp_path, monkeypatch, caplog):
         logger.close()
     assert any("logging offline" in s for s in caplog.messages)
     assert "step 10: train/loss=1.5  train/lr=3e-05" in caplog.messages
-    assert json.loads((tmp_path / "out" / "metrics.jsonl").read_text()) == {"step": 10, "train/loss": 1.5, "train/lr": 3e-5}
+    assert json.loads((tmp_path / "out" / "metrics.jsonl").read_text()) == {
+        "step": 10,
+        "train/loss": 1.5,
+        "train/lr": 3e-5,
+    }
     assert list((tmp_path / "out" / "wandb").glob("offline-run-*"))
 
 
@@ -70,8 +86,15 @@ def test_deepspeed_details_the_engine_relies_on(tiny_bert, single_process_group)
     from simcse_dist.model.encoder import Encoder
 
     assert "deepspeed_shm_comm" in deepspeed.ops.__compatible_ops__
-    cfg = load_config(None, [f"model.name_or_path={tiny_bert}", "model.dropout=0", "train.global_batch_size=4",
-                             "engine.gradient_clipping=0"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name_or_path={tiny_bert}",
+            "model.dropout=0",
+            "train.global_batch_size=4",
+            "engine.gradient_clipping=0",
+        ],
+    )
     torch.manual_seed(0)
     reference = Encoder.from_config(cfg.model)
     torch.manual_seed(0)
@@ -103,8 +126,8 @@ def test_fp16_at_zero0_scales_the_loss_deepspeed_does_not(monkeypatch):
     from simcse_dist.engine import Engine
 
     source = inspect.getsource(ds_engine)  # backward is wrapped by an nvtx decorator without functools.wraps
-    body = source[source.index("    def backward(self, loss"):]
-    body = body[:body.index("\n    def ", 10)]
+    body = source[source.index("    def backward(self, loss") :]
+    body = body[: body.index("\n    def ", 10)]
     assert "loss = self.optimizer.scale_if_loss(loss)" in body and "isinstance(self.optimizer, ZeROOptimizer)" in body
     assert not issubclass(FP16_Optimizer, ZeROOptimizer) and not issubclass(FP16_UnfusedOptimizer, ZeROOptimizer)
     assert isinstance(FP16_UnfusedOptimizer.loss_scale, property)

@@ -20,21 +20,44 @@ from helpers import wait_for_step as wait_for_metrics
 
 from simcse_dist.cli.train import main as train_main
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONPATH": str(REPO),
+    "WANDB_MODE": "disabled",
+}
 
 
 def args(model: Path, out: Path, steps: int = 400, **kw) -> list[str]:
-    base = {"model.name_or_path": model, "model.dropout": 0.1, "data.train_file": DEMO_DATA / "wiki-demo.txt",
-            "train.global_batch_size": 8, "train.max_steps": steps, "log.every_steps": 1,
-            "log.wandb_mode": "disabled", "checkpoint.every_steps": 0, "train.output_dir": out, **kw}
+    base = {
+        "model.name_or_path": model,
+        "model.dropout": 0.1,
+        "data.train_file": DEMO_DATA / "wiki-demo.txt",
+        "train.global_batch_size": 8,
+        "train.max_steps": steps,
+        "log.every_steps": 1,
+        "log.wandb_mode": "disabled",
+        "checkpoint.every_steps": 0,
+        "train.output_dir": out,
+        **kw,
+    }
     return [f"{k}={v}" for k, v in base.items()]
 
 
 def start(cmd: list[str], **kw) -> subprocess.Popen:
     """Its own session, as a terminal's foreground job is its own process group."""
-    return subprocess.Popen(cmd, cwd=REPO, env={**ENV, **kw.pop("env", {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**ENV, **kw.pop("env", {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
 
 
 def python_cli(*a: str) -> list[str]:
@@ -124,15 +147,36 @@ def test_ctrl_c_during_start_up_under_a_launch_script(tiny_bert, tmp_path):
 def test_ranks_stop_with_a_checkpoint_when_their_launcher_is_killed(tiny_bert, tmp_path, launcher):
     out = tmp_path / "run"
     if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "simcse_dist.cli", *args(tiny_bert, out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "simcse_dist.cli",
+            *args(tiny_bert, out),
+        ]
     else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=2",
-               f"--master_port={29900 + os.getpid() % 90}", "--module", "simcse_dist.cli", *args(tiny_bert, out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus=2",
+            f"--master_port={29900 + os.getpid() % 90}",
+            "--module",
+            "simcse_dist.cli",
+            *args(tiny_bert, out),
+        ]
     proc = start(cmd)
     wait_for_step(out, 2, proc)
-    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "simcse_dist.cli" in " ".join(p.cmdline())
-             and "launcher" not in " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline())]
+    ranks = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "simcse_dist.cli" in " ".join(p.cmdline())
+        and "launcher" not in " ".join(p.cmdline())
+        and "torch.distributed.run" not in " ".join(p.cmdline())
+    ]
     assert len(ranks) == 2, [p.cmdline() for p in ranks]
     proc.kill()  # kill -9 of the launcher: nothing forwards any signal
     proc.wait()
@@ -170,13 +214,23 @@ def test_disk_full_at_a_checkpoint_keeps_the_previous_one(tiny_bert, tmp_path):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         out = disk / "run"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "simcse_dist.cli", *args(tiny_bert, out, steps=8, **{"checkpoint.every_steps": 2})]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "simcse_dist.cli",
+            *args(tiny_bert, out, steps=8, **{"checkpoint.every_steps": 2}),
+        ]
         proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
         log = proc.stdout + proc.stderr
         assert proc.returncode != 0
-        assert f"error: cannot write checkpoint {out / 'checkpoints' / 'step-00000004.tmp'}: the disk is full (ENOSPC)" \
-            in log, log[-4000:]
+        assert (
+            f"error: cannot write checkpoint {out / 'checkpoints' / 'step-00000004.tmp'}: the disk is full (ENOSPC)"
+            in log
+        ), log[-4000:]
         assert f"The previous checkpoint {out / 'checkpoints' / 'step-00000002'} is intact" in log
         assert "exitcode  : 4" in log  # torchrun's report names rank 0 and its exit code
         assert "Connection closed" not in log
@@ -191,16 +245,24 @@ def test_two_runs_in_one_output_dir_and_a_stale_lock(tiny_bert, tmp_path):
     first = start(python_cli(*args(tiny_bert, out, steps=100000)))
     wait_for_step(out, 1, first)
     t0 = time.time()
-    second = subprocess.run(python_cli(*args(tiny_bert, out)), cwd=REPO, env=ENV, capture_output=True, text=True,
-                            timeout=120)
+    second = subprocess.run(
+        python_cli(*args(tiny_bert, out)), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120
+    )
     assert second.returncode == 2 and time.time() - t0 < 60
     lock = json.loads((out / ".lock").read_text())
     assert f"train.output_dir: {out} is in use by another run (host {lock['host']}, pid {first.pid}" in second.stderr
     os.killpg(first.pid, signal.SIGKILL)  # the first run dies without releasing its lock
     first.wait()
-    third = subprocess.run(python_cli(*args(tiny_bert, out, steps=100000), "checkpoint.resume=false",
-                                      "train.max_steps=2", "train.overwrite=true"), cwd=REPO, env=ENV, capture_output=True,
-                           text=True, timeout=120)
+    third = subprocess.run(
+        python_cli(
+            *args(tiny_bert, out, steps=100000), "checkpoint.resume=false", "train.max_steps=2", "train.overwrite=true"
+        ),
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert third.returncode == 0, third.stderr[-3000:]
     assert f"taking over the lock of a run that is gone (process {first.pid} is gone)" in third.stderr + third.stdout
 
@@ -235,11 +297,17 @@ def test_checkpoint_in_another_data_order_is_refused_through_the_cli(tiny_bert, 
     assert state["sampler"] == "feistel-v1"
     state["sampler"] = "another-order-v0"
     state_file.write_text(json.dumps(state))
-    again = subprocess.run(python_cli(*over, "train.max_steps=4"), cwd=REPO, env=ENV,
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        python_cli(*over, "train.max_steps=4"), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 2, again.stderr[-3000:]
     err = again.stderr.strip().splitlines()[-1]
-    assert err.startswith("error: ") and "'another-order-v0'" in err and "'feistel-v1'" in err and "Traceback" not in again.stderr
+    assert (
+        err.startswith("error: ")
+        and "'another-order-v0'" in err
+        and "'feistel-v1'" in err
+        and "Traceback" not in again.stderr
+    )
     assert json.loads(state_file.read_text()) == state
 
 
@@ -262,10 +330,13 @@ def test_raising_max_steps_extends_a_finished_run(tiny_bert, tmp_path, single_pr
     assert rows[5]["train/lr"] == pytest.approx(1e-4 * 4 / 8)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("loss.temperature=inf", "loss.temperature: must be a finite number > 0, got inf"),
-    ("train.global_batch_size=1", "train.global_batch_size: 1 (grad_accum 1) leaves each anchor no negative"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("loss.temperature=inf", "loss.temperature: must be a finite number > 0, got inf"),
+        ("train.global_batch_size=1", "train.global_batch_size: 1 (grad_accum 1) leaves each anchor no negative"),
+    ],
+)
 def test_degenerate_configs_are_refused(tiny_bert, tmp_path, capsys, override, message):
     assert train_main([*args(tiny_bert, tmp_path / "run"), override]) == 2
     assert message in capsys.readouterr().err
@@ -275,8 +346,16 @@ def test_degenerate_configs_are_refused(tiny_bert, tmp_path, capsys, override, m
 def test_a_hub_id_that_does_not_resolve_fails_within_seconds(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.time()
-    assert train_main([f"data.train_file={DEMO_DATA / 'wiki-demo.txt'}", "model.name_or_path=nobody/no-such-model",
-                       f"train.output_dir={tmp_path / 'run'}"]) == 2
+    assert (
+        train_main(
+            [
+                f"data.train_file={DEMO_DATA / 'wiki-demo.txt'}",
+                "model.name_or_path=nobody/no-such-model",
+                f"train.output_dir={tmp_path / 'run'}",
+            ]
+        )
+        == 2
+    )
     assert time.time() - t0 < 15
     err = capsys.readouterr().err
     assert "error: model.name_or_path: 'nobody/no-such-model' is not a local directory and could not be fetched" in err
@@ -288,16 +367,26 @@ def test_logs_a_person_reads(tiny_bert, tmp_path):
     """Redirected output: no progress bar, one wandb line, and loading best/ with plain
     transformers prints no weight report."""
     out = tmp_path / "run"
-    proc = subprocess.run(python_cli(*args(tiny_bert, out, steps=3, **{"log.wandb_mode": "offline"})), cwd=REPO,
-                          env={k: v for k, v in ENV.items() if k != "WANDB_MODE"}, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        python_cli(*args(tiny_bert, out, steps=3, **{"log.wandb_mode": "offline"})),
+        cwd=REPO,
+        env={k: v for k, v in ENV.items() if k != "WANDB_MODE"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "it/s]" not in log and "\r" not in log  # no tqdm bar
     assert sum("wandb" in line for line in log.splitlines()) == 1, log
     assert "done: 3 steps; final model in" in log and "last checkpoint" in log
-    load = subprocess.run([sys.executable, "-c", f"from transformers import AutoModel; AutoModel.from_pretrained("
-                           f"{str(out / 'best')!r})"], capture_output=True, text=True, env=ENV, timeout=120)
+    load = subprocess.run(
+        [sys.executable, "-c", f"from transformers import AutoModel; AutoModel.from_pretrained({str(out / 'best')!r})"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
     assert load.returncode == 0 and "LOAD REPORT" not in load.stdout + load.stderr, load.stderr
 
 
@@ -313,8 +402,13 @@ def test_deepspeed_script_keeps_the_visible_gpus(tmp_path, visible, expected):
     env.pop("CUDA_VISIBLE_DEVICES", None)
     if visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible
-    proc = subprocess.run(["bash", str(REPO / "launch" / "deepspeed.sh"), "--config", "x.yaml"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch" / "deepspeed.sh"), "--config", "x.yaml"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     argv = (tmp_path / "args").read_text().split("\n")
     assert argv[:2] == expected and "--module" in argv
@@ -337,10 +431,13 @@ def test_rank_0_failing_alone_ends_its_peers_at_once(tmp_path):
     it through the agreement that follows at once, instead of waiting in a barrier for rank 0."""
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000004"
     (ckpt / "engine").mkdir(parents=True)
-    (ckpt / "trainer_state.json").write_text(json.dumps({"format": 2, "step": 4, "world_size": 1, "zero_stage": 2,
-                                                         "parts": {}}))
+    (ckpt / "trainer_state.json").write_text(
+        json.dumps({"format": 2, "step": 4, "world_size": 1, "zero_stage": 2, "parts": {}})
+    )
     out = run_gloo(REPO / "tests" / "workers" / "agreement_worker.py", 2, [str(ckpt)], timeout=180)
     ends = dict(line.split(": ", 1) for line in out.splitlines() if line.startswith("rank "))
     assert ends["rank 0"].startswith("CheckpointLayoutError"), out
     name, seconds = ends["rank 1"].split(" after ")
-    assert name == "PeerFailed" and float(seconds.removesuffix(" s")) < float(ends["rank 0"].split(" after ")[1][:-2]) + 4, out
+    assert (
+        name == "PeerFailed" and float(seconds.removesuffix(" s")) < float(ends["rank 0"].split(" after ")[1][:-2]) + 4
+    ), out

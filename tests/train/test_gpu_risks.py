@@ -35,9 +35,19 @@ LR, EPS = 1e-5, 1e-8
 # -- risk 6 --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stage", [0, 2])
 def test_bf16_full_state_dict_is_the_fp32_master_not_the_bf16_params(tiny_bert, single_process_group, stage):
-    cfg = load_config(None, [f"model.name_or_path={tiny_bert}", "model.dropout=0", "train.global_batch_size=4",
-                             "engine.gradient_clipping=0", "engine.precision=bf16", f"engine.zero_stage={stage}",
-                             f"optim.lr={LR}", f"optim.adam_eps={EPS}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name_or_path={tiny_bert}",
+            "model.dropout=0",
+            "train.global_batch_size=4",
+            "engine.gradient_clipping=0",
+            "engine.precision=bf16",
+            f"engine.zero_stage={stage}",
+            f"optim.lr={LR}",
+            f"optim.adam_eps={EPS}",
+        ],
+    )
     torch.manual_seed(0)
     engine = Engine(Encoder.from_config(cfg.model), cfg, world_size=1, total_steps=10)
     assert engine.engine.communication_data_type == torch.float32  # the engine took our fp32 reduction
@@ -90,20 +100,43 @@ def test_our_collectives_get_contiguous_tensors_on_the_engine_device(tiny_bert, 
     dev = tmp_path / "dev.tsv"
     pairs = [r.split("\t")[:2] for r in rows[1:12]]
     pairs[-1][1] = pairs[-1][0]  # 11 pairs, 21 distinct sentences
-    dev.write_text("sentence1\tsentence2\tscore\n" + "".join(
-        f"{a}\t{b}\t{5.0 if i % 2 == 0 else 1.0}\n" for i, (a, b) in enumerate(pairs)))
+    dev.write_text(
+        "sentence1\tsentence2\tscore\n"
+        + "".join(f"{a}\t{b}\t{5.0 if i % 2 == 0 else 1.0}\n" for i, (a, b) in enumerate(pairs))
+    )
     overlap = tmp_path / "overlap.json"
     overlap.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}}))
-    cases = {"z2": ["engine.zero_stage=2"], "z3": ["engine.zero_stage=3"],
-             "z2-overlap": ["engine.zero_stage=2", f"engine.deepspeed_config={overlap}"]}
+    cases = {
+        "z2": ["engine.zero_stage=2"],
+        "z3": ["engine.zero_stage=3"],
+        "z2-overlap": ["engine.zero_stage=2", f"engine.deepspeed_config={overlap}"],
+    }
     for name, extra in cases.items():
         out = tmp_path / name
         out.mkdir()
-        run_gloo(WORKER, 2, ["train", str(out), f"model.name_or_path={tiny_bert}", f"data.train_file={train}",
-                             "train.objective=sup", "train.global_batch_size=8", "data.drop_last=false",
-                             "train.max_steps=6", "log.every_steps=3", "log.wandb_mode=disabled",
-                             "log.progress_bar=false", f"eval.sts_dev_file={dev}", "eval.every_steps=3",
-                             "eval.batch_size=4", f"train.output_dir={out / 'run'}", *extra], timeout=240)
+        run_gloo(
+            WORKER,
+            2,
+            [
+                "train",
+                str(out),
+                f"model.name_or_path={tiny_bert}",
+                f"data.train_file={train}",
+                "train.objective=sup",
+                "train.global_batch_size=8",
+                "data.drop_last=false",
+                "train.max_steps=6",
+                "log.every_steps=3",
+                "log.wandb_mode=disabled",
+                "log.progress_bar=false",
+                f"eval.sts_dev_file={dev}",
+                "eval.every_steps=3",
+                "eval.batch_size=4",
+                f"train.output_dir={out / 'run'}",
+                *extra,
+            ],
+            timeout=240,
+        )
         for rank in (0, 1):
             record = json.loads((out / f"calls-rank{rank}.json").read_text())
             assert record["overlap_comm"] is (name == "z2-overlap")  # generated: CUDA only
@@ -157,9 +190,11 @@ def _meta_batch(b: int, k: int, padded: bool, with_ids: bool):
     from simcse_dist.data.batch import Batch
 
     ids = torch.zeros(b, k, 5, dtype=torch.long, device="meta")
-    return Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                 row_valid=torch.ones(b, dtype=torch.bool, device="meta") if padded else None,
-                 ids=torch.zeros(b, k, dtype=torch.long, device="meta") if with_ids else None)
+    return Batch(
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+        row_valid=torch.ones(b, dtype=torch.bool, device="meta") if padded else None,
+        ids=torch.zeros(b, k, dtype=torch.long, device="meta") if with_ids else None,
+    )
 
 
 @pytest.mark.parametrize("padded,with_ids", [(True, False), (False, True), (True, True)])

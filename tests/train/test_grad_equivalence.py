@@ -26,24 +26,63 @@ DATA = {"unsup": DEMO_DATA / "wiki-demo.txt", "sup": DEMO_DATA / "nli-demo.tsv"}
 
 
 def overrides(model: Path, global_batch: int, *extra: str) -> list[str]:
-    return [f"model.name_or_path={model}", "model.dropout=0", f"loss.temperature={TAU}",
-            f"train.global_batch_size={global_batch}", f"train.seed={SEED}", "train.max_steps=1",
-            "engine.gradient_clipping=0", "log.wandb_mode=disabled", "log.progress_bar=false", *extra]
+    return [
+        f"model.name_or_path={model}",
+        "model.dropout=0",
+        f"loss.temperature={TAU}",
+        f"train.global_batch_size={global_batch}",
+        f"train.seed={SEED}",
+        "train.max_steps=1",
+        "engine.gradient_clipping=0",
+        "log.wandb_mode=disabled",
+        "log.progress_bar=false",
+        *extra,
+    ]
 
 
-def run_worker(tmp_path: Path, world: int, model: Path, global_batch: int, *, accums: str = "1",
-               stages: str = "0,1,2,3", data: dict | None = None, step: int = 0, extra: tuple = (),
-               objectives: str = "unsup,sup") -> None:
+def run_worker(
+    tmp_path: Path,
+    world: int,
+    model: Path,
+    global_batch: int,
+    *,
+    accums: str = "1",
+    stages: str = "0,1,2,3",
+    data: dict | None = None,
+    step: int = 0,
+    extra: tuple = (),
+    objectives: str = "unsup,sup",
+) -> None:
     data = data or DATA
-    run_gloo(WORKER, world, ["--out", str(tmp_path), "--stages", stages, "--grad-accums", accums,
-                             "--objectives", objectives,
-                             "--data-unsup", str(data["unsup"]), "--data-sup", str(data["sup"]),
-                             "--hard-negative-weight", str(HNW), "--step", str(step),
-                             *overrides(model, global_batch, *extra)], timeout=600)
+    run_gloo(
+        WORKER,
+        world,
+        [
+            "--out",
+            str(tmp_path),
+            "--stages",
+            stages,
+            "--grad-accums",
+            accums,
+            "--objectives",
+            objectives,
+            "--data-unsup",
+            str(data["unsup"]),
+            "--data-sup",
+            str(data["sup"]),
+            "--hard-negative-weight",
+            str(HNW),
+            "--step",
+            str(step),
+            *overrides(model, global_batch, *extra),
+        ],
+        timeout=600,
+    )
 
 
-def reference_grads(model: Path, objective: str, data: Path, chunks: list[list[int]],
-                    mask_duplicates: bool = False) -> dict[str, torch.Tensor]:
+def reference_grads(
+    model: Path, objective: str, data: Path, chunks: list[list[int]], mask_duplicates: bool = False
+) -> dict[str, torch.Tensor]:
     """One process, plain autograd: the loss of each chunk (a micro-step's global examples),
     averaged over chunks; gradient caching and uneven batches use a single chunk."""
     cfg = load_config(None, overrides(model, 8))
@@ -97,9 +136,15 @@ def test_n_ranks_match_one_process(tiny_bert, tmp_path, world, global_batch, gra
     for objective in ("unsup", "sup"):
         idx = global_batch_indices(n_examples(DATA[objective]), global_batch, SEED)
         per_micro = global_batch // grad_accum  # plain accumulation: negatives per micro-step
-        chunks = [idx[a * per_micro:(a + 1) * per_micro] for a in range(grad_accum)]
-        check(tmp_path, objective, stages, grad_accum,
-              reference_grads(tiny_bert, objective, DATA[objective], chunks), f"world {world}")
+        chunks = [idx[a * per_micro : (a + 1) * per_micro] for a in range(grad_accum)]
+        check(
+            tmp_path,
+            objective,
+            stages,
+            grad_accum,
+            reference_grads(tiny_bert, objective, DATA[objective], chunks),
+            f"world {world}",
+        )
 
 
 @pytest.mark.slow
@@ -108,14 +153,16 @@ def test_grad_cache_equals_whole_global_batch(tiny_bert, tmp_path, world):
     """A chunks per rank, N ranks, every ZeRO stage: the gradient of the loss over all 24."""
     run_worker(tmp_path, world, tiny_bert, 24, accums="1,2,4", extra=("train.grad_cache=true",))
     for objective in ("unsup", "sup"):
-        ref = reference_grads(tiny_bert, objective, DATA[objective],
-                              [global_batch_indices(n_examples(DATA[objective]), 24, SEED)])
+        ref = reference_grads(
+            tiny_bert, objective, DATA[objective], [global_batch_indices(n_examples(DATA[objective]), 24, SEED)]
+        )
         for accum in (1, 2, 4):
             check(tmp_path, objective, "0,1,2,3", accum, ref, f"grad_cache world {world}")
 
 
-def reference_grads_dropout(model: Path, objective: str, data: Path, idx: list[int], world: int,
-                            accum: int) -> dict[str, torch.Tensor]:
+def reference_grads_dropout(
+    model: Path, objective: str, data: Path, idx: list[int], world: int, accum: int
+) -> dict[str, torch.Tensor]:
     """Dropout on: the written-out loss over the whole global batch, each rank's rows encoded
     chunk by chunk from that rank's seed (train.seed + rank) in the trainer's order, so the
     dropout masks are the ones the ranks draw."""
@@ -130,10 +177,11 @@ def reference_grads_dropout(model: Path, objective: str, data: Path, idx: list[i
     for r in range(world):
         torch.manual_seed(SEED + r)
         for a in range(accum):
-            rows = idx[a * per_chunk + r * per_rank:a * per_chunk + (r + 1) * per_rank]
+            rows = idx[a * per_chunk + r * per_rank : a * per_chunk + (r + 1) * per_rank]
             views = [(examples[i][0], examples[i][0]) if objective == "unsup" else examples[i] for i in rows]
-            enc_in = tok([s for v in views for s in v], padding=True, truncation=True, max_length=32,
-                         return_tensors="pt")
+            enc_in = tok(
+                [s for v in views for s in v], padding=True, truncation=True, max_length=32, return_tensors="pt"
+            )
             zs.append(enc(**enc_in).view(len(views), len(views[0]), -1))
     reference_simcse_loss(torch.cat(zs), TAU, HNW if objective == "sup" else 0.0).backward()
     return {n: p.grad.detach().clone() for n, p in enc.named_parameters()}
@@ -142,8 +190,9 @@ def reference_grads_dropout(model: Path, objective: str, data: Path, idx: list[i
 @pytest.mark.slow
 def test_grad_cache_with_dropout_equals_whole_global_batch(tiny_bert, tmp_path):
     """Dropout on (the augmentation): 2 ranks x 2 chunks re-encode with each chunk's own masks."""
-    run_worker(tmp_path, 2, tiny_bert, 24, accums="2", stages="0,3",
-               extra=("train.grad_cache=true", "model.dropout=0.1"))
+    run_worker(
+        tmp_path, 2, tiny_bert, 24, accums="2", stages="0,3", extra=("train.grad_cache=true", "model.dropout=0.1")
+    )
     for objective in ("unsup", "sup"):
         idx = global_batch_indices(n_examples(DATA[objective]), 24, SEED)
         ref = reference_grads_dropout(tiny_bert, objective, DATA[objective], idx, 2, 2)
@@ -156,7 +205,7 @@ def _subset(tmp_path: Path, n: int) -> dict[str, Path]:
         lines = path.read_text().splitlines()
         header = lines[:1] if objective == "sup" else []
         out[objective] = tmp_path / f"{objective}-{n}{path.suffix}"
-        out[objective].write_text("\n".join(header + lines[len(header):len(header) + n]) + "\n")
+        out[objective].write_text("\n".join(header + lines[len(header) : len(header) + n]) + "\n")
     return out
 
 
@@ -167,13 +216,27 @@ def test_uneven_last_batch_seven_and_six(tiny_bert, tmp_path, grad_cache):
     (with grad_cache and A=2: chunks of 7 and 6, each split again); padding is masked out."""
     data = _subset(tmp_path, 29)
     accum = 2 if grad_cache else 1
-    run_worker(tmp_path, 2, tiny_bert, 16, accums=str(accum), data=data, step=1,
-               extra=("data.drop_last=false", f"train.grad_cache={str(grad_cache).lower()}"))
+    run_worker(
+        tmp_path,
+        2,
+        tiny_bert,
+        16,
+        accums=str(accum),
+        data=data,
+        step=1,
+        extra=("data.drop_last=false", f"train.grad_cache={str(grad_cache).lower()}"),
+    )
     for objective in ("unsup", "sup"):
         last = global_batch_indices(29, 29, SEED)[16:]
         assert len(last) == 13
-        check(tmp_path, objective, "0,1,2,3", accum,
-              reference_grads(tiny_bert, objective, data[objective], [last]), "uneven")
+        check(
+            tmp_path,
+            objective,
+            "0,1,2,3",
+            accum,
+            reference_grads(tiny_bert, objective, data[objective], [last]),
+            "uneven",
+        )
 
 
 @pytest.mark.slow
@@ -199,9 +262,28 @@ def test_duplicate_premises_are_not_negatives(tiny_bert, tmp_path):
 def test_reference_detects_dropped_cross_rank_terms(tiny_bert, tmp_path):
     """Sanity of the comparison itself: 2 ranks with the official code's no-grad gather (each
     rank's gradient reaches only its own rows) fail it by far."""
-    run_gloo(WORKER, 2, ["--out", str(tmp_path), "--stages", "0", "--grad-accums", "1", "--objectives", "sup",
-                         "--data-unsup", str(DATA["unsup"]), "--data-sup", str(DATA["sup"]),
-                         "--hard-negative-weight", str(HNW), "--no-grad-gather", *overrides(tiny_bert, 12)])
+    run_gloo(
+        WORKER,
+        2,
+        [
+            "--out",
+            str(tmp_path),
+            "--stages",
+            "0",
+            "--grad-accums",
+            "1",
+            "--objectives",
+            "sup",
+            "--data-unsup",
+            str(DATA["unsup"]),
+            "--data-sup",
+            str(DATA["sup"]),
+            "--hard-negative-weight",
+            str(HNW),
+            "--no-grad-gather",
+            *overrides(tiny_bert, 12),
+        ],
+    )
     ref = reference_grads(tiny_bert, "sup", DATA["sup"], [global_batch_indices(n_examples(DATA["sup"]), 12, SEED)])
     got = torch.load(tmp_path / "grads-sup-z0-a1.pt")["grads"]
     rel, _ = max_rel_diff(got, ref)

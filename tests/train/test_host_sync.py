@@ -44,10 +44,20 @@ def sync_calls(monkeypatch):
 def test_no_host_sync_between_logging_steps(tiny_bert, tmp_path, single_process_group, sync_calls):
     """train.on_nonfinite=stop (the default). With skip, every step waits for its own agreement
     (StepFlags.read after post): the step cannot be skipped otherwise."""
-    cfg = load_config(None, [f"model.name_or_path={tiny_bert}", f"data.train_file={DEMO_DATA / 'wiki-demo.txt'}",
-                             "train.global_batch_size=8", "train.max_steps=9", "log.every_steps=4",
-                             "checkpoint.every_steps=0", "log.wandb_mode=disabled", "log.progress_bar=false",
-                             f"train.output_dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name_or_path={tiny_bert}",
+            f"data.train_file={DEMO_DATA / 'wiki-demo.txt'}",
+            "train.global_batch_size=8",
+            "train.max_steps=9",
+            "log.every_steps=4",
+            "checkpoint.every_steps=0",
+            "log.wandb_mode=disabled",
+            "log.progress_bar=false",
+            f"train.output_dir={tmp_path / 'run'}",
+        ],
+    )
     trainer = Trainer(cfg, single_process_group)
     seen: list[tuple[int, bool, int]] = []  # (step, sync, calls so far when the step began)
     step_fn = trainer.train_step

@@ -20,8 +20,9 @@ def official_layout(z1, z2, z3=None, temp=0.05, hard_negative_weight=0.0):
         z1_z3 = F.cosine_similarity(z1.unsqueeze(1), z3.unsqueeze(0), dim=-1) / temp
         cos = torch.cat([cos, z1_z3], 1)
         n = z1_z3.size(-1)
-        weights = torch.tensor([[0.0] * (cos.size(-1) - n) + [0.0] * i + [hard_negative_weight] + [0.0] * (n - i - 1)
-                                for i in range(n)])
+        weights = torch.tensor(
+            [[0.0] * (cos.size(-1) - n) + [0.0] * i + [hard_negative_weight] + [0.0] * (n - i - 1) for i in range(n)]
+        )
         cos = cos + weights
     return F.cross_entropy(cos, torch.arange(cos.size(0)))
 
@@ -30,7 +31,7 @@ def simulate_ranks(z: torch.Tensor, world: int, temp: float, w: float) -> torch.
     """Mean over simulated ranks of each rank's local loss, candidates laid out as the gather does."""
     b = z.shape[0] // world
     candidates = torch.cat([z[:, v] for v in range(1, z.shape[1])])  # view-major, rank-major inside
-    losses = [simcse_loss(z[r * b:(r + 1) * b], candidates, r * b, temp, w) for r in range(world)]
+    losses = [simcse_loss(z[r * b : (r + 1) * b], candidates, r * b, temp, w) for r in range(world)]
     return torch.stack(losses).mean()
 
 
@@ -120,8 +121,14 @@ def _ranks_with_masks(z, ids, valid, world, temp=0.05, w=0.0):
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_duplicate_premises_match_the_written_out_masked_formula(world):
-    texts = [("p0", "e0", "c0"), ("p0", "e1", "c1"), ("p2", "e2", "c2"), ("p3", "e2", "c3"),
-             ("p4", "e4", "e5"), ("p5", "e5", "c5")]
+    texts = [
+        ("p0", "e0", "c0"),
+        ("p0", "e1", "c1"),
+        ("p2", "e2", "c2"),
+        ("p3", "e2", "c3"),
+        ("p4", "e4", "e5"),
+        ("p5", "e5", "c5"),
+    ]
     torch.manual_seed(world)
     z = torch.randn(6, 3, 8, dtype=torch.float64, requires_grad=True)
     ref = reference_simcse_loss(z, 0.05, 0.5, texts=texts)
@@ -138,9 +145,11 @@ def test_masked_pair_count_of_a_known_batch():
     mask = duplicate_mask(_ids(texts), 0, 3)
     # anchor 0: e1 (same premise p0), e0 of row 2 (= its positive); anchor 1: e0 (same premise);
     # anchor 2: e0 of row 0 (= its positive). No hard negative equals a positive.
-    assert mask.tolist() == [[False, True, True, False, False, False],
-                             [True, False, False, False, False, False],
-                             [True, False, False, False, False, False]]
+    assert mask.tolist() == [
+        [False, True, True, False, False, False],
+        [True, False, False, False, False, False],
+        [True, False, False, False, False, False],
+    ]
 
 
 @pytest.mark.parametrize("k", [2, 3])

@@ -15,9 +15,17 @@ from helpers import CLI_ENV, DEMO_DATA, REPO, read_jsonl
 
 
 def overrides(model: Path, out: Path, **kw) -> list[str]:
-    base = {"model.name_or_path": model, "data.train_file": DEMO_DATA / "wiki-demo.txt", "train.global_batch_size": 8,
-            "train.max_steps": 2, "log.every_steps": 1, "log.wandb_mode": "disabled", "checkpoint.every_steps": 0,
-            "train.output_dir": out, **kw}
+    base = {
+        "model.name_or_path": model,
+        "data.train_file": DEMO_DATA / "wiki-demo.txt",
+        "train.global_batch_size": 8,
+        "train.max_steps": 2,
+        "log.every_steps": 1,
+        "log.wandb_mode": "disabled",
+        "checkpoint.every_steps": 0,
+        "train.output_dir": out,
+        **kw,
+    }
     return [f"{k}={v}" for k, v in base.items()]
 
 
@@ -42,8 +50,9 @@ def test_a_final_model_lost_to_a_full_disk_is_written_by_the_rerun(tiny_bert, tm
     disk = tmp_path / "disk"
     disk.mkdir()
     room = checkpoint + best // 2 + (512 << 10)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room}", "tmpfs", str(disk)],
-                      capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={room}", "tmpfs", str(disk)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         out, status = disk / "run", tmp_path / "status.json"
@@ -121,7 +130,13 @@ def test_the_card_of_best_names_no_local_path_and_its_code_runs_elsewhere(tiny_b
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     code = "import sys\nsys.modules['simcse_dist'] = None  # only sentence-transformers\n" + snippet
-    proc = subprocess.run([sys.executable, "-I", "-c", code], cwd=elsewhere, capture_output=True, text=True,
-                          timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": os.environ["PATH"]})
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", code],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": os.environ["PATH"]},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tensor(" in proc.stdout  # model.similarity printed

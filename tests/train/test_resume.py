@@ -21,29 +21,53 @@ from helpers import DEMO_DATA, REPO, read_jsonl, wait_for_step
 from simcse_dist.config import CheckpointConfig
 from simcse_dist.train.checkpoint import CheckpointLayoutError, CheckpointManager
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONPATH": str(REPO)}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONPATH": str(REPO),
+}
 KEYS = ("train/loss", "train/grad_norm", "train/lr")
 
 
 def common(model: Path, out: Path, steps: int = 16, **kw) -> list[str]:
-    args = {"model.name_or_path": model, "model.dropout": 0.1, "data.train_file": DEMO_DATA / "wiki-demo.txt",
-            "train.global_batch_size": 12, "train.max_steps": steps, "log.every_steps": 1,
-            "log.wandb_mode": "disabled", "log.progress_bar": "false", "checkpoint.every_steps": 4,
-            "engine.zero_stage": 2, "train.output_dir": out, **kw}
+    args = {
+        "model.name_or_path": model,
+        "model.dropout": 0.1,
+        "data.train_file": DEMO_DATA / "wiki-demo.txt",
+        "train.global_batch_size": 12,
+        "train.max_steps": steps,
+        "log.every_steps": 1,
+        "log.wandb_mode": "disabled",
+        "log.progress_bar": "false",
+        "checkpoint.every_steps": 4,
+        "engine.zero_stage": 2,
+        "train.output_dir": out,
+        **kw,
+    }
     return ["--config", str(REPO / "configs" / "demo.yaml"), *(f"{k}={v}" for k, v in args.items())]
 
 
 def command(args: list[str], nproc: int, module: str = "simcse_dist.cli") -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", module, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", module, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        module,
+        *args,
+    ]
 
 
 def run(args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(command(args, nproc), capture_output=True, text=True, cwd=REPO,
-                          env={**ENV, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        command(args, nproc), capture_output=True, text=True, cwd=REPO, env={**ENV, **(env or {})}, timeout=timeout
+    )
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -52,8 +76,14 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def start(args: list[str], nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(command(args, nproc), cwd=REPO, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command(args, nproc),
+        cwd=REPO,
+        env={**ENV, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -106,7 +136,7 @@ def test_stop_file_then_resume_at_another_world_size(tiny_bert, tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
     assert "stopped at step" in out and not stop_file.exists()
-    (stopped_at, _), = CheckpointManager(tmp_path / "run", CheckpointConfig(), 0, 2).complete()
+    ((stopped_at, _),) = CheckpointManager(tmp_path / "run", CheckpointConfig(), 0, 2).complete()
     assert 3 <= stopped_at < 16
     saved = json.loads((tmp_path / "run" / "checkpoints" / f"step-{stopped_at:08d}" / "trainer_state.json").read_text())
     assert saved["zero_stage"] == 2
@@ -156,9 +186,25 @@ def test_one_rank_zero2_checkpoint_resumes_on_two_ranks_with_its_adam_state(tiny
     # universal layout (zero/<param>/exp_avg*.pt holding {"param": tensor}).
     control = fork_run(tmp_path / "ref", tmp_path / "control", 4)
     universal = control / "engine_universal"
-    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                    str(control / "engine"), "--output_folder", str(universal), "--num_extract_workers", "1",
-                    "--num_merge_workers", "1", "--inject_missing_state"], check=True, capture_output=True, env=ENV)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(control / "engine"),
+            "--output_folder",
+            str(universal),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+            "--inject_missing_state",
+        ],
+        check=True,
+        capture_output=True,
+        env=ENV,
+    )
     moments = list(universal.glob("zero/*/exp_avg*.pt"))
     assert moments
     for f in moments:
@@ -185,8 +231,14 @@ def test_bf16_layout_changes_restore_the_exact_optimizer_state(tiny_bert, tmp_pa
             dump = tmp_path / f"w{written}-on{nproc}.pt"
             cmd = [sys.executable, str(worker), "--dump", str(dump), *args]
             if nproc > 1:
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                       *cmd[1:]]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    f"--nproc_per_node={nproc}",
+                    *cmd[1:],
+                ]
             ok(subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300))
             dumps[written, nproc] = torch.load(dump, weights_only=False)
     assert dumps[1, 2]["route"] == dumps[2, 1]["route"] == "universal"
@@ -240,12 +292,32 @@ def test_sigterm_checkpoints_and_exits_cleanly(tiny_bert, tmp_path):
 
 @pytest.mark.slow
 def test_a_rank_that_raises_fails_the_job_fast_under_torchrun(tiny_bert, tmp_path):
-    args = ["--fault", "raise", "--rank", "1", "--step", "3",
-            *common(tiny_bert, tmp_path / "run", **{"engine.dist_timeout_s": 30})[2:]]
+    args = [
+        "--fault",
+        "raise",
+        "--rank",
+        "1",
+        "--step",
+        "3",
+        *common(tiny_bert, tmp_path / "run", **{"engine.dist_timeout_s": 30})[2:],
+    ]
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(REPO / "tests" / "workers" / "fault_worker.py"), *args],
-                          capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "tests" / "workers" / "fault_worker.py"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=ENV,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "injected failure on rank 1" in proc.stderr + proc.stdout  # the failing rank's error is shown
     assert time.time() - t0 < 120
@@ -257,12 +329,27 @@ def test_a_rank_that_raises_without_launcher_ends_peers_within_timeout(tiny_bert
     must leave its collective within engine.dist_timeout_s instead of hanging."""
     timeout_s = 20
     env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29400 + os.getpid() % 500), "WORLD_SIZE": "2"}
-    args = ["--fault", "raise", "--rank", "1", "--step", "3",
-            *common(tiny_bert, tmp_path / "run", **{"engine.dist_timeout_s": timeout_s})[2:]]
+    args = [
+        "--fault",
+        "raise",
+        "--rank",
+        "1",
+        "--step",
+        "3",
+        *common(tiny_bert, tmp_path / "run", **{"engine.dist_timeout_s": timeout_s})[2:],
+    ]
     t0 = time.time()
-    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "workers" / "fault_worker.py"), *args],
-                              cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "workers" / "fault_worker.py"), *args],
+            cwd=REPO,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=timeout_s + 120)[0] for p in procs]
     elapsed = time.time() - t0
     assert all(p.returncode != 0 for p in procs), outs
@@ -275,12 +362,33 @@ def test_a_rank_that_raises_without_launcher_ends_peers_within_timeout(tiny_bert
 def test_nonfinite_loss(tiny_bert, tmp_path, policy, log_every):
     """log_every 10: step 7 neither logs nor saves, so its agreement is read one step later (no
     host sync); step 8 would save a checkpoint and must not."""
-    args = ["--fault", "nan", "--rank", "1", "--step", "7",
-            *common(tiny_bert, tmp_path / "run", steps=10, **{"train.on_nonfinite": policy,
-                                                               "log.every_steps": log_every})[2:]]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(REPO / "tests" / "workers" / "fault_worker.py"), *args],
-                          capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
+    args = [
+        "--fault",
+        "nan",
+        "--rank",
+        "1",
+        "--step",
+        "7",
+        *common(tiny_bert, tmp_path / "run", steps=10, **{"train.on_nonfinite": policy, "log.every_steps": log_every})[
+            2:
+        ],
+    ]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "tests" / "workers" / "fault_worker.py"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=ENV,
+        timeout=300,
+    )
     ckpts = [s for s, _ in CheckpointManager(tmp_path / "run", CheckpointConfig(), 0, 2).complete()]
     if policy == "stop":
         assert proc.returncode != 0

@@ -42,8 +42,8 @@ def make_rows(n: int, k: int, seed: int = 1) -> dict[str, torch.Tensor]:
 def chunks(rows: dict[str, torch.Tensor], sizes: list[int], ids: torch.Tensor | None = None) -> list[Batch]:
     out, start = [], 0
     for s in sizes:
-        part = {key: v[start:start + s] for key, v in rows.items()}
-        out.append(Batch(part, None, None if ids is None else ids[start:start + s], 0))
+        part = {key: v[start : start + s] for key, v in rows.items()}
+        out.append(Batch(part, None, None if ids is None else ids[start : start + s], 0))
         start += s
     return out
 
@@ -89,8 +89,9 @@ def test_plain_accumulation_takes_negatives_per_micro_step():
     sum(reference_simcse_loss(model(b.inputs), TAU, HNW) for b in parts).div(2).backward()
     ref = grads(model)
     calls = []
-    result = accumulate(parts, model, lambda loss, last: (calls.append(last), loss.backward()),
-                        ContrastiveLoss(TAU, HNW))
+    result = accumulate(
+        parts, model, lambda loss, last: (calls.append(last), loss.backward()), ContrastiveLoss(TAU, HNW)
+    )
     assert calls == [False, True]
     assert_close(grads(model), ref)
     whole = grad_cache(parts, model, backward, ContrastiveLoss(TAU, HNW))  # negatives over all 12
@@ -104,14 +105,19 @@ def test_masked_loss_equals_the_written_out_formula():
     texts = [(f"p{i // 2}", f"e{i}", f"c{i}") for i in range(8)]  # rows 2j, 2j+1 share a premise
     texts[5] = (texts[5][0], texts[5][1], "e2")  # row 5's hard negative is row 2's positive
     # what a prepared corpus stores: the 63-bit blake2b of each text
-    ids = torch.tensor([[int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), 'little') >> 1
-                         for t in row] for row in texts])
+    ids = torch.tensor(
+        [
+            [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") >> 1 for t in row]
+            for row in texts
+        ]
+    )
     z = torch.randn(8, 3, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     loss, masked = ContrastiveLoss(TAU, HNW, mask_duplicates=True)(z, None, ids)
     ref = reference_simcse_loss(z, TAU, HNW, texts=texts)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-9)
-    expected = sum(1 for i in range(8) for j in range(8) if j != i and
-                   (texts[j][1] == texts[i][1] or texts[j][0] == texts[i][0]))
+    expected = sum(
+        1 for i in range(8) for j in range(8) if j != i and (texts[j][1] == texts[i][1] or texts[j][0] == texts[i][0])
+    )
     expected += sum(1 for i in range(8) for j in range(8) if texts[j][2] == texts[i][1])
     assert int(masked) == expected == 9
     unmasked, _ = ContrastiveLoss(TAU, HNW)(z)

@@ -23,11 +23,27 @@ from harness import process_group, trainer
 
 from simcse_dist.config import load_config
 
-OPS = ("all_gather", "all_gather_into_tensor", "all_reduce", "reduce_scatter", "reduce_scatter_tensor",
-       "all_to_all", "all_to_all_single", "scatter", "broadcast")
-OURS = ("simcse_dist/train/gather.py", "simcse_dist/distributed.py", "simcse_dist/eval/encode.py",
-        "simcse_dist/train/step.py", "simcse_dist/train/objective.py", "simcse_dist/train/trainer.py",
-        "simcse_dist/train/state.py", "torch/distributed/nn/functional.py")
+OPS = (
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "all_to_all_single",
+    "scatter",
+    "broadcast",
+)
+OURS = (
+    "simcse_dist/train/gather.py",
+    "simcse_dist/distributed.py",
+    "simcse_dist/eval/encode.py",
+    "simcse_dist/train/step.py",
+    "simcse_dist/train/objective.py",
+    "simcse_dist/train/trainer.py",
+    "simcse_dist/train/state.py",
+    "torch/distributed/nn/functional.py",
+)
 
 
 def tensors(args, kwargs) -> list[torch.Tensor]:
@@ -49,9 +65,16 @@ def install(calls: list[dict]) -> None:
             where = next((o for o in OURS if caller.endswith(o)), None)
             if where is not None:
                 ts = tensors(args, kwargs)
-                calls.append({"op": _op, "caller": where, "devices": sorted({str(t.device) for t in ts}),
-                              "contiguous": all(t.is_contiguous() for t in ts),
-                              "dtypes": sorted({str(t.dtype) for t in ts}), "n": len(ts)})
+                calls.append(
+                    {
+                        "op": _op,
+                        "caller": where,
+                        "devices": sorted({str(t.device) for t in ts}),
+                        "contiguous": all(t.is_contiguous() for t in ts),
+                        "dtypes": sorted({str(t.dtype) for t in ts}),
+                        "n": len(ts),
+                    }
+                )
             return _original(*args, **kwargs)
 
         setattr(dist, op, wrapper)
@@ -74,9 +97,13 @@ def train(out: Path, overrides: list[str]) -> None:
         ContrastiveLoss.__call__ = counting
         run = trainer(env, overrides)
         run.train()
-        record = {"engine_device": str(run.engine.device), "calls": calls,
-                  "overlap_comm": run.engine.ds_config["zero_optimization"].get("overlap_comm"),
-                  "stage": run.engine.zero_stage, "padded_real_rows": padded}
+        record = {
+            "engine_device": str(run.engine.device),
+            "calls": calls,
+            "overlap_comm": run.engine.ds_config["zero_optimization"].get("overlap_comm"),
+            "stage": run.engine.zero_stage,
+            "padded_real_rows": padded,
+        }
         (out / f"calls-rank{env.rank}.json").write_text(json.dumps(record))
 
 
@@ -85,8 +112,9 @@ def state(out: Path, model: str) -> None:
     from simcse_dist.model.encoder import Encoder
 
     with process_group() as env:
-        cfg = load_config(None, [f"model.name_or_path={model}", "model.dropout=0", "train.global_batch_size=4",
-                                 "engine.zero_stage=3"])  # no data: the engine alone
+        cfg = load_config(
+            None, [f"model.name_or_path={model}", "model.dropout=0", "train.global_batch_size=4", "engine.zero_stage=3"]
+        )  # no data: the engine alone
         torch.manual_seed(0)  # the MLP head's initial weights, as in the test's reference
         engine = Engine(Encoder.from_config(cfg.model), cfg, env.world_size, total_steps=1)
         mine = engine.full_state_dict(dst_rank=0)

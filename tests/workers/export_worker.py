@@ -25,7 +25,7 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--train-file", required=True)
     p.add_argument("--sentences", required=True, help="JSON list")
-    p.add_argument("--variants", required=True, help='JSON list of [name, pooler, mlp_only_train, zero_stage]')
+    p.add_argument("--variants", required=True, help="JSON list of [name, pooler, mlp_only_train, zero_stage]")
     args = p.parse_args()
     out = Path(args.out)
     sentences = json.loads(Path(args.sentences).read_text())
@@ -36,12 +36,22 @@ def main() -> None:
         if env.is_main:
             torch.save({"emb": emb, "left": left, "right": right, "world": env.world_size}, out / "sharded.pt")
         for name, pooler, mlp_only_train, stage in json.loads(args.variants):
-            run = trainer(env, [
-                f"model.name_or_path={args.model}", f"model.pooler={pooler}",
-                f"model.mlp_only_train={str(mlp_only_train).lower()}", f"data.train_file={args.train_file}",
-                "train.global_batch_size=8", "train.max_steps=2", "optim.lr=0.001", f"engine.zero_stage={stage}",
-                f"train.output_dir={out / name}", "log.wandb_mode=disabled", "log.progress_bar=false",
-            ])
+            run = trainer(
+                env,
+                [
+                    f"model.name_or_path={args.model}",
+                    f"model.pooler={pooler}",
+                    f"model.mlp_only_train={str(mlp_only_train).lower()}",
+                    f"data.train_file={args.train_file}",
+                    "train.global_batch_size=8",
+                    "train.max_steps=2",
+                    "optim.lr=0.001",
+                    f"engine.zero_stage={stage}",
+                    f"train.output_dir={out / name}",
+                    "log.wandb_mode=disabled",
+                    "log.progress_bar=false",
+                ],
+            )
             run.train()
             run.engine.eval()
             emb = encode(run.engine, run.tokenizer, sentences, run.engine.device, batch_size=4)

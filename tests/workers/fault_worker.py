@@ -38,6 +38,7 @@ def main() -> int:
                             raise RuntimeError(f"injected failure on rank {self.env.rank} at step {step}")
                         return loss * torch.tensor(float("nan")), masked
                     return loss, masked
+
                 return faulty
 
             self.loss_fns = [wrap(fn) for fn in self.loss_fns]

@@ -33,8 +33,11 @@ def main() -> None:
     p.add_argument("--data-sup", required=True)
     p.add_argument("--hard-negative-weight", type=float, default=0.0)
     p.add_argument("--step", type=int, default=0, help="which step's gradients (the last may be short)")
-    p.add_argument("--no-grad-gather", action="store_true",
-                   help="the official SimCSE code's gather (test of the test): no gradient across ranks")
+    p.add_argument(
+        "--no-grad-gather",
+        action="store_true",
+        help="the official SimCSE code's gather (test of the test): no gradient across ranks",
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     if args.no_grad_gather:
@@ -49,15 +52,26 @@ def main() -> None:
             for accum in map(int, args.grad_accums.split(",")):
                 for stage in map(int, args.stages.split(",")):
                     name = f"{objective}-z{stage}-a{accum}"
-                    run = trainer(env, [*args.overrides, f"train.objective={objective}", f"data.train_file={data}",
-                                        f"loss.hard_negative_weight={hnw}", f"train.grad_accum={accum}",
-                                        f"engine.zero_stage={stage}", f"train.output_dir={out}/run-{name}"])
+                    run = trainer(
+                        env,
+                        [
+                            *args.overrides,
+                            f"train.objective={objective}",
+                            f"data.train_file={data}",
+                            f"loss.hard_negative_weight={hnw}",
+                            f"train.grad_accum={accum}",
+                            f"engine.zero_stage={stage}",
+                            f"train.output_dir={out}/run-{name}",
+                        ],
+                    )
                     run.setup()
                     _, batches = next(run.data.steps(args.step, args.step + 1, run.engine.device))
                     loss = float(run.forward_backward(batches).loss)
                     # collective under ZeRO-3: every rank assembles every gradient
-                    grads = {n: safe_get_full_grad(q).detach().float().cpu().clone()
-                             for n, q in run.engine.module.named_parameters()}
+                    grads = {
+                        n: safe_get_full_grad(q).detach().float().cpu().clone()
+                        for n, q in run.engine.module.named_parameters()
+                    }
                     if env.is_main:
                         torch.save({"grads": grads, "rank0_loss": loss}, out / f"grads-{name}.pt")
 

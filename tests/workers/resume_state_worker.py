@@ -45,8 +45,9 @@ def main() -> None:
         step = trainer.setup()
         state = optimizer_state(trainer)
         if env.is_main:
-            torch.save({"step": step, "route": route, "zero_stage": trainer.engine.zero_stage,
-                        "params": state}, args.dump)
+            torch.save(
+                {"step": step, "route": route, "zero_stage": trainer.engine.zero_stage, "params": state}, args.dump
+            )
 
 
 if __name__ == "__main__":

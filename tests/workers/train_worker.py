@@ -14,7 +14,9 @@ def main() -> None:
     args = p.parse_args()
     with process_group() as env:
         for stage in map(int, args.stages.split(",")):
-            trainer(env, [*args.overrides, f"engine.zero_stage={stage}", f"train.output_dir={args.out}/z{stage}"]).train()
+            trainer(
+                env, [*args.overrides, f"engine.zero_stage={stage}", f"train.output_dir={args.out}/z{stage}"]
+            ).train()
 
 
 if __name__ == "__main__":
