@@ -196,7 +196,7 @@ def _write_shard(shards: Path, index: int, columns: list[list[str]], encode: _En
 _ENCODER: _Encoder | None = None  # a pool worker's own tokenizer (set by _start_worker)
 
 
-def _start_worker(spec: dict) -> None:
+def _start_worker(spec_file: str) -> None:
     """A pool worker's initializer: its tokenizer, one core, and no life of its own: it dies with
     its parent (PR_SET_PDEATHSIG on Linux), and Ctrl-C is the parent's to handle."""
     import ctypes
@@ -207,7 +207,7 @@ def _start_worker(spec: dict) -> None:
     with contextlib.suppress(Exception):
         ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker
-    _ENCODER = _Encoder(spec)
+    _ENCODER = _Encoder(json.loads(Path(spec_file).read_text()))
 
 
 def _shard_in_worker(shards: str, index: int, columns: list[list[str]]) -> dict:
@@ -215,16 +215,19 @@ def _shard_in_worker(shards: str, index: int, columns: list[list[str]]) -> dict:
 
 
 @contextlib.contextmanager
-def _pool(workers: int, spec: dict):
+def _pool(workers: int, spec: dict, spec_file: Path):
     """`workers` tokenizing processes (a spawn context: the parent's CUDA state and threads are
-    not forked), or None for in-process tokenization."""
+    not forked), or None for in-process tokenization. The tokenizer's spec (its serialized
+    pipeline, ~1 MB) goes through a file: what a starting worker is sent stays smaller than a
+    pipe's buffer, so a worker that dies while it starts cannot block its parent's write."""
     if workers <= 1:
         yield None
         return
     from concurrent.futures import ProcessPoolExecutor
 
+    write_text_atomic(spec_file, json.dumps(spec))
     pool = ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(spec,)
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(str(spec_file),)
     )
     try:
         yield pool
@@ -276,7 +279,7 @@ def _build(
     hasher = hashlib.sha256()
     reader = TrainRows(path, parts["format"], hasher)
     try:
-        with _pool(workers, spec) as pool:
+        with _pool(workers, spec, partial / "tokenizer-spec.json") as pool:
             encode = None if pool else _Encoder(spec, tokenizer)
             pending: dict = {}  # future -> shard index; at most `workers` chunks in flight
 
@@ -347,6 +350,7 @@ def _build(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (partial / "build.json").unlink()
+    (partial / "tokenizer-spec.json").unlink(missing_ok=True)
     write_text_atomic(partial / "manifest.json", json.dumps(manifest, indent=1) + "\n")  # last: complete
     publish_dir(partial, entry, replace=False)
     log.info(
@@ -395,10 +399,11 @@ def open_or_prepare(
     entry = default_cache_root(path, cache_dir) / f"{Path(path).name}.{key[:20]}"
     manifest, built = entry / "manifest.json", False
     if not manifest.is_file():
-        if workers > 1 and "__mp_main__" in sys.modules:
-            # a spawned process re-running a script's top level (spawn imports the parent's __main__
-            # as __mp_main__): it would wait for the lock its parent holds, and the parent for it;
-            # tests/data/test_prepare.py pins this
+        if workers > 1 and sys.modules.get("__mp_main__") is not sys.modules.get("__main__"):
+            # a spawned process re-running a script's top level (spawn runs the parent's __main__
+            # again as __mp_main__; elsewhere multiprocessing makes the two one module): it would
+            # wait for the lock its parent holds, and the parent for it. tests/data/test_prepare.py
+            # pins this
             raise RuntimeError(
                 f"{path}: preparation started inside a worker process: the script that prepares "
                 "(or trains) must do so under `if __name__ == '__main__':`"
