@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                 cache_dir=cfg.data.cache_dir,
                 workers=workers,
                 progress=True,
+                prompts=s.prompts,
             )
             m, sec = corpus.manifest, time.perf_counter() - t0
             how = (

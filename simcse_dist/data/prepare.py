@@ -90,7 +90,9 @@ def default_cache_root(data_path: str | os.PathLike, cache_dir: str | os.PathLik
     return Path.home() / ".cache" / "simcse-dist"
 
 
-def corpus_key(path: str, fmt: str | None, objective: str, tokenizer, max_seq_len: int) -> tuple[str, dict]:
+def corpus_key(
+    path: str, fmt: str | None, objective: str, tokenizer, max_seq_len: int, prompts: tuple[str, str] = ("", "")
+) -> tuple[str, dict]:
     """(sha256 key, its ingredients): from the file's metadata, never its content."""
     if objective not in ("unsup", "sup"):
         raise ValueError(f"objective must be unsup or sup, got {objective!r}")
@@ -109,11 +111,14 @@ def corpus_key(path: str, fmt: str | None, objective: str, tokenizer, max_seq_le
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "max_seq_len": max_seq_len,
     }
+    if any(prompts):  # absent otherwise: corpora prepared without prompts keep their keys
+        parts["prompts"] = list(prompts)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest(), parts
 
 
-def _spec(tokenizer, max_seq_len: int) -> dict:
-    """What a worker needs to tokenize exactly as `tokenizer(text, truncation=True, max_length=L)`."""
+def _spec(tokenizer, max_seq_len: int, prompts: list[str] | None = None) -> dict:
+    """What a worker needs to tokenize exactly as `tokenizer(prompt + text, truncation=True,
+    max_length=L)`; prompts: (query, document), for column 0 and the other columns."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     probe = tokenizer("x", truncation=True, max_length=max_seq_len)
     return {
@@ -122,6 +127,7 @@ def _spec(tokenizer, max_seq_len: int) -> dict:
         "truncation_side": tokenizer.truncation_side,
         "want_types": "token_type_ids" in probe,
         "id_dtype": "uint16" if len(tokenizer) <= 65536 else "int32",
+        "prompts": list(prompts or ("", "")),
     }
 
 
@@ -171,8 +177,11 @@ def _write_shard(shards: Path, index: int, columns: list[list[str]], encode: _En
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     tokens, hashes, blake = [], np.empty((len(columns[0]), len(columns)), dtype=np.int64), hashlib.blake2b
+    prompts = encode.spec["prompts"]
     for c, texts in enumerate(columns):
-        ids, lengths, types = encode(texts)
+        # tokenized with the prompt, as sentence-transformers tokenizes prompt + text; hashed without
+        prompt = prompts[min(c, 1)]
+        ids, lengths, types = encode([prompt + t for t in texts] if prompt else texts)
         offsets = np.zeros(len(texts) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         np.save(tmp / f"ids_{c}.npy", ids)
@@ -261,7 +270,7 @@ def _build(
         for p in shards.glob("shard-?????")
         if (p / "shard.json").is_file()
     }
-    spec = _spec(tokenizer, parts["max_seq_len"])
+    spec = _spec(tokenizer, parts["max_seq_len"], parts.get("prompts"))
     workers = workers if spec["backend"] is not None else 1  # a slow tokenizer cannot travel
     cols = "first column" if parts["columns"] == "first" else "all columns"
     log.info(
@@ -383,19 +392,21 @@ def open_or_prepare(
     progress: bool = False,
     shard_rows: int = SHARD_ROWS,
     tick: Callable[[], object] = lambda: None,
+    prompts: tuple[str, str] = ("", ""),
 ) -> PreparedCorpus:
     """The prepared corpus of a local file `path` for `objective` (unsup: the first column of any
     layout; sup: all columns, DataError on a one-column file), built first if missing.
 
     `workers` > 1 tokenizes in that many processes; `progress` shows a bar of rows (logs.progress);
-    a build logs a line at its start and its end; `tick` is called at least once per shard
+    a build logs a line at its start and its end; `prompts` (query, document) are prepended to
+    column 0 and to the other columns before tokenizing; `tick` is called at least once per shard
     (distributed.main_first's keep-alive). Processes that build the same entry at once take
     turns (a file lock): the second finds it built. The result's `built` tells whether this
     call built it.
     """
     from simcse_dist.data.corpus import PreparedCorpus
 
-    key, parts = corpus_key(path, fmt, objective, tokenizer, max_seq_len)
+    key, parts = corpus_key(path, fmt, objective, tokenizer, max_seq_len, prompts)
     entry = default_cache_root(path, cache_dir) / f"{Path(path).name}.{key[:20]}"
     manifest, built = entry / "manifest.json", False
     if not manifest.is_file():
