@@ -11,7 +11,7 @@ import pytest
 import torch
 from reference import reference_objective, reference_simcse_loss
 
-from simcse_dist.train.loss import distill_kl, guide_mask, simcse_loss
+from simcse_dist.train.loss import distill_kl, guide_mask
 from simcse_dist.train.objective import Objective, ObjectiveSpec
 
 TAU = 0.05
@@ -21,12 +21,14 @@ def views(seed: int, b: int = 6, k: int = 3, d: int = 16) -> torch.Tensor:
     return torch.randn(b, k, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def test_the_plain_objective_is_simcse_bit_for_bit():
-    """No Matryoshka, guide or teacher: exactly the SimCSE loss's operations."""
-    z = views(0).float().requires_grad_()
+def test_the_plain_objective_is_the_written_out_simcse_loss():
+    """No Matryoshka, guide or teacher: Eq. 5 of the paper with its hard-negative weight."""
+    z = views(0).requires_grad_()
     got, masked = Objective(ObjectiveSpec(TAU, 0.7))(z)
-    want = simcse_loss(z, torch.cat([z[:, 1], z[:, 2]]), 0, TAU, 0.7)
-    assert masked is None and torch.equal(got, want)
+    want = reference_simcse_loss(z, TAU, 0.7)
+    assert masked is None and got.item() == pytest.approx(want.item(), rel=1e-12)
+    (g1,), (g2,) = torch.autograd.grad(got, z), torch.autograd.grad(want, z)
+    assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-14)
 
 
 def test_guide_mask_is_the_written_out_threshold():
