@@ -528,8 +528,8 @@ def correctness_jobs(plan: dict) -> dict:
 OBJECTIVES = {
     "plain": [],
     "matryoshka": ["loss.matryoshka_dims={dims}"],
-    "guide": ["loss.guide={{model: {model}, margin: 0.0}}"],
-    "distill": ["loss.distill={{teacher: {model}, weight: 1.0}}"],
+    "guide": ["loss.guide={{model: {model}, pooler: avg, margin: 0.0}}"],
+    "distill": ["loss.distill={{teacher: {model}, pooler: avg, weight: 1.0}}"],
 }
 """simcse-train overrides per objective row: time per step and the frozen models' time and memory."""
 

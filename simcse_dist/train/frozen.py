@@ -25,23 +25,30 @@ class FrozenModels:
 
     def __init__(self, cfg: Config, student_tokenizer) -> None:
         """Loads the models (no collective)."""
+        from simcse_dist.config import ConfigError
         from simcse_dist.data.prepare import tokenizer_fingerprint
         from simcse_dist.model.encoder import quiet_transformers
+        from simcse_dist.model.format import ExportError
         from simcse_dist.model.load import load_encoder
 
         wanted = {}
         for src in cfg.sources():
             if src.loss.guide is not None:
-                wanted.setdefault("guide", (src.loss.guide.model, src.loss.guide.pooler))
+                wanted.setdefault("guide", (src.loss.guide.model, src.loss.guide.pooler, "loss.guide"))
             if src.loss.distill is not None and src.loss.distill.teacher is not None:
-                wanted.setdefault("teacher", (src.loss.distill.teacher, src.loss.distill.pooler))
+                wanted.setdefault("teacher", (src.loss.distill.teacher, src.loss.distill.pooler, "loss.distill"))
         self.models: dict[str, torch.nn.Module] = {}
         self.tokenizers: dict[str, object] = {}  # those that differ from the student's
         self.seconds = 0.0
         mine = tokenizer_fingerprint(student_tokenizer)
-        for name, (path, pooler) in wanted.items():
-            with quiet_transformers():
-                encoder, tokenizer, meta = load_encoder(resolve_model_path(path), pooler)
+        for name, (path, pooler, section) in wanted.items():
+            field = f"{section}.{'model' if name == 'guide' else 'teacher'}"
+            try:
+                with quiet_transformers():
+                    encoder, tokenizer, meta = load_encoder(resolve_model_path(path), pooler)
+            except (ExportError, OSError) as e:
+                reason = str(e).replace("pass --pooler", f"set {section}.pooler")
+                raise ConfigError(f"{field}: cannot load {path!r} as a frozen {name}: {reason}") from None
             encoder.requires_grad_(False)
             self.models[name] = encoder.eval()
             if tokenizer_fingerprint(tokenizer) != mine:

@@ -382,3 +382,25 @@ def test_precomputed_teacher_embeddings_train_as_the_online_teacher(tiny_bert, f
     proc = cli([*common, f"loss.distill={{embeddings: {short}}}", f"train.output_dir={tmp_path / 'short'}"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"loss.distill.embeddings: {short} has {len(texts) - 1} rows" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_guide_that_does_not_load_is_one_line_naming_the_field(tiny_bert, tmp_path):
+    """A plain Hugging Face guide without a pooler, or a path that is no model: exit 2, the field
+    and what to set, no traceback."""
+    from helpers import DEMO_DATA, cli
+
+    common = [
+        f"model.name_or_path={tiny_bert}",
+        f"data.train_file={DEMO_DATA / 'wiki-demo.txt'}",
+        "train.global_batch_size=8",
+        "train.max_steps=1",
+        "log.wandb_mode=disabled",
+    ]
+    cases = [
+        (f"loss.guide={{model: {tiny_bert}}}", "loss.guide.model: cannot load", "set loss.guide.pooler"),
+        (f"loss.distill={{teacher: {tmp_path / 'nothing'}}}", "loss.distill.teacher: ", "is not a local directory"),
+    ]
+    for i, (override, field, hint) in enumerate(cases):
+        proc = cli([*common, override, f"train.output_dir={tmp_path / str(i)}"])
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert field in proc.stderr and hint in proc.stderr, proc.stderr[-2000:]
