@@ -62,7 +62,8 @@ def pool(
 
 
 class Encoder(nn.Module):
-    """Sentence encoder. forward(input_ids [..., L], attention_mask [..., L]) -> [..., d].
+    """Sentence encoder. forward(input_ids [..., L], attention_mask [..., L]) -> [..., d], or
+    forward(**packed inputs) (data/packing.py, model/packing.py) -> [b, k, d].
 
     In training mode the cls pooler applies the MLP; in eval mode it does so unless
     `mlp_only_train`. Leading dims are flattened so all views go through one forward pass.
@@ -105,9 +106,17 @@ class Encoder(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        **packed: torch.Tensor,
     ) -> torch.Tensor:
+        """Padded [..., L] inputs, or data/packing.py's packed rows (`packed`: position_ids and the
+        pack_* layout, no attention_mask) -> [..., d] / [b, k, d]."""
+        if packed:
+            from simcse_dist.model.packing import packed_embeddings
+
+            emb = packed_embeddings(self.backbone, self.pooler, input_ids, token_type_ids, **packed)
+            return self.mlp(emb) if self.uses_mlp else emb
         lead, seq = input_ids.shape[:-1], input_ids.shape[-1]
         flat = {"input_ids": input_ids.reshape(-1, seq), "attention_mask": attention_mask.reshape(-1, seq)}
         if token_type_ids is not None:
