@@ -92,7 +92,7 @@ def unpack(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     lengths = packed["pack_lengths"]
     b, k = lengths.shape
     seq = int(lengths.max()) if lengths.numel() else 0
-    pos = torch.arange(seq)
+    pos = torch.arange(seq, device=lengths.device)
     mask = pos[None, :] < lengths.reshape(-1, 1)  # [n, L]
     src = (packed["pack_starts"].reshape(-1, 1) + pos[None, :])[mask]
     out = {}

@@ -20,8 +20,13 @@ import torch
 _POSITIONS = {"bert": 0, "roberta": "pad", "xlm-roberta": "pad", "camembert": "pad"}
 
 
-def unsupported(backbone: torch.nn.Module) -> str | None:
-    """Why `backbone` cannot be packed, or None when it can."""
+POOLERS = ("cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2", "pooler_output")
+
+
+def unsupported(backbone: torch.nn.Module, pooler: str = "cls") -> str | None:
+    """Why `backbone` with `pooler` cannot be packed, or None when it can."""
+    if pooler not in POOLERS:
+        return f"the {pooler} pooler is not packed (packing pools {', '.join(POOLERS)})"
     cfg = backbone.config
     kind = getattr(cfg, "model_type", "?")
     if kind not in _POSITIONS:
