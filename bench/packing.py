@@ -61,8 +61,14 @@ TRAINER_ROWS = {"simcse-padded": (), "simcse-packed": ("data.packing=true",)}
 TRAINER_ROWS["simcse-balanced"] = (*TRAINER_ROWS["simcse-packed"], "data.balance_tokens=true")
 
 
-def trainer_overrides(args, case: str, work: Path, row: str) -> list[str]:
+def case_data(args, case: str) -> tuple[str, Path, int]:
     objective, data, seq = CASES[case]
+    given = args.wiki if objective == "unsup" else args.nli
+    return objective, Path(given) if given else data, seq
+
+
+def trainer_overrides(args, case: str, work: Path, row: str) -> list[str]:
+    objective, data, seq = case_data(args, case)
     return [
         f"model.name_or_path={args.simcse_name}",
         f"model.dropout={DROPOUT}",
@@ -216,7 +222,7 @@ def summarize(name: str, ranks: int, times: list[float], views: int, args, token
 
 def run_case(args, case: str, work: Path, ranks: int) -> list[dict]:
     """collective at ranks > 1: every rank builds the trainer rows and steps them together."""
-    objective, data, seq = CASES[case]
+    objective, data, seq = case_data(args, case)
     trainers = [TrainerRow(args, case, work, row) for row in args.rows]
     views = trainers[0].trainer.data.views[0]
     if trainers[0].trainer.env.world_size == 1 and args.peers:
@@ -261,6 +267,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ranks", default="1,2", help="1 in this process; N > 1 under torchrun (trainer rows)")
     p.add_argument("--model", default="minilm", help="minilm (the bundled all-MiniLM-L6-v2) | tiny | a model dir")
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--wiki", default=None, help="the unsup cases' file (default: the shared wiki1m sample)")
+    p.add_argument("--nli", default=None, help="the sup case's file (default: the shared NLI sample)")
     p.add_argument("--pack-row-tokens", type=int, default=None, help="tokens per packed row (default max_seq_len)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)

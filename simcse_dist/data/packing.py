@@ -50,13 +50,13 @@ def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray
     return row, offset
 
 
-def pack(inputs: dict[str, torch.Tensor], capacity: int, position_offset: int = 0) -> dict[str, torch.Tensor]:
+def pack(inputs: dict[str, torch.Tensor], capacity: int) -> dict[str, torch.Tensor]:
     """Padded {input_ids, attention_mask[, token_type_ids]} [b, k, L] (either padding side) ->
     {input_ids, position_ids[, token_type_ids], pack_segments} [R, W] with W <= capacity, plus
     pack_starts, pack_lengths [b, k]: sentence (i, j)'s tokens are the flat positions
     pack_starts[i, j] .. + pack_lengths[i, j] of the [R, W] rows. Padding tokens at a row's end
-    form a segment of their own (segment n + row), so no query attends to nothing.
-    `position_offset`: the position id of a sentence's first token (RoBERTa: padding_idx + 1)."""
+    form a segment of their own (segment n + row), so no query attends to nothing. Positions
+    count from 0 in every sentence (the model adds its own offset, model/packing.py)."""
     ids = inputs["input_ids"].numpy()
     b, k, seq = ids.shape
     n = b * k
@@ -73,7 +73,7 @@ def pack(inputs: dict[str, torch.Tensor], capacity: int, position_offset: int = 
     segments = np.repeat(n + np.arange(rows), width)  # padding: one segment per row
     segments[dest] = np.repeat(np.arange(n), lengths)
     positions = np.zeros(rows * width, dtype=np.int64)
-    positions[dest] = within[mask] + position_offset
+    positions[dest] = within[mask]
     out = {"input_ids": np.zeros(rows * width, dtype=np.int64)}
     out["input_ids"][dest] = ids.reshape(n, seq)[mask]
     if "token_type_ids" in inputs:

@@ -41,7 +41,7 @@ class InputPipeline:
         self.mask_duplicates: list[bool] = []
         self.plan: BatchPlan | None = None
         self.sampler: GlobalBatchSampler | None = None
-        self.pack_position_offset: int | None = None  # set by enable_packing: micro-batches are packed
+        self.packing = False  # set by enable_packing: micro-batches are packed
 
     def _open(self, src: Source, tokenizer) -> PreparedCorpus:
         """The source's corpus prepared for `tokenizer`: rank 0 prepares while the others wait
@@ -102,10 +102,9 @@ class InputPipeline:
             cfg.train.grad_cache,
         )
 
-    def enable_packing(self, position_offset: int) -> None:
-        """Pack every micro-batch from now on (data.packing, for a model that can be packed);
-        `position_offset`: the model's first position id (model/packing.py)."""
-        self.pack_position_offset = position_offset
+    def enable_packing(self) -> None:
+        """Pack every micro-batch from now on (data.packing, for a model that can be packed)."""
+        self.packing = True
 
     def fingerprints(self) -> dict[str, dict]:
         """{source name: {path, size, sha256}} of the input files, as hashed when prepared."""
@@ -147,7 +146,7 @@ class InputPipeline:
             )
             + ("; duplicate texts masked" if any(self.mask_duplicates) else "")
         )
-        if self.pack_position_offset is not None:
+        if self.packing:
             lines.append(f"data: packed into rows of {cfg.data.pack_row_tokens or cfg.data.max_seq_len} tokens")
         if cfg.data.balance_tokens:
             over = "ranks and micro-steps" if cfg.train.grad_cache or p.grad_accum == 1 else "ranks"
@@ -168,9 +167,8 @@ class InputPipeline:
             columns = [0, 0] if self.sources[mb.source].objective == "unsup" else list(range(self.views[mb.source]))
             ids = torch.from_numpy(np.ascontiguousarray(hashes[:, columns]))
         tokens = int(inputs["attention_mask"].numpy().sum())  # a CPU tensor: no device sync
-        if self.pack_position_offset is not None:
-            capacity = self.cfg.data.pack_row_tokens or self.cfg.data.max_seq_len
-            inputs = pack(inputs, capacity, self.pack_position_offset)
+        if self.packing:
+            inputs = pack(inputs, self.cfg.data.pack_row_tokens or self.cfg.data.max_seq_len)
         frozen = {name: collate(mb.indices) for name, collate in self.frozen_collators[mb.source].items()}
         teacher = None
         if (table := self.teacher_embeddings[mb.source]) is not None:

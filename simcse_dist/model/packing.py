@@ -42,6 +42,7 @@ def unsupported(backbone: torch.nn.Module, pooler: str = "cls") -> str | None:
 
 
 def position_offset(backbone: torch.nn.Module) -> int:
+    """The position id of a sentence's first token: 0, or padding_idx + 1 for RoBERTa's kind."""
     start = _POSITIONS.get(getattr(backbone.config, "model_type", ""), 0)
     return backbone.config.pad_token_id + 1 if start == "pad" else 0
 
@@ -68,7 +69,9 @@ def packed_embeddings(
     padded forward's (encoder.pool) for cls, cls_before_pooler, avg, avg_first_last, avg_top2
     and pooler_output."""
     dtype = backbone.get_input_embeddings().weight.dtype
-    kwargs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": block_mask(pack_segments, dtype)}
+    offset = position_offset(backbone)
+    positions = position_ids + offset if offset else position_ids
+    kwargs = {"input_ids": input_ids, "position_ids": positions, "attention_mask": block_mask(pack_segments, dtype)}
     if token_type_ids is not None:
         kwargs["token_type_ids"] = token_type_ids
     need_all = pooler in ("avg_first_last", "avg_top2")

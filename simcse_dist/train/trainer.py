@@ -127,7 +127,7 @@ class Trainer:
         if cfg.data.packing:
             reason = packing.unsupported(self.encoder.backbone, cfg.model.pooler)
             if reason is None:
-                self.data.enable_packing(packing.position_offset(self.encoder.backbone))
+                self.data.enable_packing()
             else:
                 log.info(f"data.packing: {reason}; training padded")
         self.engine = Engine(self.encoder, cfg, env.world_size, self.total_steps, load_universal=universal)

@@ -85,7 +85,7 @@ def test_a_leaking_mask_is_caught(tmp_path, monkeypatch):
 @pytest.mark.parametrize("left", [False, True])
 def test_pack_layout(left):
     batch = padded_batch(b=5, k=2, seq=10, seed=3, left=left)
-    packed = pack(batch, 16, position_offset=2)
+    packed = pack(batch, 16)
     lengths = batch["attention_mask"].sum(-1)
     assert torch.equal(packed["pack_lengths"], lengths)
     assert packed["input_ids"].shape[1] <= 16
@@ -93,7 +93,7 @@ def test_pack_layout(left):
     assert int(real.sum()) == int(lengths.sum())  # every token once, padding apart
     # positions restart at every sentence, from the offset
     first = packed["position_ids"].reshape(-1)[packed["pack_starts"].reshape(-1)]
-    assert torch.equal(first, torch.full_like(first, 2))
+    assert torch.equal(first, torch.zeros_like(first))
     back = unpack(packed)
     assert torch.equal(back["attention_mask"].sum(-1), lengths)
     for key in ("input_ids", "token_type_ids"):
@@ -106,3 +106,21 @@ def test_unpackable_models_are_named(tmp_path):
 
     reason = unsupported(GPT2Model(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=10)))
     assert reason is not None and "gpt2" in reason
+
+
+def test_roberta_positions_start_after_its_padding_index():
+    """RoBERTa numbers positions from padding_idx + 1: packed equals padded there too."""
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=2000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    enc = Encoder(RobertaModel(config, add_pooling_layer=False), "avg", False).train()
+    assert unsupported(enc.backbone) is None
+    batch = padded_batch(seed=2)
+    batch["input_ids"] = torch.where(batch["attention_mask"].bool(), batch["input_ids"], config.pad_token_id)
+    del batch["token_type_ids"]  # RoBERTa has one token type
+    dz, dg = max_diff(enc, batch, 30)
+    assert dz < 1e-5 and dg < 1e-5
