@@ -10,6 +10,7 @@ import torch
 
 from simcse_dist import distributed as du
 from simcse_dist import logs
+from simcse_dist.data.packing import pack
 
 EncodeFn = Callable[..., torch.Tensor]
 
@@ -23,12 +24,15 @@ def encode(
     batch_size: int = 128,
     max_length: int = 512,
     show_progress: bool = False,
+    pack_tokens: int | None = None,
 ) -> torch.Tensor:
     """Embeddings [n, d] (fp32, CPU) of `sentences`, identical on every rank.
 
     Sentences are sorted by length and batched (little padding); under a launcher each rank
     encodes an equal share and the shares are gathered. Every rank runs the same number of
-    forwards, which ZeRO-3 needs (its parameter all-gathers are collectives).
+    forwards, which ZeRO-3 needs (its parameter all-gathers are collectives). `pack_tokens`:
+    each batch's sentences are packed into rows of that many tokens (at least the batch's
+    longest; `forward` must take packed inputs: model/packing.py says which models do).
     collective: every rank calls this with the same sentences.
     """
     n, world, rank = len(sentences), du.world_size(), du.rank()
@@ -42,8 +46,11 @@ def encode(
     for start in batches:
         texts = [sentences[i] for i in mine[start : start + batch_size]]
         enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        chunks.append(forward(**enc).float())
+        enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        if pack_tokens:  # [b, 1, L] -> packed rows -> [b, 1, d]
+            enc = pack({k: v[:, None] for k, v in enc.items()}, max(pack_tokens, enc["input_ids"].shape[-1]))
+        emb = forward(**{k: v.to(device) for k, v in enc.items()})
+        chunks.append(emb.reshape(len(texts), -1).float())
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -66,11 +73,12 @@ def pair_embeddings(
     batch_size: int = 128,
     max_length: int = 512,
     show_progress: bool = False,
+    pack_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings [n, d] of both sides of n pairs. Each distinct sentence is encoded once (STS
     sets repeat many), so the cost is that of the unique sentences.
     collective: every rank calls this with the same sentences."""
     unique = list(dict.fromkeys([*sentences1, *sentences2]))
     row = {s: i for i, s in enumerate(unique)}
-    emb = encode(forward, tokenizer, unique, device, batch_size, max_length, show_progress)
+    emb = encode(forward, tokenizer, unique, device, batch_size, max_length, show_progress, pack_tokens)
     return emb[[row[s] for s in sentences1]], emb[[row[s] for s in sentences2]]
