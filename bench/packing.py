@@ -247,6 +247,29 @@ def run_case(args, case: str, work: Path, ranks: int) -> list[dict]:
     return out
 
 
+def padding_share(args, case: str, steps: int = 50) -> list[dict]:
+    """Token positions computed per real token, padded vs packed into rows of 1-4 x max_seq_len,
+    over the first `steps` batches of the data order (no model: the count is deterministic)."""
+    from transformers import AutoTokenizer
+
+    from simcse_dist.data.collate import Collator
+    from simcse_dist.data.packing import pack
+    from simcse_dist.data.readers import read_train_examples
+    from simcse_dist.data.sampler import BatchPlan, GlobalBatchSampler
+
+    objective, data, seq = case_data(args, case)
+    examples = read_train_examples(str(data))[0]
+    collate = Collator(AutoTokenizer.from_pretrained(args.model_dir), seq, objective)
+    sampler = GlobalBatchSampler(BatchPlan((len(examples),), args.batch, 1, 1), 0, 42)
+    batches = [collate([examples[i] for i in sampler.step_examples(s)[1]]) for s in range(steps)]
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    out = [{"case": case, "layout": "padded", "computed_per_real": sum(b["input_ids"].numel() for b in batches) / real}]
+    for mult in (1, 2, 4):
+        computed = sum(pack(b, mult * seq)["input_ids"].numel() for b in batches)
+        out.append({"case": case, "layout": f"packed, rows of {mult * seq}", "computed_per_real": computed / real})
+    return out
+
+
 def table(rows: list[dict]) -> str:
     head = f"{'case':<14} {'ranks':>5} {'implementation':<16} {'sent/s':>8} {'tok/s':>9} {'ms/step':>9} {'comp/real':>9} {'vs plain':>9}"
     lines = [head, "-" * len(head)]
@@ -277,6 +300,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peers", default="plain,st-mnrl")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--output", default=None)
+    p.add_argument("--padding-only", action="store_true", help="only count computed/real tokens (no model runs)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # a torchrun rank: its JSON goes here
     args = p.parse_args(argv)
     args.cases = [c for c in args.cases.split(",") if c]
@@ -308,6 +332,13 @@ def main(argv=None) -> int:
             teardown(together=True)
             return 0
         result, rows = start_result(args), []
+        if args.padding_only:
+            rows = [r for case in args.cases for r in padding_share(args, case)]
+            for r in rows:
+                print(f"{r['case']:<14} {r['layout']:<20} computed/real {r['computed_per_real']:.3f}")
+            result["padding"] = rows
+            write_result(result, args.output)
+            return 0
         for ranks in args.ranks:
             for case in args.cases:
                 print(f"{case}, {ranks} rank(s) ...", flush=True)
