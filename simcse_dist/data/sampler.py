@@ -112,6 +112,7 @@ class GlobalBatchSampler:
         self.plan, self.rank, self.seed, self.shuffle = plan, rank, seed, shuffle
         self.mixture = Mixture(plan.batches_per_source, weights or [1.0] * len(plan.source_rows), seed)
         self.row_tokens, self.balance_micro_steps = row_tokens, balance_micro_steps
+        self._balanced_step: tuple[int, list[int]] | None = None  # DataLoader workers ask once per micro-step
 
     def balanced(self, source: int, examples: list[int]) -> list[int]:
         """A full step's rows reordered so that the contiguous slices below carry about equal
@@ -148,7 +149,10 @@ class GlobalBatchSampler:
     def micro_batches(self, step: int) -> list[MicroBatch]:
         p = self.plan
         source, examples = self.step_examples(step)
-        examples = self.balanced(source, examples)
+        if self.row_tokens is not None:
+            if self._balanced_step is None or self._balanced_step[0] != step:
+                self._balanced_step = (step, self.balanced(source, examples))
+            examples = self._balanced_step[1]
         out = []
         for chunk in _split(examples, p.grad_accum):  # one chunk per micro-step
             shares = _split(chunk, p.world_size)  # rank-major contiguous slices
