@@ -101,11 +101,23 @@ def test_pack_layout(left):
         assert torch.equal(back[key][back["attention_mask"].bool()], real)
 
 
-def test_unpackable_models_are_named(tmp_path):
-    from transformers import GPT2Config, GPT2Model
+def test_unpackable_models_are_named():
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
-    reason = unsupported(GPT2Model(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=10)))
-    assert reason is not None and "gpt2" in reason
+    tiny = dict(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    bert = BertModel(BertConfig(**tiny))
+    assert unsupported(bert) is None
+    cases = {
+        "gpt2": GPT2Model(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=10)),
+        "decoder": BertModel(BertConfig(**tiny, is_decoder=True)),
+        "relative_key": BertModel(BertConfig(**tiny, position_embedding_type="relative_key")),
+    }
+    for word, model in cases.items():
+        reason = unsupported(model)
+        assert reason is not None and word in reason, (word, reason)
+    bert.config._attn_implementation = "flash_attention_2"  # as from_pretrained(attn_implementation=...) sets it
+    assert "flash_attention_2" in unsupported(bert)
+    assert "last_token" in unsupported(BertModel(BertConfig(**tiny)), "last_token")
 
 
 def test_roberta_positions_start_after_its_padding_index():
