@@ -174,11 +174,28 @@ class DataConfig:
     num_workers: int | None = None
     """DataLoader worker processes preparing micro-batches ahead of the step (pinned memory on
     CUDA); None: 2 on CUDA, 0 on CPU (workers would take cores from the step); 0: in-process."""
+    packing: bool = False
+    """Sequence packing: a micro-batch's sentences (every view) go into rows of at most
+    data.pack_row_tokens tokens (first-fit decreasing), each attending only to itself, and are
+    pooled per sentence, so no padding is computed; the loss sees the same [b, k, d]. A model
+    that cannot be packed runs padded (its start-up line says why)."""
+    pack_row_tokens: int | None = None
+    """Tokens per packed row; None: data.max_seq_len. Longer rows leave less padding and cost
+    attention quadratic in the row."""
+    balance_tokens: bool = False
+    """Assign each step's rows to ranks (and, with train.grad_cache, to micro-steps) so that each
+    carries about the same number of tokens; the update is the same (docs/design.md, data order)."""
 
     def __post_init__(self) -> None:
         _require(self.max_seq_len >= 2, "data.max_seq_len", f"must be >= 2, got {self.max_seq_len}")
         if self.num_workers is not None:
             _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.pack_row_tokens is not None:
+            _require(
+                self.pack_row_tokens >= self.max_seq_len,
+                "data.pack_row_tokens",
+                f"must be >= data.max_seq_len ({self.max_seq_len}), got {self.pack_row_tokens}",
+            )
         if self.prepare_workers is not None:
             _require(self.prepare_workers >= 1, "data.prepare_workers", f"must be >= 1, got {self.prepare_workers}")
         if self.sources:

@@ -159,6 +159,12 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128, help="sentences per forward per rank")
     p.add_argument("--max-length", type=int, default=512, help="truncation in tokens (capped by the model)")
     p.add_argument(
+        "--pack-tokens",
+        type=int,
+        default=None,
+        help="STS tasks: pack each batch's sentences into rows of N tokens (no padding computed; same scores)",
+    )
+    p.add_argument(
         "--output-json",
         help="write {task: spearman x 100, ..., 'avg': ..., 'retrieval/ndcg@10': ..., "
         "'mteb/<task>': main score x 100} here",
@@ -183,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--precision: {e}")
     if len(formats) > 1 and not args.retrieval:
         parser.error(f"--precision {','.join(formats[1:])}: quantized embeddings are scored on retrieval (--retrieval)")
+    if args.pack_tokens is not None and args.pack_tokens < 2:
+        parser.error(f"--pack-tokens: must be >= 2, got {args.pack_tokens}")
     try:
         dims = parse_dims(args.dims) if args.dims else []
     except ValueError as e:
@@ -196,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     from simcse_dist.eval.retrieval import METRICS, TITLES, View, evaluate_retrieval, load_retrieval
     from simcse_dist.model.format import ExportError
     from simcse_dist.model.load import load_encoder
+    from simcse_dist.model.packing import unsupported
 
     env = du.DistEnv.from_env()
     # every input is read and checked before the process group and the model exist
@@ -238,6 +247,15 @@ def main(argv: list[str] | None = None) -> int:
             log.info(
                 f"prompts: {query_name or 'none'} {query_prompt!r}, corpus {corpus_name or 'none'} {corpus_prompt!r}"
             )
+        pack_tokens = args.pack_tokens
+        if pack_tokens and (reason := unsupported(encoder.backbone, encoder.pooler)):
+            log.info(f"--pack-tokens: {reason}; encoding padded")
+            pack_tokens = None
+        if pack_tokens and (query_prompt or corpus_prompt) and not encoder.include_prompt:
+            log.info(
+                "--pack-tokens: the model leaves prompt tokens out of pooling, which packing does not; encoding padded"
+            )
+            pack_tokens = None
         size = encoder.embedding_dim
         too_large = [d for d in dims if d > size]
         if too_large:
@@ -258,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.batch_size,
                 max_length,
                 show_progress=progress,
+                pack_tokens=pack_tokens,
                 prompt=query_prompt,
             )
             for d in sizes:  # cosine renormalises the first d coordinates

@@ -20,6 +20,7 @@ from simcse_dist.config import Config, ConfigError, Source
 from simcse_dist.data.batch import Batch
 from simcse_dist.data.collate import CorpusCollator, prompt_length
 from simcse_dist.data.corpus import PreparedCorpus
+from simcse_dist.data.packing import RowTokens, pack
 from simcse_dist.data.prepare import open_or_prepare
 from simcse_dist.data.readers import resolve_path
 from simcse_dist.data.sampler import BatchPlan, GlobalBatchSampler, MicroBatch, StepBatches, StepKeys
@@ -41,6 +42,7 @@ class InputPipeline:
         self.prompt_lengths: list[dict[str, torch.Tensor] | None] = []  # per source: {"" (student) | frozen: [k]}
         self.plan: BatchPlan | None = None
         self.sampler: GlobalBatchSampler | None = None
+        self.packing = False  # set by enable_packing: micro-batches are packed
 
     def _open(self, src: Source, tokenizer) -> PreparedCorpus:
         """The source's corpus prepared for `tokenizer`: rank 0 prepares while the others wait
@@ -99,7 +101,13 @@ class InputPipeline:
             cfg.data.shuffle,
             [s.weight for s in self.sources],
             [s.path for s in self.sources],
+            RowTokens(self.corpora, [s.objective for s in self.sources]) if cfg.data.balance_tokens else None,
+            cfg.train.grad_cache,
         )
+
+    def enable_packing(self) -> None:
+        """Pack every micro-batch from now on (data.packing, for a model that can be packed)."""
+        self.packing = True
 
     def fingerprints(self) -> dict[str, dict]:
         """{source name: {path, size, sha256}} of the input files, as hashed when prepared."""
@@ -141,6 +149,11 @@ class InputPipeline:
             )
             + ("; duplicate texts masked" if any(self.mask_duplicates) else "")
         )
+        if self.packing:
+            lines.append(f"data: packed into rows of {cfg.data.pack_row_tokens or cfg.data.max_seq_len} tokens")
+        if cfg.data.balance_tokens:
+            over = "ranks and micro-steps" if cfg.train.grad_cache or p.grad_accum == 1 else "ranks"
+            lines.append(f"data: each step's rows balanced by tokens over {over}")
         return lines
 
     def prepare(self, mb: MicroBatch | Sequence[int]) -> Batch:
@@ -157,6 +170,8 @@ class InputPipeline:
             columns = [0, 0] if self.sources[mb.source].objective == "unsup" else list(range(self.views[mb.source]))
             ids = torch.from_numpy(np.ascontiguousarray(hashes[:, columns]))
         tokens = int(inputs["attention_mask"].numpy().sum())  # a CPU tensor: no device sync
+        if self.packing:
+            inputs = pack(inputs, self.cfg.data.pack_row_tokens or self.cfg.data.max_seq_len)
         frozen = {name: collate(mb.indices) for name, collate in self.frozen_collators[mb.source].items()}
         if (lengths := self.prompt_lengths[mb.source]) is not None:  # each encoder decides whether to use them
             b = len(mb.indices)

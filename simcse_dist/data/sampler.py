@@ -11,13 +11,14 @@ matter of two integers). Nothing here holds a per-row array.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from simcse_dist.data.order import Mixture, Permutation, derive_key
+from simcse_dist.data.packing import balanced_order
 from simcse_dist.data.readers import DataError
 
 
@@ -94,7 +95,12 @@ class GlobalBatchSampler:
         shuffle: bool = True,
         weights: Sequence[float] | None = None,
         names: Sequence[str] | None = None,
+        row_tokens: Callable[[int, list[int]], np.ndarray] | None = None,
+        balance_micro_steps: bool = False,
     ) -> None:
+        """row_tokens(source, rows) -> tokens per row: balance each full step's rows by tokens over
+        the ranks, and over the micro-steps too with `balance_micro_steps` (gradient caching,
+        where the loss spans the whole step); None keeps the contiguous slices."""
         empty = [i for i, b in enumerate(plan.batches_per_source) if b == 0]
         if empty:
             i = empty[0]
@@ -105,6 +111,28 @@ class GlobalBatchSampler:
             )
         self.plan, self.rank, self.seed, self.shuffle = plan, rank, seed, shuffle
         self.mixture = Mixture(plan.batches_per_source, weights or [1.0] * len(plan.source_rows), seed)
+        self.row_tokens, self.balance_micro_steps = row_tokens, balance_micro_steps
+        self._balanced_step: tuple[int, list[int]] | None = None  # DataLoader workers ask once per micro-step
+
+    def balanced(self, source: int, examples: list[int]) -> list[int]:
+        """A full step's rows reordered so that the contiguous slices below carry about equal
+        tokens: a pure function of the rows' token counts and the slice count (design.md, data
+        order, step 5). The loss is invariant to which rank or micro-step holds a row as long as
+        the negatives span the same rows, so the update does not change."""
+        p = self.plan
+        parts = p.grad_accum * p.world_size
+        if self.row_tokens is None or len(examples) != p.global_batch_size or len(examples) % parts:
+            return examples
+        costs = self.row_tokens(source, examples)
+        rows = np.asarray(examples, dtype=np.int64)
+        if self.balance_micro_steps or p.grad_accum == 1:
+            return rows[balanced_order(costs, parts)].tolist()
+        chunk = len(examples) // p.grad_accum  # negatives per micro-step: balance within each
+        out = []
+        for a in range(p.grad_accum):
+            part = slice(a * chunk, (a + 1) * chunk)
+            out += rows[part][balanced_order(costs[part], p.world_size)].tolist()
+        return out
 
     def step_examples(self, step: int) -> tuple[int, list[int]]:
         """(source, the global batch of one optimizer step in the order one process sees it)."""
@@ -121,6 +149,10 @@ class GlobalBatchSampler:
     def micro_batches(self, step: int) -> list[MicroBatch]:
         p = self.plan
         source, examples = self.step_examples(step)
+        if self.row_tokens is not None:
+            if self._balanced_step is None or self._balanced_step[0] != step:
+                self._balanced_step = (step, self.balanced(source, examples))
+            examples = self._balanced_step[1]
         out = []
         for chunk in _split(examples, p.grad_accum):  # one chunk per micro-step
             shares = _split(chunk, p.world_size)  # rank-major contiguous slices

@@ -10,6 +10,7 @@ import torch
 
 from simcse_dist import distributed as du
 from simcse_dist import logs
+from simcse_dist.data.packing import pack
 
 EncodeFn = Callable[..., torch.Tensor]
 
@@ -23,6 +24,7 @@ def encode(
     batch_size: int = 128,
     max_length: int = 512,
     show_progress: bool = False,
+    pack_tokens: int | None = None,
     prompt: str = "",
 ) -> torch.Tensor:
     """Embeddings [n, d] (fp32, CPU) of `sentences`, identical on every rank; `prompt` is
@@ -30,7 +32,9 @@ def encode(
 
     Sentences are sorted by length and batched (little padding); under a launcher each rank
     encodes an equal share and the shares are gathered. Every rank runs the same number of
-    forwards, which ZeRO-3 needs (its parameter all-gathers are collectives).
+    forwards, which ZeRO-3 needs (its parameter all-gathers are collectives). `pack_tokens`:
+    each batch's sentences are packed into rows of that many tokens (at least the batch's
+    longest; `forward` must take packed inputs: model/packing.py says which models do).
     collective: every rank calls this with the same sentences.
     """
     from simcse_dist.data.collate import prompt_length
@@ -47,10 +51,13 @@ def encode(
     for start in batches:
         texts = [prompt + sentences[i] for i in mine[start : start + batch_size]]
         enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        if pack_tokens:  # [b, 1, L] -> packed rows -> [b, 1, d]
+            enc = pack({k: v[:, None] for k, v in enc.items()}, max(pack_tokens, enc["input_ids"].shape[-1]))
         if prompt_tokens:
-            enc["prompt_lengths"] = torch.full((len(texts),), prompt_tokens, device=device)
-        chunks.append(forward(**enc).float())
+            enc["prompt_lengths"] = torch.full((len(texts), 1) if pack_tokens else (len(texts),), prompt_tokens)
+        emb = forward(**{k: v.to(device) for k, v in enc.items()})
+        chunks.append(emb.reshape(len(texts), -1).float())
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -73,6 +80,7 @@ def pair_embeddings(
     batch_size: int = 128,
     max_length: int = 512,
     show_progress: bool = False,
+    pack_tokens: int | None = None,
     prompt: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings [n, d] of both sides of n pairs. Each distinct sentence is encoded once (STS
@@ -80,5 +88,5 @@ def pair_embeddings(
     collective: every rank calls this with the same sentences."""
     unique = list(dict.fromkeys([*sentences1, *sentences2]))
     row = {s: i for i, s in enumerate(unique)}
-    emb = encode(forward, tokenizer, unique, device, batch_size, max_length, show_progress, prompt)
+    emb = encode(forward, tokenizer, unique, device, batch_size, max_length, show_progress, pack_tokens, prompt)
     return emb[[row[s] for s in sentences1]], emb[[row[s] for s in sentences2]]

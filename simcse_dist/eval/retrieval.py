@@ -299,14 +299,21 @@ def evaluate_retrieval(
     so all ranks hold the same result. collective: every rank calls this with the same data."""
     qids = data.judged_queries
     query_emb = encode(
-        forward, tokenizer, [data.queries[q] for q in qids], device, batch_size, max_length, show_progress, query_prompt
+        forward,
+        tokenizer,
+        [data.queries[q] for q in qids],
+        device,
+        batch_size,
+        max_length,
+        show_progress,
+        prompt=query_prompt,
     )
     docids = sorted(data.corpus)  # string order: equal scores then rank by docid, as sentence-transformers
 
     def chunks() -> Iterator[torch.Tensor]:
         for start in range(0, len(docids), corpus_chunk_size):
             texts = [data.corpus[d] for d in docids[start : start + corpus_chunk_size]]
-            yield encode(forward, tokenizer, texts, device, batch_size, max_length, show_progress, corpus_prompt)
+            yield encode(forward, tokenizer, texts, device, batch_size, max_length, show_progress, prompt=corpus_prompt)
 
     results = {}
     for view, (_, index) in top_k(query_emb, chunks(), DEPTH, views).items():

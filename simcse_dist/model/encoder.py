@@ -62,7 +62,8 @@ def pool(
 
 
 class Encoder(nn.Module):
-    """Sentence encoder. forward(input_ids [..., L], attention_mask [..., L]) -> [..., d].
+    """Sentence encoder. forward(input_ids [..., L], attention_mask [..., L]) -> [..., d], or
+    forward(**packed inputs) (data/packing.py, model/packing.py) -> [b, k, d].
 
     In training mode the cls pooler applies the MLP; in eval mode it does so unless
     `mlp_only_train`. Leading dims are flattened so all views go through one forward pass.
@@ -106,12 +107,22 @@ class Encoder(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         prompt_lengths: torch.Tensor | None = None,
+        **packed: torch.Tensor,
     ) -> torch.Tensor:
-        """prompt_lengths [...]: the tokens of each text's prompt (data.collate.prompt_length),
-        left out of the mean when the encoder does not include prompts."""
+        """Padded [..., L] inputs, or data/packing.py's packed rows (`packed`: position_ids and the
+        pack_* layout, no attention_mask) -> [..., d] / [b, k, d]. prompt_lengths [...]: the tokens
+        of each text's prompt (data.collate.prompt_length), left out of the mean when the encoder
+        does not include prompts (padded inputs only: the trainer does not pack such a model)."""
+        if packed:
+            if prompt_lengths is not None and not self.include_prompt:
+                raise ValueError("packed inputs cannot leave prompt tokens out of pooling; encode padded")
+            from simcse_dist.model.packing import packed_embeddings
+
+            emb = packed_embeddings(self.backbone, self.pooler, input_ids, token_type_ids, **packed)
+            return self.mlp(emb) if self.uses_mlp else emb
         lead, seq = input_ids.shape[:-1], input_ids.shape[-1]
         flat = {"input_ids": input_ids.reshape(-1, seq), "attention_mask": attention_mask.reshape(-1, seq)}
         if token_type_ids is not None:

@@ -14,6 +14,7 @@ import torch
 
 from simcse_dist.config import Config, resolve_model_path
 from simcse_dist.data.batch import Batch
+from simcse_dist.data.packing import is_packed, unpack
 from simcse_dist.fsutil import human_bytes
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class FrozenModels:
             if not wanted:
                 continue
             inputs = batch.frozen_inputs.get(name, batch.inputs)
+            if is_packed(inputs):  # the student's packed rows: a frozen model reads them padded
+                inputs = unpack(inputs)
             views = inputs["input_ids"].shape[1]
             if one_text:
                 one = {k: v[:, :1] for k, v in inputs.items()}

@@ -26,6 +26,7 @@ from simcse_dist.engine import Engine, zero_stage
 from simcse_dist.eval.sts import read_pair_file
 from simcse_dist.eval.validator import StsValidator
 from simcse_dist.fsutil import WriteFailure, explain, human_bytes
+from simcse_dist.model import packing
 from simcse_dist.model.encoder import Encoder
 from simcse_dist.model.export import write_best
 from simcse_dist.train.checkpoint import CheckpointManager, read_meta
@@ -127,6 +128,14 @@ class Trainer:
         universal = latest is not None and self.ckpt.needs_universal(latest, zero_stage(cfg))
         torch.manual_seed(cfg.train.seed)  # identical initial weights (the MLP head) on every rank
         self.encoder = Encoder.from_config(cfg.model)
+        if cfg.data.packing:
+            reason = packing.unsupported(self.encoder.backbone, cfg.model.pooler)
+            if reason is None and not cfg.model.include_prompt and any(any(s.prompts) for s in self.data.sources):
+                reason = "model.include_prompt false leaves prompt tokens out of a padded mean only"
+            if reason is None:
+                self.data.enable_packing()
+            else:
+                log.info(f"data.packing: {reason}; training padded")
         self.engine = Engine(self.encoder, cfg, env.world_size, self.total_steps, load_universal=universal)
         self.engine.train()  # from_pretrained returns eval mode: dropout (the augmentation) must be on
         if self.frozen is not None:

@@ -426,3 +426,28 @@ def test_mteb_jsonl_gz_pairs(tmp_path):
         f.write('{"sentence1": "a", "sentence2": "b", "score": 1}\n{"sentence1": "a"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl.gz:2: expected a JSON object with sentence1, sentence2, score"):
         read_pair_file(bad)
+
+
+@pytest.mark.slow
+def test_eval_cli_packed_gives_the_same_scores(tmp_path, tiny_bert):
+    """simcse-eval --pack-tokens: the written-out reference's score, and embeddings equal to
+    the padded ones to 1e-5 (eval.encode with 7-sentence batches, so rows hold several)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from simcse_dist.eval.encode import encode
+    from simcse_dist.model.load import load_encoder
+
+    rows = _tiny_sts_dir(tmp_path)
+    texts = [r[0] for r in rows] + [r[1] for r in rows]
+    emb = documented_embeddings(tiny_bert, texts, pooler="avg")
+    expected = 100 * spearman_by_hand(cosine(emb[: len(rows)], emb[len(rows) :]), [r[2] for r in rows])
+    out = tmp_path / "packed.json"
+    args = ["--model", str(tiny_bert), "--pooler", "avg", "--tasks", "sts12", "--data-dir", str(tmp_path / "tsv")]
+    assert eval_cli([*args, "--pack-tokens", "48", "--output-json", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["sts12"] == pytest.approx(expected, abs=1e-6)
+    encoder, _, _ = load_encoder(str(tiny_bert), "avg")
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    padded = encode(encoder.eval(), tok, texts, torch.device("cpu"), batch_size=7)
+    packed = encode(encoder, tok, texts, torch.device("cpu"), batch_size=7, pack_tokens=48)
+    assert float((padded - packed).abs().max()) < 1e-5

@@ -52,9 +52,10 @@ def run_worker(
     step: int = 0,
     extra: tuple = (),
     objectives: str = "unsup,sup",
-) -> None:
+) -> str:
     data = data or DATA
-    run_gloo(
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return run_gloo(
         WORKER,
         world,
         [
@@ -288,3 +289,31 @@ def test_reference_detects_dropped_cross_rank_terms(tiny_bert, tmp_path):
     got = torch.load(tmp_path / "grads-sup-z0-a1.pt")["grads"]
     rel, _ = max_rel_diff(got, ref)
     assert rel > 0.1, rel
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,balance", [(1, True), (2, False), (2, True)])
+def test_packed_and_balanced_match_one_process(tiny_bert, tmp_path, world, balance):
+    """data.packing (rows of 32 and 64 tokens), with and without data.balance_tokens: N ranks
+    make the written-out padded single-process gradient, plain (A = 1) and with gradient caching
+    (A = 2, rows balanced across micro-steps too), so the balanced update is the unbalanced one."""
+    flags = ("data.packing=true", f"data.balance_tokens={str(balance).lower()}")
+    plain = run_worker(tmp_path / "plain", world, tiny_bert, 12, stages="0,3" if world == 2 else "0", extra=flags)
+    cached = run_worker(
+        tmp_path / "gc",
+        world,
+        tiny_bert,
+        24,
+        accums="2",
+        stages="0",
+        extra=(*flags, "train.grad_cache=true", "data.pack_row_tokens=64"),
+    )
+    for log in (plain, cached):
+        assert "data: packed into rows of" in log  # packing was on, not the padded fallback
+        assert ("balanced by tokens" in log) == balance
+    for objective in ("unsup", "sup"):
+        n = n_examples(DATA[objective])
+        ref12 = reference_grads(tiny_bert, objective, DATA[objective], [global_batch_indices(n, 12, SEED)])
+        check(tmp_path / "plain", objective, "0,3" if world == 2 else "0", 1, ref12, f"packed world {world}")
+        ref24 = reference_grads(tiny_bert, objective, DATA[objective], [global_batch_indices(n, 24, SEED)])
+        check(tmp_path / "gc", objective, "0", 2, ref24, f"packed grad_cache world {world}")

@@ -1,0 +1,97 @@
+"""Packed forward: data/packing.py's rows of several sentences through a Hugging Face encoder,
+each sentence attending only to itself, then pooled per sentence into [b, k, d].
+
+How it reaches the model, through transformers' public inputs: `position_ids` (restarting at
+every sentence) and a ready 4-D additive mask [R, 1, W, W] as `attention_mask`, which
+transformers 5's `masking_utils.create_bidirectional_mask` returns as it is and both the eager
+and the SDPA attention add to the scores (tests/model/test_packing.py pins this: packed equals
+padded, and a mask that leaks is caught). Which models: encoders whose position embeddings are
+absolute and indexed by `position_ids` (BERT; RoBERTa and XLM-R with their padding_idx + 1
+offset). Everything else runs padded with one line saying why (`unsupported`): decoders (a
+causal block mask is not built here), flash-attention (it ignores a 4-D mask; its varlen path
+is not wired), relative or rotary positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# model_type -> how position ids start: 0, or "pad" (padding_idx + 1, as RoBERTa numbers them)
+_POSITIONS = {"bert": 0, "roberta": "pad", "xlm-roberta": "pad", "camembert": "pad"}
+
+
+POOLERS = ("cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2", "pooler_output")
+
+
+def unsupported(backbone: torch.nn.Module, pooler: str = "cls") -> str | None:
+    """Why `backbone` with `pooler` cannot be packed, or None when it can."""
+    if pooler not in POOLERS:
+        return f"the {pooler} pooler is not packed (packing pools {', '.join(POOLERS)})"
+    cfg = backbone.config
+    kind = getattr(cfg, "model_type", "?")
+    if kind not in _POSITIONS:
+        return f"{kind} models are not packed (packing covers {', '.join(sorted(_POSITIONS))})"
+    if getattr(cfg, "is_decoder", False):
+        return f"{kind} is configured as a decoder (causal attention); packing needs bidirectional attention"
+    if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
+        return f"{kind} has {cfg.position_embedding_type} position embeddings; packing needs absolute ones"
+    impl = getattr(cfg, "_attn_implementation", None) or "eager"
+    if impl not in ("eager", "sdpa"):
+        return f"attention {impl} does not take a 4-D mask; packing runs with eager or sdpa"
+    return None
+
+
+def position_offset(backbone: torch.nn.Module) -> int:
+    """The position id of a sentence's first token: 0, or padding_idx + 1 for RoBERTa's kind."""
+    start = _POSITIONS.get(getattr(backbone.config, "model_type", ""), 0)
+    return backbone.config.pad_token_id + 1 if start == "pad" else 0
+
+
+def block_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[R, W] segment ids -> [R, 1, W, W] additive mask: 0 within a segment, the dtype's minimum
+    across segments (every query has its own segment, so no row of the softmax is empty)."""
+    same = segments[:, :, None] == segments[:, None, :]
+    mask = torch.zeros(same.shape, dtype=dtype, device=segments.device)
+    return mask.masked_fill_(~same, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def packed_embeddings(
+    backbone: torch.nn.Module,
+    pooler: str,
+    input_ids: torch.Tensor,
+    token_type_ids: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    pack_segments: torch.Tensor,
+    pack_starts: torch.Tensor,
+    pack_lengths: torch.Tensor,
+) -> torch.Tensor:
+    """Packed rows [R, W] -> [b, k, d] sentence embeddings before any MLP head, equal to the
+    padded forward's (encoder.pool) for cls, cls_before_pooler, avg, avg_first_last, avg_top2
+    and pooler_output."""
+    dtype = backbone.get_input_embeddings().weight.dtype
+    offset = position_offset(backbone)
+    positions = position_ids + offset if offset else position_ids
+    kwargs = {"input_ids": input_ids, "position_ids": positions, "attention_mask": block_mask(pack_segments, dtype)}
+    if token_type_ids is not None:
+        kwargs["token_type_ids"] = token_type_ids
+    need_all = pooler in ("avg_first_last", "avg_top2")
+    out = backbone(**kwargs, output_hidden_states=need_all, return_dict=True)
+    lead = pack_lengths.shape
+    starts = pack_starts.reshape(-1)
+    if pooler in ("cls", "cls_before_pooler", "pooler_output"):
+        d = out.last_hidden_state.shape[-1]
+        first = out.last_hidden_state.reshape(-1, d)[starts]  # [n, d]
+        emb = backbone.pooler(first[:, None]) if pooler == "pooler_output" else first
+        return emb.reshape(*lead, d)
+    if pooler == "avg":
+        tokens = out.last_hidden_state
+    elif pooler == "avg_first_last":
+        tokens = (out.hidden_states[1] + out.hidden_states[-1]) / 2.0
+    elif pooler == "avg_top2":
+        tokens = (out.hidden_states[-2] + out.hidden_states[-1]) / 2.0
+    else:
+        raise ValueError(f"model.pooler: {pooler!r} cannot be packed")
+    n, d = starts.numel(), tokens.shape[-1]
+    segment = pack_segments.reshape(-1).clamp(max=n)  # padding tokens -> a dropped bucket n
+    sums = tokens.new_zeros(n + 1, d).index_add_(0, segment, tokens.reshape(-1, d))[:n]
+    return (sums / pack_lengths.reshape(-1, 1).to(sums.dtype)).reshape(*lead, d)

@@ -1,0 +1,138 @@
+"""Packed encoding (data/packing.py + model/packing.py) against the padded forward, the
+reference: embeddings and one step's gradients to 1e-5 in fp32 for every pooler, and a block
+mask that leaks across sentences is caught."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_tiny_bert
+
+import simcse_dist.model.packing as model_packing
+from simcse_dist.config import ModelConfig
+from simcse_dist.data.packing import pack, unpack
+from simcse_dist.model.encoder import Encoder
+from simcse_dist.model.packing import unsupported
+
+POOLERS = ["cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2", "pooler_output"]
+
+
+def padded_batch(b: int = 6, k: int = 3, seq: int = 12, seed: int = 0, left: bool = False) -> dict:
+    """[b, k, L] inputs of random lengths 2..L, token types 0/1 per sentence half, right or left padded."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, seq + 1, (b, k), generator=g)
+    pos = torch.arange(seq)
+    mask = pos < lengths[..., None] if not left else pos >= seq - lengths[..., None]
+    ids = torch.randint(1000, 2000, (b, k, seq), generator=g) * mask
+    types = ((pos >= seq // 2) & mask).long()
+    return {"input_ids": ids, "attention_mask": mask.long(), "token_type_ids": types}
+
+
+def encoder(tmp_path, pooler: str, attn: str | None = None) -> Encoder:
+    model = make_tiny_bert(tmp_path / "bert")
+    torch.manual_seed(0)
+    cfg = ModelConfig(name_or_path=str(model), pooler=pooler, dropout=0.0, attn_implementation=attn)
+    enc = Encoder.from_config(cfg)
+    return enc.train()  # dropout 0: train mode, so the cls pooler's MLP is used
+
+
+def max_diff(enc: Encoder, batch: dict, capacity: int) -> tuple[float, float]:
+    """Largest |packed - padded| of the embeddings, and of the gradients of sum(z * w) relative to
+    the largest gradient (summed over many tokens, they reach ~1e0 where fp32 keeps ~7 digits)."""
+    out = []
+    for inputs in (batch, pack(batch, capacity)):
+        enc.zero_grad()
+        z = enc(**inputs)
+        w = torch.linspace(-1, 1, z.numel()).view_as(z)
+        (z * w).sum().backward()
+        grads = torch.cat([p.grad.reshape(-1) for p in enc.parameters() if p.grad is not None])
+        out.append((z.detach(), grads))
+    (z0, g0), (z1, g1) = out
+    assert z0.shape == z1.shape and g0.shape == g1.shape
+    return float((z0 - z1).abs().max()), float((g0 - g1).abs().max() / g0.abs().max())
+
+
+@pytest.mark.parametrize("pooler", POOLERS)
+def test_packed_equals_padded(tmp_path, pooler):
+    enc = encoder(tmp_path, pooler)
+    assert unsupported(enc.backbone) is None
+    for capacity in (12, 40):  # BERT numbers positions from the row's start: right padding is its reference
+        batch = padded_batch()
+        packed = pack(batch, capacity)
+        assert packed["input_ids"].shape[0] < 18  # several sentences share rows
+        dz, dg = max_diff(enc, batch, capacity)
+        assert dz < 1e-5 and dg < 1e-5, (capacity, dz, dg)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_both_attention_interfaces_take_the_mask(tmp_path, attn):
+    enc = encoder(tmp_path, "avg", attn)
+    assert enc.backbone.config._attn_implementation == attn
+    dz, dg = max_diff(enc, padded_batch(seed=1), 30)
+    assert dz < 1e-5 and dg < 1e-5
+
+
+def test_a_leaking_mask_is_caught(tmp_path, monkeypatch):
+    """The same comparison with the block mask replaced by one that lets every token of a row
+    see every other (the mask of plain concatenation) fails by far."""
+    enc = encoder(tmp_path, "avg")
+    batch = padded_batch()
+    monkeypatch.setattr(model_packing, "block_mask", lambda seg, dtype: torch.zeros(seg.shape[0], 1, 1, seg.shape[1]))
+    dz, _ = max_diff(enc, batch, 40)
+    assert dz > 1e-2
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_pack_layout(left):
+    batch = padded_batch(b=5, k=2, seq=10, seed=3, left=left)
+    packed = pack(batch, 16)
+    lengths = batch["attention_mask"].sum(-1)
+    assert torch.equal(packed["pack_lengths"], lengths)
+    assert packed["input_ids"].shape[1] <= 16
+    real = packed["pack_segments"] < lengths.numel()
+    assert int(real.sum()) == int(lengths.sum())  # every token once, padding apart
+    # positions restart at every sentence, from the offset
+    first = packed["position_ids"].reshape(-1)[packed["pack_starts"].reshape(-1)]
+    assert torch.equal(first, torch.zeros_like(first))
+    back = unpack(packed)
+    assert torch.equal(back["attention_mask"].sum(-1), lengths)
+    for key in ("input_ids", "token_type_ids"):
+        real = batch[key][batch["attention_mask"].bool()]  # row-major: sentence by sentence
+        assert torch.equal(back[key][back["attention_mask"].bool()], real)
+
+
+def test_unpackable_models_are_named():
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+
+    tiny = dict(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    bert = BertModel(BertConfig(**tiny))
+    assert unsupported(bert) is None
+    cases = {
+        "gpt2": GPT2Model(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=10)),
+        "decoder": BertModel(BertConfig(**tiny, is_decoder=True)),
+        "relative_key": BertModel(BertConfig(**tiny, position_embedding_type="relative_key")),
+    }
+    for word, model in cases.items():
+        reason = unsupported(model)
+        assert reason is not None and word in reason, (word, reason)
+    bert.config._attn_implementation = "flash_attention_2"  # as from_pretrained(attn_implementation=...) sets it
+    assert "flash_attention_2" in unsupported(bert)
+    assert "last_token" in unsupported(BertModel(BertConfig(**tiny)), "last_token")
+
+
+def test_roberta_positions_start_after_its_padding_index():
+    """RoBERTa numbers positions from padding_idx + 1: packed equals padded there too."""
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=2000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    enc = Encoder(RobertaModel(config, add_pooling_layer=False), "avg", False).train()
+    assert unsupported(enc.backbone) is None
+    batch = padded_batch(seed=2)
+    batch["input_ids"] = torch.where(batch["attention_mask"].bool(), batch["input_ids"], config.pad_token_id)
+    del batch["token_type_ids"]  # RoBERTa has one token type
+    dz, dg = max_diff(enc, batch, 30)
+    assert dz < 1e-5 and dg < 1e-5
