@@ -186,3 +186,10 @@ def test_docs_name_only_modules_that_exist(doc):
     text = (REPO / doc).read_text()
     named = set(re.findall(r"\b((?:simcse_dist|tests|bench)/[\w/]+\.py)\b", text))
     assert sorted(p for p in named if not (REPO / p).is_file()) == []
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test files by basename (no packages under tests/): two of one name stop
+    the whole collection."""
+    names = [p.name for p in (REPO / "tests").rglob("test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []

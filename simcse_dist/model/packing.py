@@ -4,7 +4,7 @@ each sentence attending only to itself, then pooled per sentence into [b, k, d].
 How it reaches the model, through transformers' public inputs: `position_ids` (restarting at
 every sentence) and a ready 4-D additive mask [R, 1, W, W] as `attention_mask`, which
 transformers 5's `masking_utils.create_bidirectional_mask` returns as it is and both the eager
-and the SDPA attention add to the scores (tests/model/test_packing.py pins this: packed equals
+and the SDPA attention add to the scores (tests/model/test_packed_encoder.py pins this: packed equals
 padded, and a mask that leaks is caught). Which models: encoders whose position embeddings are
 absolute and indexed by `position_ids` (BERT; RoBERTa and XLM-R with their padding_idx + 1
 offset). Everything else runs padded with one line saying why (`unsupported`): decoders (a
