@@ -57,7 +57,9 @@ def pool(
     if pooler in ("cls", "cls_before_pooler"):
         return last_hidden[:, 0]
     if pooler == "last_token":
-        return last_hidden[torch.arange(last_hidden.shape[0], device=last_hidden.device), last_positions(attention_mask)]
+        return last_hidden[
+            torch.arange(last_hidden.shape[0], device=last_hidden.device), last_positions(attention_mask)
+        ]
     if pooler == "avg":
         tokens = last_hidden
     elif pooler == "avg_first_last":

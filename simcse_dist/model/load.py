@@ -13,6 +13,7 @@ import torch
 from simcse_dist.config import POOLERS, canonical_pooler, resolve_model_path
 from simcse_dist.model.encoder import Encoder, load_backbone
 from simcse_dist.model.format import MLP_WEIGHTS_NAME, SIMCSE_CONFIG_NAME, ExportError, layer_weights
+from simcse_dist.model.tokenizer import load_tokenizer
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -106,12 +107,10 @@ def read_mlp(model_dir: Path) -> dict[str, torch.Tensor]:
 def load_encoder(model: str | Path, pooler: str | None = None):
     """(Encoder in eval mode, tokenizer, settings) from a run dir, a model dir written by
     save_encoder/export, a sentence-transformers dir or any HF encoder (then `pooler` is needed)."""
-    from transformers import AutoTokenizer
-
     model_dir = resolve_model_dir(model)
     meta = read_pooling(model_dir, pooler)
     encoder = Encoder(load_backbone(str(model_dir), meta["pooler"]), meta["pooler"], bool(meta["mlp_only_train"]))
     if encoder.mlp is not None and meta["mlp"]:
         encoder.mlp.load_state_dict(read_mlp(model_dir))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
+    tokenizer = load_tokenizer(str(model_dir), meta["pooler"])
     return encoder.eval(), tokenizer, {**meta, "path": str(model_dir)}

@@ -61,16 +61,13 @@ def trainable_state(encoder_state: dict[str, torch.Tensor], encoder: nn.Module) 
     return {k.removeprefix("backbone."): v for k, v in encoder_state.items() if k.removeprefix("backbone.") in names}
 
 
-def peft_from_adapter(base_path: str, pooler: str, peft_config, adapter: dict[str, torch.Tensor]) -> nn.Module:
-    """A fresh peft model on CPU: the base loaded from its own files, `peft_config`'s adapters set
-    to `adapter` (the names of the training backbone's parameters). Every adapter weight must be
-    given; nothing else is."""
+def peft_from_adapter(base: nn.Module, peft_config, adapter: dict[str, torch.Tensor]) -> nn.Module:
+    """A fresh peft model: `base` (loaded from its own files, model/encoder.load_backbone) with
+    `peft_config`'s adapters set to `adapter` (the names of the training backbone's parameters).
+    Every adapter weight must be given; nothing else is."""
     from peft import get_peft_model
 
-    from simcse_dist.model.encoder import load_backbone
-
-    config = copy.deepcopy(peft_config)
-    model = get_peft_model(load_backbone(resolve_model_path(base_path), pooler), config)
+    model = get_peft_model(base, copy.deepcopy(peft_config))
     wanted = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(adapter) != wanted:
         missing, extra = sorted(wanted - set(adapter))[:3], sorted(set(adapter) - wanted)[:3]

@@ -28,6 +28,7 @@ from simcse_dist.eval.validator import StsValidator
 from simcse_dist.fsutil import WriteFailure, explain, human_bytes
 from simcse_dist.model.encoder import Encoder
 from simcse_dist.model.export import write_best
+from simcse_dist.model.tokenizer import load_tokenizer
 from simcse_dist.train.checkpoint import CheckpointManager, read_meta
 from simcse_dist.train.frozen import FrozenModels
 from simcse_dist.train.objective import Objective, ObjectiveSpec
@@ -53,12 +54,10 @@ class Trainer:
     def __init__(self, cfg: Config, env: du.DistEnv, stop: StopRequest | None = None) -> None:
         """`stop`: the process's stop request (simcse-train installs it before its imports); by
         default the trainer installs its own while it trains."""
-        from transformers import AutoTokenizer
-
         self.cfg, self.env = cfg, env
         self.stop, self._own_stop = stop or StopRequest(check_file=env.is_main), stop is None
         self.out = Path(cfg.train.output_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path), use_fast=True)
+        self.tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.pooler)
         online = any(s.loss.guide or (s.loss.distill and s.loss.distill.teacher) for s in cfg.sources())
         self.frozen = FrozenModels(cfg, self.tokenizer) if online else None
         self.data = InputPipeline(cfg, env, self.tokenizer, self.frozen.tokenizers if self.frozen else None)
