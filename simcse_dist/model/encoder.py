@@ -124,6 +124,15 @@ class Encoder(nn.Module):
     def embedding_dim(self) -> int:
         return self.backbone.config.hidden_size
 
+    def checkpoint_activations(self) -> None:
+        """engine.activation_checkpointing: Hugging Face gradient checkpointing of each layer,
+        non-reentrant (torch.utils.checkpoint with use_reentrant=False): it needs no input that
+        requires grad (LoRA's frozen embeddings), and it restores the RNG state before the
+        recompute, so the recomputed forward draws the dropout masks of the first one."""
+        if not getattr(self.backbone, "supports_gradient_checkpointing", True):
+            raise ConfigError(f"engine.activation_checkpointing: {type(self.backbone).__name__} does not support it")
+        self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     @property
     def uses_mlp(self) -> bool:
         return self.mlp is not None and (self.training or not self.mlp_only_train)

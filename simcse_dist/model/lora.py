@@ -79,6 +79,13 @@ def peft_from_adapter(base: nn.Module, peft_config, adapter: dict[str, torch.Ten
     return model.eval()
 
 
+def merge_adapter(base: nn.Module, adapter_dir: Path) -> nn.Module:
+    """`base` with the peft adapter saved in `adapter_dir` merged into its weights."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
+
+
 def adapter_size(model: nn.Module) -> tuple[int, int]:
     """(trainable parameters, all parameters)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

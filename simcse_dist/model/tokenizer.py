@@ -23,13 +23,16 @@ _PROBE = "a b"
 
 
 def load_tokenizer(path: str, pooler: str):
-    """AutoTokenizer (fast) of `path`, made to end every text with EOS for `last_token` pooling and
-    to pad (with EOS when it has no pad token)."""
+    """AutoTokenizer (fast) of `path`, made to end every text with EOS and pad on the right for
+    `last_token` pooling, and to pad (with EOS when it has no pad token)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
     if pooler == "last_token":
         append_eos(tokenizer, path)
+        # what the exports declare: sentence-transformers' lasttoken pooling and the model card's
+        # code read the last real token; the Encoder itself finds it under either side
+        tokenizer.padding_side = "right"
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -7,6 +7,7 @@ Trainer reads files only; `setup()` runs the collectives (data preparation, engi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -28,8 +29,9 @@ from simcse_dist.eval.validator import StsValidator
 from simcse_dist.fsutil import WriteFailure, explain, human_bytes
 from simcse_dist.model.encoder import Encoder
 from simcse_dist.model.export import write_best
+from simcse_dist.model.lora import base_fingerprint
 from simcse_dist.model.tokenizer import load_tokenizer
-from simcse_dist.train.checkpoint import CheckpointManager, read_meta
+from simcse_dist.train.checkpoint import CheckpointManager, check_base, read_meta
 from simcse_dist.train.frozen import FrozenModels
 from simcse_dist.train.objective import Objective, ObjectiveSpec
 from simcse_dist.train.preempt import StopRequest
@@ -76,6 +78,7 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.finished = False  # the run had already finished and published everything (setup)
         self.lock = RunLock(self.out) if env.is_main else None
+        self.base: dict | None = None  # LoRA's frozen base: path and sha256 (rank 0, setup)
 
     def close(self) -> None:
         """Release the output directory (rank 0)."""
@@ -100,15 +103,17 @@ class Trainer:
             for src, md in zip(self.data.sources, self.data.mask_duplicates, strict=True)
         ]
         latest = self.ckpt.latest() if cfg.checkpoint.resume else None
+        if env.is_main and cfg.model.lora.enabled:  # the frozen base a LoRA checkpoint refers to
+            self.base = base_fingerprint(cfg.model.name_or_path)
         if latest is not None:
             meta = read_meta(latest)
-            du.agreed(
-                lambda: (
+
+            def check() -> None:
+                if env.is_main:
                     check_data(meta, self.data.fingerprints(), latest, cfg.data.allow_changed_data)
-                    if env.is_main
-                    else None
-                )
-            )
+                    check_base(meta, self._base_meta(), latest)
+
+            du.agreed(check)
             if meta["step"] >= self.total_steps and self._published(meta):
                 log.info(
                     f"nothing to train: the run in {self.out} finished its {meta['step']} steps and its model is "
@@ -122,6 +127,8 @@ class Trainer:
         universal = latest is not None and self.ckpt.needs_universal(latest, zero_stage(cfg))
         torch.manual_seed(cfg.train.seed)  # identical initial weights (the MLP head) on every rank
         self.encoder = Encoder.from_config(cfg.model)
+        if cfg.engine.activation_checkpointing:
+            self.encoder.checkpoint_activations()
         self.engine = Engine(self.encoder, cfg, env.world_size, self.total_steps, load_universal=universal)
         self.engine.train()  # from_pretrained returns eval mode: dropout (the augmentation) must be on
         if self.frozen is not None:
@@ -288,7 +295,14 @@ class Trainer:
             "sampler": SAMPLER_VERSION,
             "data": self.data.fingerprints(),
             "global_batch_size": self.cfg.train.global_batch_size,
+            **self._base_meta(),
         }
+
+    def _base_meta(self) -> dict:
+        """What a LoRA checkpoint trains on (rank 0): its settings and the frozen base's path and hash."""
+        if not self.cfg.model.lora.enabled:
+            return {}
+        return {"lora": dataclasses.asdict(self.cfg.model.lora), "base": self.base}
 
     def _log(self, logger: MetricsLogger, bar, lr: float, step: int) -> None:
         masking = any(self.data.mask_duplicates) or any(f.spec.uses_guide for f in self.loss_fns)
@@ -319,7 +333,7 @@ class Trainer:
 
     def _export_best(self, step: int, score: float | None) -> None:
         """Publish best/. collective: ZeRO gathers the full weights on every rank."""
-        state = self.engine.full_state_dict(dst_rank=0)
+        state = self.engine.full_state_dict(dst_rank=0, trainable_only=self.cfg.model.lora.enabled)
         best = self.out / "best"
         du.agreed(
             lambda: (
