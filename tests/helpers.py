@@ -176,3 +176,16 @@ def make_tiny_decoder(
     cls(config_cls(**config)).save_pretrained(out_dir)
     fast.save_pretrained(out_dir)
     return out_dir
+
+
+def randomize_lora_b(model, seed: int = 1, std: float = 0.5):
+    """Draw every LoRA B factor from normal(0, std) with its own generator (by sorted name):
+    peft starts B at 0, where the A factors' gradient is exactly 0 and a test of it proves nothing."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in sorted(n for n in params if "lora_B" in n):
+            params[name].copy_(torch.randn(params[name].shape, generator=g) * std)
+    return model
