@@ -90,6 +90,9 @@ class ModelConfig:
     """Overrides hidden and attention dropout (0 allowed); None keeps the checkpoint's values (0.1 for BERT)."""
     attn_implementation: str | None = None
     """Passed to from_pretrained (e.g. sdpa, eager); None lets transformers choose."""
+    prompt: str | None = None
+    """Text put before every text in training, evaluation and the exports (an instruction, e.g.
+    "Instruct: Retrieve semantically similar text.\nQuery: "); part of the tokenizer (model/tokenizer.py)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA: {r, alpha, dropout, target_modules}; only the adapters train (r = 0: every weight)."""
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         from simcse_dist.model.tokenizer import load_tokenizer
 
         try:
-            tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.pooler)
+            tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.pooler, cfg.model.prompt)
         except OSError as e:
             raise ConfigError(f"model.name_or_path: no tokenizer loads from {cfg.model.name_or_path!r}: {e}") from None
         workers = args.workers or cfg.data.prepare_workers or os.cpu_count() or 1

@@ -11,6 +11,10 @@ is not reused), `best/` and the exports (saved with the tokenizer: sentence-tran
 plain transformers append it too), and truncation keeps room for it (the tokenizers library
 reserves the template's special tokens within `max_length`). A tokenizer without a pad token
 (Llama's) pads with EOS; the attention mask tells them apart.
+
+`model.prompt` (an instruction, as E5-mistral and gte-Qwen2 put before a query) goes into the
+same template, before the text (after a BOS), for the same reasons: every text of training,
+evaluation and the exports carries it, and truncation cuts the text, never the prompt.
 """
 
 from __future__ import annotations
@@ -20,14 +24,18 @@ import json
 from simcse_dist.config import ConfigError
 
 _PROBE = "a b"
+PROMPT_ID = "simcse_prompt"  # the template's name for the prompt's tokens
 
 
-def load_tokenizer(path: str, pooler: str):
-    """AutoTokenizer (fast) of `path`, made to end every text with EOS and pad on the right for
-    `last_token` pooling, and to pad (with EOS when it has no pad token)."""
+def load_tokenizer(path: str, pooler: str, prompt: str | None = None):
+    """AutoTokenizer (fast) of `path`, made to start every text with `prompt` (model.prompt), to
+    end it with EOS and pad on the right for `last_token` pooling, and to pad (with EOS when it
+    has no pad token)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+    if prompt:
+        add_prompt(tokenizer, prompt, path)
     if pooler == "last_token":
         append_eos(tokenizer, path)
         # what the exports declare: sentence-transformers' lasttoken pooling and the model card's
@@ -63,9 +71,43 @@ def append_eos(tokenizer, where: str = "the tokenizer") -> None:
         raise ConfigError(f"model.pooler: last_token: could not make {where} append its EOS token")
 
 
+def add_prompt(tokenizer, prompt: str, where: str = "the tokenizer") -> None:
+    """Make `tokenizer` (fast) put the tokens of `prompt` before every text (after a BOS)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ConfigError(f"model.prompt: {where} has no fast (Rust) tokenizer to add a prompt with")
+    from tokenizers import Tokenizer
+
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    spec = json.loads(backend.to_str())
+    processor, template = _template(spec.get("post_processor"))
+    if PROMPT_ID in template["special_tokens"]:
+        return  # saved with its prompt (a run's best/, an export)
+    piece = {"SpecialToken": {"id": PROMPT_ID, "type_id": 0}}
+    for key in ("single", "pair"):
+        first = next(i for i, p in enumerate(template[key]) if "Sequence" in p)
+        template[key].insert(first, piece)
+    template["special_tokens"][PROMPT_ID] = {
+        "id": PROMPT_ID,
+        "ids": ids,
+        "tokens": tokenizer.convert_ids_to_tokens(ids),
+    }
+    spec["post_processor"] = processor
+    backend.post_processor = Tokenizer.from_str(json.dumps(spec)).post_processor
+
+
 def _with_eos(processor: dict | None, eos: str, eos_id: int) -> dict:
-    """The post-processor (its JSON) with EOS appended to its template: to the last
-    TemplateProcessing in it (Llama's `<s> $A`), or a new one after it (ByteLevel, none)."""
+    """The post-processor (its JSON) with EOS appended to its template."""
+    processor, template = _template(processor)
+    template["single"].append({"SpecialToken": {"id": eos, "type_id": 0}})
+    template["pair"].append({"SpecialToken": {"id": eos, "type_id": 1}})
+    template["special_tokens"][eos] = {"id": eos, "ids": [eos_id], "tokens": [eos]}
+    return processor
+
+
+def _template(processor: dict | None) -> tuple[dict, dict]:
+    """(post-processor JSON, its template): the last TemplateProcessing in it (Llama's `<s> $A`,
+    BERT's `[CLS] $A [SEP]`), or a new one after it (ByteLevel, none)."""
     template = _last_template(processor)
     if template is None:
         template = {
@@ -80,10 +122,7 @@ def _with_eos(processor: dict | None, eos: str, eos_id: int) -> dict:
             processor["processors"].append(template)
         else:
             processor = {"type": "Sequence", "processors": [processor, template]}
-    template["single"].append({"SpecialToken": {"id": eos, "type_id": 0}})
-    template["pair"].append({"SpecialToken": {"id": eos, "type_id": 1}})
-    template["special_tokens"][eos] = {"id": eos, "ids": [eos_id], "tokens": [eos]}
-    return processor
+    return processor, template
 
 
 def _last_template(processor: dict | None) -> dict | None:

@@ -59,7 +59,7 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.stop, self._own_stop = stop or StopRequest(check_file=env.is_main), stop is None
         self.out = Path(cfg.train.output_dir)
-        self.tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.pooler)
+        self.tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.pooler, cfg.model.prompt)
         online = any(s.loss.guide or (s.loss.distill and s.loss.distill.teacher) for s in cfg.sources())
         self.frozen = FrozenModels(cfg, self.tokenizer) if online else None
         self.data = InputPipeline(cfg, env, self.tokenizer, self.frozen.tokenizers if self.frozen else None)

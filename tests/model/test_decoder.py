@@ -77,3 +77,26 @@ def test_attention_stays_causal(decoder):
         h_long = enc.backbone(input_ids=torch.tensor([longer])).last_hidden_state[0, : len(short)]
     torch.testing.assert_close(h_short, h_long, atol=1e-6, rtol=0)
     assert enc.decoder
+
+
+def test_prompt_goes_before_every_text_and_survives_truncation(decoder):
+    from transformers import AutoTokenizer
+
+    prompt = "Instruct: Retrieve semantically similar text.\nQuery: "
+    tok = load_tokenizer(str(decoder), "last_token", prompt)
+    plain = AutoTokenizer.from_pretrained(decoder)
+    p_ids = plain(prompt, add_special_tokens=False)["input_ids"]
+    bos = (
+        [plain.bos_token_id]
+        if plain.bos_token_id is not None and plain("a")["input_ids"][0] == plain.bos_token_id
+        else []
+    )
+    for text in TEXTS:
+        t_ids = plain(text, add_special_tokens=False)["input_ids"]
+        assert tok(text)["input_ids"] == bos + p_ids + t_ids + [tok.eos_token_id]
+        cut = tok(text, truncation=True, max_length=len(bos) + len(p_ids) + 3)["input_ids"]
+        assert cut == bos + p_ids + t_ids[:2] + [tok.eos_token_id]
+    # a directory saved with the tokenizer keeps the prompt once (best/, exports)
+    tok.save_pretrained(decoder.parent / f"{decoder.name}-prompted")
+    again = load_tokenizer(str(decoder.parent / f"{decoder.name}-prompted"), "last_token", prompt)
+    assert again(TEXTS[0])["input_ids"] == tok(TEXTS[0])["input_ids"]
