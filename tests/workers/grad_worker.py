@@ -13,14 +13,13 @@ from deepspeed.utils import safe_get_full_grad
 from harness import process_group, trainer
 
 
-def official_gather_candidates(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def official_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """As princeton-nlp/SimCSE's models.py: all_gather without grad, then the local tensor put
     back in its slot, so gradients reach only this rank's own rows (no cross-rank terms)."""
-    parts = [torch.zeros_like(z) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, z.detach().contiguous())
-    parts[torch.distributed.get_rank()] = z
-    gathered = torch.cat(parts)[:, 1:]
-    return z[:, 0], gathered.transpose(0, 1).reshape(-1, z.shape[-1])
+    parts = [torch.zeros_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, x.detach().contiguous())
+    parts[torch.distributed.get_rank()] = x
+    return torch.cat(parts)
 
 
 def main() -> None:
@@ -48,7 +47,8 @@ def main() -> None:
     if args.no_grad_gather:
         import simcse_dist.train.objective
 
-        simcse_dist.train.objective.gather_candidates = official_gather_candidates
+        # the name the objective layer calls (a test pins that the swap changes the gradients)
+        simcse_dist.train.objective.gather_with_grad = official_gather_with_grad
     if args.random_lora_b:
         from helpers import randomize_lora_b
 
