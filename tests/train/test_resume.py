@@ -510,3 +510,18 @@ def test_lora_resume_refuses_a_changed_base(tiny_qwen2, tmp_path):
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "sha256" in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_lora_zero2_checkpoint_of_two_ranks_resumes_on_one(tiny_qwen2, tmp_path):
+    """The adapters-only ZeRO-2 checkpoint of 2 ranks goes through DeepSpeed's universal format
+    onto 1 rank and follows the uninterrupted run (dropout 0: the trajectory does not depend on N)."""
+    kw = {"model.dropout": 0, "model.lora.dropout": 0, "engine.zero_stage": 2, "checkpoint.keep_last": 8}
+    ok(run([*lora_args(tiny_qwen2, tmp_path / "ref", 2), *(f"{k}={v}" for k, v in kw.items())], nproc=2))
+    ref = last_rows(tmp_path / "ref" / "metrics.jsonl")
+    fork_run(tmp_path / "ref", tmp_path / "run", 4)
+    resumed = ok(run([*lora_args(tiny_qwen2, tmp_path / "run", 2), *(f"{k}={v}" for k, v in kw.items())], nproc=1))
+    assert "resuming at world size 1 from a checkpoint written at world size 2" in resumed.stdout
+    got = last_rows(tmp_path / "run" / "metrics.jsonl")
+    assert sorted(got) == list(range(1, 13))
+    assert max_rel_diff(ref, got, range(5, 13)) < 1e-4
