@@ -1,6 +1,6 @@
 """A LoRA run's exports (tiny random Qwen2, last-token pooling, ZeRO 0 and 3 on 2 gloo ranks):
 the merged model in a fresh sentence-transformers, and the adapter alone put on the base by peft
-(pooling written out here), give the embeddings the trainer's own engine computed; simcse-eval's
+(pooling written out here) and by sentence-transformers' load_adapter, give the embeddings the trainer's own engine computed; simcse-eval's
 loader takes the adapter export too."""
 
 from __future__ import annotations
@@ -84,6 +84,15 @@ def test_lora_exports_match_the_trainer(trained, tmp_path, stage):
         plain = last_token(AutoModel.from_pretrained(base)(**batch).last_hidden_state, batch["attention_mask"])
     torch.testing.assert_close(emb, inproc, atol=TOL, rtol=TOL)
     assert (plain - inproc).abs().max() > 1e-3, "training left the adapter at zero: the test would prove nothing"
+
+    # sentence-transformers' adapter loading onto the base (the adapter's tokenizer: it appends EOS)
+    from sentence_transformers import models
+
+    module = models.Transformer(str(base), tokenizer_name_or_path=str(tmp_path / "adapter"))
+    pooling = models.Pooling(module.get_word_embedding_dimension(), pooling_mode="lasttoken")
+    st = SentenceTransformer(modules=[module, pooling], device="cpu")
+    st.load_adapter(str(tmp_path / "adapter"))
+    torch.testing.assert_close(torch.as_tensor(st.encode(SENTENCES)), inproc, atol=TOL, rtol=TOL)
 
     encoder, tokenizer, meta = load_encoder(tmp_path / "adapter")  # what simcse-eval and simcse-mine load
     assert meta["pooler"] == "last_token"
