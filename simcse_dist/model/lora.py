@@ -86,12 +86,6 @@ def merge_adapter(base: nn.Module, adapter_dir: Path) -> nn.Module:
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
 
 
-def adapter_size(model: nn.Module) -> tuple[int, int]:
-    """(trainable parameters, all parameters)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
-
-
 def base_fingerprint(name_or_path: str) -> dict:
     """{"path", "sha256"} of the base model's files (config, weights, tokenizer; a Hub id: its
     local snapshot, which from_pretrained has downloaded by now). Streams every byte once: about

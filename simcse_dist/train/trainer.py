@@ -103,17 +103,16 @@ class Trainer:
             for src, md in zip(self.data.sources, self.data.mask_duplicates, strict=True)
         ]
         latest = self.ckpt.latest() if cfg.checkpoint.resume else None
-        if env.is_main and cfg.model.lora.enabled:  # the frozen base a LoRA checkpoint refers to
-            self.base = base_fingerprint(cfg.model.name_or_path)
         if latest is not None:
             meta = read_meta(latest)
 
-            def check() -> None:
-                if env.is_main:
+            du.agreed(
+                lambda: (
                     check_data(meta, self.data.fingerprints(), latest, cfg.data.allow_changed_data)
-                    check_base(meta, self._base_meta(), latest)
-
-            du.agreed(check)
+                    if env.is_main
+                    else None
+                )
+            )
             if meta["step"] >= self.total_steps and self._published(meta):
                 log.info(
                     f"nothing to train: the run in {self.out} finished its {meta['step']} steps and its model is "
@@ -127,6 +126,14 @@ class Trainer:
         universal = latest is not None and self.ckpt.needs_universal(latest, zero_stage(cfg))
         torch.manual_seed(cfg.train.seed)  # identical initial weights (the MLP head) on every rank
         self.encoder = Encoder.from_config(cfg.model)
+
+        def check_lora() -> None:  # rank 0, once the base's files are all here (a Hub id: downloaded)
+            if env.is_main and cfg.model.lora.enabled:
+                self.base = base_fingerprint(cfg.model.name_or_path)
+            if env.is_main and latest is not None:
+                check_base(read_meta(latest), self._base_meta(), latest)
+
+        du.agreed(check_lora)
         if cfg.engine.activation_checkpointing:
             self.encoder.checkpoint_activations()
         self.engine = Engine(self.encoder, cfg, env.world_size, self.total_steps, load_universal=universal)
