@@ -109,6 +109,89 @@ def materialize_model(kind: str, work_dir: Path) -> tuple[str, str]:
     return str(out), str(out)
 
 
+def make_decoder(
+    out_dir: Path,
+    corpus: Path,
+    arch: str = "qwen2",
+    seed: int = 0,
+    vocab_size: int = 512,
+    add_eos: bool = False,
+    **overrides,
+) -> Path:
+    """A randomly initialised decoder (Qwen2 or Llama config; by default 2 layers, hidden 32;
+    `overrides` set any config field, e.g. QWEN2_0_5B) with a byte-level BPE tokenizer of
+    `vocab_size` tokens trained on `corpus` (no Hub tokenizer is needed), saved to out_dir.
+
+    qwen2: no BOS, pad token <|endoftext|> (= EOS, as Qwen2's own tokenizer), EOS not appended;
+    llama: BOS <s> prepended by the post-processor, EOS </s> not appended, no pad token (as
+    Llama's). `add_eos`: the tokenizer appends EOS itself (as gte-Qwen2's does)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
+
+    if (out_dir / "config.json").exists():
+        return out_dir
+    specials = ["<|endoftext|>"] if arch == "qwen2" else ["<s>", "</s>"]
+    eos = specials[-1]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train([str(corpus)], trainer)
+    template = {"qwen2": "$A", "llama": "<s> $A"}[arch] + (f" {eos}" if add_eos else "")
+    used = [t for t in specials if t in template.split()]
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=template, pair=f"{template} $B:1", special_tokens=[(t, tok.token_to_id(t)) for t in used]
+            ),
+        ]
+    )
+    kwargs = {"eos_token": eos}
+    if arch == "qwen2":
+        kwargs["pad_token"] = eos
+    else:
+        kwargs["bos_token"] = "<s>"
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=128, **kwargs)
+    cls, config_cls = {"qwen2": (Qwen2Model, Qwen2Config), "llama": (LlamaModel, LlamaConfig)}[arch]
+    config = dict(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=tok.token_to_id(eos),
+        initializer_range=0.3,
+    )
+    if arch == "llama":
+        config["bos_token_id"] = tok.token_to_id("<s>")
+    config.update(overrides)
+    torch.manual_seed(seed)
+    cls(config_cls(**config)).save_pretrained(out_dir)
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+# Qwen2-0.5B's shape (config.json of Qwen/Qwen2-0.5B): 494M parameters with its 151,936-token
+# embedding; the BPE tokenizer trained here uses the first ids only
+QWEN2_0_5B = dict(
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    tie_word_embeddings=True,
+    initializer_range=0.02,
+)
+
+
 def machine(libraries: Sequence[str] = LIBRARIES) -> dict[str, Any]:
     """Where a result was measured: platform, CPU model and count, threads, GPU, versions."""
     import torch

@@ -510,6 +510,7 @@ def correctness_jobs(plan: dict) -> dict:
             ],
         ),
         "pipeline": lambda: train_run(plan, "pipeline", ["data.num_workers=2", "engine.precision=fp32"], probe=True),
+        "lora-decoder-z3": lambda: train_run(plan, "lora-decoder-z3", lora_overrides(plan), probe=True),
     }
     for name, extra in OBJECTIVES.items():  # the guide and the teacher: the trained model itself, frozen
         jobs[f"obj-{name}"] = lambda name=name, extra=extra: train_run(
@@ -547,6 +548,53 @@ def objective_check(plan: dict, r: dict, name: str) -> dict:
     }
     ok = bad is None and all(math.isfinite(x) for x in r["losses"])
     return check(f"objective {name}", ok, "trains the steps with finite losses", nums, bad or "")
+
+
+def lora_overrides(plan: dict) -> list[str]:
+    """A decoder with LoRA at ZeRO-3 as configs/llm-lora-7b.yaml trains one: last-token pooling,
+    adapters on every projection, gradient caching, activation checkpointing; random weights of
+    Qwen2-0.5B's shape on the GPU (no weights are reachable there), a tiny one in the dry run."""
+    from bench.common import QWEN2_0_5B, make_decoder
+
+    shape = {} if plan["dry"] else QWEN2_0_5B
+    model = make_decoder(
+        Path(plan["out"]) / "decoder", Path(plan["data"]), "qwen2", 0, 512 if plan["dry"] else 8192, **shape
+    )
+    batch = 8 if plan["dry"] else 256
+    return [
+        f"model.name_or_path={model}",
+        "model.pooler=last_token",
+        "model.lora.r=16",
+        "model.lora.alpha=32",
+        "model.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+        f"train.global_batch_size={batch}",
+        "train.grad_cache=true",
+        f"train.grad_accum={2 if plan['dry'] else 4}",
+        "engine.zero_stage=3",
+        f"engine.precision={'bf16' if plan['device'] == 'cuda' else 'fp32'}",
+        "engine.activation_checkpointing=true",
+        f"data.max_seq_len={32 if plan['dry'] else 128}",
+    ]
+
+
+def lora_check(plan: dict, r: dict) -> dict:
+    """Throughput (sentences/s of the last logged steps) and peak memory of the LoRA decoder run."""
+    bad = ran(r, plan["steps"])
+    rows = read_jsonl(Path(r.get("dir", "")) / "metrics.jsonl") if r.get("dir") else []
+    speed = [x["train/sentences_per_s"] for x in rows if "train/sentences_per_s" in x]
+    probe = r.get("probe", {})
+    nums = {
+        "sentences_per_s": round(sum(speed[-5:]) / len(speed[-5:]), 1) if speed else None,
+        "peak_gpu_bytes": probe.get("peak_gpu_bytes"),
+        "peak_rss_bytes": probe.get("peak_rss_bytes"),
+        "losses": r["losses"],
+        "wall_s": r["wall_s"],
+    }
+    name = "LoRA decoder, ZeRO-3, grad cache, activation checkpointing: throughput + peak memory"
+    criterion = "exit 0, every loss finite; numbers recorded (no target yet: not measured on a GPU)"
+    if bad:
+        return check(name, False, criterion, nums, bad)
+    return check(name, all(math.isfinite(x) for x in r["losses"]), criterion, nums)
 
 
 def throughput_job(plan: dict) -> tuple[int, str, list[dict], dict]:
@@ -660,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     result["sections"]["correctness"] = {"checks": correctness, "wall_s": round(t_correct, 1)}
     result["sections"]["pipeline"] = {"checks": [pipeline_check(plan, runs["pipeline"])]}
     result["sections"]["objectives"] = {"checks": [objective_check(plan, runs[f"obj-{n}"], n) for n in OBJECTIVES]}
+    result["sections"]["lora"] = {"checks": [lora_check(plan, runs["lora-decoder-z3"])]}
     # the throughput runs alone, after everything else (timings); what is done is written first
     result["sections"]["throughput"] = {
         "checks": [
@@ -759,6 +808,11 @@ def child_train(probe_path: str, argv: list[str]) -> int:
     tud.DataLoader, batch.Batch.pin_memory, du.init_distributed = ProbedLoader, pinned, init_and_record
     rc = cli.main(argv)
     record["rc"] = rc
+    if torch.cuda.is_available():
+        record["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    import resource
+
+    record["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     Path(probe_path).write_text(json.dumps(record))
     return rc
 

@@ -7,6 +7,8 @@ With grad_cache the micro-batch (chunk) is fixed and grad_accum = global / chunk
 
     python -m bench.memory --globals 64,256,1024 --chunk 32 --output bench/memory.json
     python -m bench.memory --globals 4096 --chunk 64 --modes cache     # the 4096 check (slow)
+    python -m bench.memory --globals 256 --modes cache --overrides engine.activation_checkpointing=true \
+        model.pooler=avg model.lora.r=8 "model.lora.target_modules=[query,value]"   # LoRA, checkpointing
 
 Run from the repository root. Each configuration is measured in its own interpreter
 (`python -m bench.memory --_one ...`), which starts the training run as its only child.
@@ -27,7 +29,7 @@ from pathlib import Path
 from bench.common import DEFAULT_DATA, REPO, start_result, write_result
 
 
-def run_one(global_batch: int, chunk: int, cache: bool, steps: int, data: Path) -> dict:
+def run_one(global_batch: int, chunk: int, cache: bool, steps: int, data: Path, overrides: list[str]) -> dict:
     accum = global_batch // chunk if cache else 1
     with tempfile.TemporaryDirectory() as out:
         args = [
@@ -47,6 +49,7 @@ def run_one(global_batch: int, chunk: int, cache: bool, steps: int, data: Path) 
             "checkpoint.every_steps=0",
             "engine.zero_stage=0",
             f"train.output_dir={out}",
+            *overrides,
         ]
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t0 = time.perf_counter()
@@ -73,6 +76,7 @@ def run_one(global_batch: int, chunk: int, cache: bool, steps: int, data: Path) 
         "peak_rss_gib": round(peak_kib / 2**20, 2),
         "seconds": round(elapsed, 1),
         "loss": rows[-1]["train/loss"],
+        "overrides": overrides,
     }
 
 
@@ -84,6 +88,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--output", help="write the results as JSON here")
+    p.add_argument("--overrides", nargs="*", default=[], help="section.key=value for every run (e.g. model.lora.r=8)")
     args = p.parse_args()
     result = start_result(args, libraries=("torch", "transformers", "deepspeed"))
     results = []
@@ -91,7 +96,7 @@ def main() -> None:
     # interpreter processes, so every reported peak belongs to its own configuration.
     for mode in args.modes.split(","):
         for g in map(int, args.globals.split(",")):
-            one = json.dumps([g, args.chunk, mode == "cache", args.steps, args.data])
+            one = json.dumps([g, args.chunk, mode == "cache", args.steps, args.data, args.overrides])
             r = subprocess.run(
                 [sys.executable, "-m", "bench.memory", "--_one", one], capture_output=True, text=True, cwd=REPO
             )
@@ -110,7 +115,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--_one":
-        g, chunk, cache, steps, data = json.loads(sys.argv[2])
-        print(json.dumps(run_one(g, chunk, cache, steps, Path(data))))
+        g, chunk, cache, steps, data, overrides = json.loads(sys.argv[2])
+        print(json.dumps(run_one(g, chunk, cache, steps, Path(data), overrides)))
     else:
         main()

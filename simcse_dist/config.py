@@ -9,6 +9,7 @@ Every error is a `ConfigError` whose message starts with the dotted field path
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import yaml
 
 from simcse_dist.overrides import ConfigError, build, merge_dicts, parse_overrides
 
-Pooler = Literal["cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2", "pooler_output"]
+Pooler = Literal["cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2", "pooler_output", "last_token"]
 POOLERS: tuple[str, ...] = typing.get_args(Pooler)
 """The one list of poolers (model/encoder.py implements each; model/export.py maps each to
 sentence-transformers)."""
@@ -50,12 +51,39 @@ BUNDLED_MINILM = "bundled:all-MiniLM-L6-v2"
 
 
 @dataclass(kw_only=True, slots=True)
+class LoraSettings:
+    """LoRA adapters through peft (model.lora); r = 0 trains every weight instead."""
+
+    r: int = 0
+    """Rank of the adapters; 0: no LoRA (full fine-tuning)."""
+    alpha: float = 16.0
+    """Scaling numerator: the adapter's update is (alpha / r) B A x."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (peft's lora_dropout)."""
+    target_modules: list[str] | None = None
+    """Module names (or name suffixes) that get an adapter, e.g. [q_proj, v_proj]; None: peft's
+    default for the architecture."""
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 0, "model.lora.r", f"must be >= 0 (0: no LoRA), got {self.r}")
+        _require(math.isfinite(self.alpha) and self.alpha > 0, "model.lora.alpha", f"must be > 0, got {self.alpha}")
+        _require(0 <= self.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.target_modules is not None:
+            _require(bool(self.target_modules), "model.lora.target_modules", "must not be empty (null: peft's default)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
+@dataclass(kw_only=True, slots=True)
 class ModelConfig:
     name_or_path: str = "bert-base-uncased"
     """Hugging Face model id or local directory (any AutoModel encoder), or `bundled:all-MiniLM-L6-v2`."""
     pooler: str = "cls"
     """cls (+MLP in training) | cls_before_pooler | avg | avg_first_last | avg_top2, as the official code;
-    pooler_output: BERT's pretrained pooler (dense + tanh over [CLS]). Aliases: POOLER_ALIASES."""
+    pooler_output: BERT's pretrained pooler (dense + tanh over [CLS]); last_token: the last real
+    token (decoders; the tokenizer then ends every text with EOS). Aliases: POOLER_ALIASES."""
     mlp_only_train: bool = False
     """Use the MLP head in training only and drop it at evaluation/export (paper: unsup)."""
     dropout: float | None = None
@@ -65,6 +93,8 @@ class ModelConfig:
     include_prompt: bool = True
     """Whether a prompt's tokens (data.prompt) count in mean pooling; false leaves them out, as
     sentence-transformers' Pooling(include_prompt=False) does (avg pooler only)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA: {r, alpha, dropout, target_modules}; only the adapters train (r = 0: every weight)."""
 
     def __post_init__(self) -> None:
         self.pooler = canonical_pooler(self.pooler)
@@ -73,6 +103,12 @@ class ModelConfig:
             "model.include_prompt",
             f"false needs model.pooler avg (the pooler is {self.pooler}: its vector is not a mean over tokens)",
         )
+        if self.lora.enabled:
+            _require(
+                self.pooler != "cls",
+                "model.lora",
+                "the cls pooler trains an MLP head outside the adapter; use cls_before_pooler, avg or last_token",
+            )
         if self.dropout is not None:
             _require(0 <= self.dropout < 1, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         _require(bool(self.name_or_path), "model.name_or_path", "must not be empty")
@@ -375,6 +411,10 @@ class EngineConfig:
     Costs a compile at start (~20 s for a tiny BERT on CPU), one more when dynamic padding first
     changes the length, and one for evaluation. Off by default: on CPU it made a MiniLM batch-64
     step 5% slower (bench/RESULTS.md); on a GPU bench/gpu_suite.sh measures it (not yet run)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer layer's activations in the backward pass instead of keeping them
+    (Hugging Face gradient checkpointing, non-reentrant): memory per micro-batch falls to the layer
+    inputs, for one more forward. Dropout masks are replayed (torch's checkpoint restores the RNG)."""
 
     def __post_init__(self) -> None:
         _require(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
@@ -537,6 +577,8 @@ class Config:
                 raise ConfigError(
                     f"engine.deepspeed_config: {self.engine.deepspeed_config} is not valid JSON: {e}"
                 ) from None
+        if self.model.lora.enabled and importlib.util.find_spec("peft") is None:
+            raise ConfigError("model.lora: needs the peft package (pip install 'simcse-dist[lora]')")
         name = self.model.name_or_path
         if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
             raise ConfigError(f"model.name_or_path: directory not found: {name}")

@@ -156,6 +156,9 @@ class Engine:
 
         if cfg.engine.compile:
             compile_encoder(model)
+        # A model with frozen parameters (LoRA's base) checkpoints only what trains: the frozen
+        # weights come back from their own files when the model is built again.
+        self.trainable_only = any(not p.requires_grad for p in model.parameters())
         warmup = math.ceil(cfg.optim.warmup_ratio * total_steps)
         optimizer = torch.optim.AdamW(
             param_groups(model, cfg.optim.weight_decay),
@@ -250,11 +253,14 @@ class Engine:
 
     def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False) -> None:
         """collective: every rank writes its shards."""
-        self.engine.save_checkpoint(save_dir, tag=tag, save_latest=save_latest)
+        self.engine.save_checkpoint(
+            save_dir, tag=tag, save_latest=save_latest, exclude_frozen_parameters=self.trainable_only
+        )
 
     def load_checkpoint(self, load_dir: str, tag: str):
-        """collective. Model, optimizer, LR schedule and loss scaler."""
-        return self.engine.load_checkpoint(load_dir, tag=tag)
+        """collective. Model, optimizer, LR schedule and loss scaler (of the trainable parameters
+        only, when that is what was saved)."""
+        return self.engine.load_checkpoint(load_dir, tag=tag, load_module_strict=not self.trainable_only)
 
     def grad_norm(self) -> float | None:
         """Global gradient norm of the last optimizer step, before clipping (a host sync)."""
@@ -297,12 +303,13 @@ class Engine:
             return {}
         return {id(p): m for group, masters in zip(low, high, strict=True) for p, m in zip(group, masters, strict=True)}
 
-    def full_state_dict(self, dst_rank: int | None = None) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, dst_rank: int | None = None, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         """fp32 master weights of every parameter (the optimizer's, not the bf16/fp16 module
         copies), gathered from ZeRO partitions, on CPU, plus the buffers.
 
         dst_rank: None, every rank returns the copy; r, only rank r does and the others return {}
         after joining every gather (under ZeRO-3 one full fp32 CPU copy per job, not per rank).
+        trainable_only: the parameters that require grad (LoRA's adapters), no buffers.
         collective: every rank calls this (ZeRO 1-3 assemble partitions with all-reduces /
         all-gathers, parameter by parameter).
         """
@@ -312,13 +319,15 @@ class Engine:
         masters = self._fp32_masters()
         state = {}
         for name, p in self.engine.module.named_parameters():
+            if trainable_only and not p.requires_grad:
+                continue
             full = safe_get_full_fp32_param(p)  # collective at ZeRO 1-3
             if not keep:
                 continue
             if full is None:
                 full = masters.get(id(p), p.data)
             state[name] = full.detach().float().cpu().clone()
-        if keep:
+        if keep and not trainable_only:
             for name, buf in self.engine.module.named_buffers():
                 state[name] = buf.detach().cpu().clone()
         return state

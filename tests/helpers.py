@@ -115,3 +115,26 @@ def cli(args: list[str], launcher: str = "python", nproc: int = 1, timeout: int 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
+
+
+def make_tiny_decoder(
+    out_dir: Path, arch: str = "qwen2", seed: int = 0, vocab_size: int = 512, add_eos: bool = False, **overrides
+) -> Path:
+    """A randomly initialised 2-layer decoder (Qwen2 or Llama config, hidden 32) with a small
+    byte-level BPE tokenizer trained on the demo corpus (bench/common.make_decoder), in out_dir."""
+    from bench.common import make_decoder
+
+    return make_decoder(out_dir, DEMO_DATA / "wiki-demo.txt", arch, seed, vocab_size, add_eos, **overrides)
+
+
+def randomize_lora_b(model, seed: int = 1, std: float = 0.5):
+    """Draw every LoRA B factor from normal(0, std) with its own generator (by sorted name):
+    peft starts B at 0, where the A factors' gradient is exactly 0 and a test of it proves nothing."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in sorted(n for n in params if "lora_B" in n):
+            params[name].copy_(torch.randn(params[name].shape, generator=g) * std)
+    return model

@@ -259,3 +259,15 @@ def test_a_yaml_syntax_error_is_one_line_with_its_file_and_line(tmp_path):
 )
 def test_simcse_pytorch_pooler_names_are_aliases(alias, pooler):
     assert load_config(None, [f"model.pooler={alias}"]).model.pooler == pooler
+
+
+def test_llm_lora_7b_config_validates_offline_with_dry_run(capsys):
+    """configs/llm-lora-7b.yaml on 8 and 64 ranks: --dry-run reads no model, data or network."""
+    from simcse_dist.cli.train import main
+
+    config = str(REPO / "configs" / "llm-lora-7b.yaml")
+    assert main(["--config", config, "--nproc", "8", "--dry-run"]) == 0
+    assert main(["--config", config, "--nproc", "64", "train.grad_accum=4", "--dry-run"]) == 0
+    assert main(["--config", config, "--nproc", "8", "model.lora.r=-1", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "model.lora.r: must be >= 0" in err and "Traceback" not in err

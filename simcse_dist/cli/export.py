@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     p.add_argument(
+        "--adapter", action="store_true", help="a LoRA run: write its adapter alone (peft format), not the merged model"
+    )
+    p.add_argument(
         "--push-to-hub",
         metavar="REPO",
         help="then upload out_dir to this Hub model repo (created if missing; token from `hf auth login` or HF_TOKEN)",
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with quiet_transformers():
-            out = export_model(args.src, args.out_dir, args.pooler, args.overwrite)
+            out = export_model(args.src, args.out_dir, args.pooler, args.overwrite, args.adapter)
         # the card reads the run's config.yaml (next to best/) and best_info.json when they exist
         model_dir = resolve_model_dir(args.src)
         configs = [model_dir / "config.yaml"] + ([model_dir.parent / "config.yaml"] if model_dir.name == "best" else [])

@@ -29,10 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if not (sources := cfg.sources()):
             raise ConfigError("data.train_file: is required (or data.sources)")
-        from transformers import AutoTokenizer
+        from simcse_dist.model.tokenizer import load_tokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path), use_fast=True)
+            tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.pooler)
         except OSError as e:
             raise ConfigError(f"model.name_or_path: no tokenizer loads from {cfg.model.name_or_path!r}: {e}") from None
         workers = args.workers or cfg.data.prepare_workers or os.cpu_count() or 1

@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
         help="start N ranks on this machine (GPUs, or CPU ranks on gloo) and own their signals: a clean stop exits 0",
     )
     parser.add_argument("--quiet", action="store_true", help="warnings and errors only (log.level=warning)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the config for the world size (--nproc N, else the launcher's) and print the DeepSpeed "
+        "config it makes; reads no model, data or network (offline)",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     return parser
@@ -57,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     start_logging(args.quiet)
     try:
+        if args.dry_run:
+            return _dry_run(args)
         if args.nproc is not None:
             from simcse_dist.cli.launch import launch
 
@@ -71,6 +79,26 @@ def main(argv: list[str] | None = None) -> int:
         return fail("aborted (second Ctrl-C)", EXIT_ABORTED)
     finally:
         stop.close()
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    from simcse_dist.config import ConfigError, load_config
+    from simcse_dist.distributed import DistEnv, DistEnvError
+    from simcse_dist.engine import deepspeed_config
+
+    try:
+        world = args.nproc or DistEnv.from_env().world_size
+        cfg = load_config(args.config, args.overrides)
+        cfg.validate(world)
+    except (ConfigError, DistEnvError) as e:
+        return fail(str(e))
+    log.info(
+        f"config valid for world size {world}: model {cfg.model.name_or_path} ({cfg.model.pooler} pooling"
+        + (f", LoRA r={cfg.model.lora.r}" if cfg.model.lora.enabled else "")
+        + f"), {cfg.micro_batch_size(world)} rows per rank and micro-step; DeepSpeed config:\n"
+        + json.dumps(deepspeed_config(cfg, world), indent=2)
+    )
+    return 0
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

@@ -46,6 +46,8 @@ _POOLING_CODE = {
     "avg_first_last": "embeddings = mean((out.hidden_states[1] + out.hidden_states[-1]) / 2)  # first + last layer",
     "avg_top2": "embeddings = mean((out.hidden_states[-2] + out.hidden_states[-1]) / 2)  # last two layers",
     "pooler_output": "embeddings = out.pooler_output  # BERT's pooler: dense + tanh over [CLS]",
+    "last_token": 'last = batch["attention_mask"].sum(1) - 1  # the EOS the tokenizer appends (padding right)\n'
+    "embeddings = out.last_hidden_state[torch.arange(len(last)), last]",
 }
 _MEAN_CODE = """mask = batch["attention_mask"].unsqueeze(-1).float()
 
@@ -167,7 +169,11 @@ def _usage(model_id: str | None, pooling: dict) -> list[str]:
         + "\n"
         + (_MLP_CODE if mlp else "")
     )
-    head = "[CLS]" if pooler.startswith("cls") else "BERT pooler" if pooler == "pooler_output" else "mean"
+    head = (
+        "[CLS]"
+        if pooler.startswith("cls")
+        else {"pooler_output": "BERT pooler", "last_token": "last-token (EOS)"}.get(pooler, "mean")
+    )
     dropped = (
         (
             " The MLP head used in training is not part of the encoder at test time (`mlp_only_train`, the paper's "

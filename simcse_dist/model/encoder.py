@@ -9,6 +9,13 @@ Poolers follow the official SimCSE code (princeton-nlp/SimCSE, simcse/models.py)
 - avg_top2:          mean over tokens of (hidden_states[-2] + hidden_states[-1]) / 2.
 - pooler_output:     BERT's pretrained pooler (dense + tanh over [CLS], trained for next-sentence
                      prediction), trained on; the `pooler` of the SimCSE-PyTorch code.
+- last_token:        the last layer at each row's last real token, wherever the padding is (left
+                     or right): for decoders, whose last token is the only one that attends to the
+                     whole text (causal attention, as the model defines it); model/tokenizer.py
+                     makes that token an EOS (E5-mistral, gte-Qwen2, Qwen3-Embedding).
+
+Decoder backbones (Qwen2, Llama, Mistral, Gemma, ...) load through AutoModel like encoders; the
+forward asks for no KV cache. With model.lora the backbone is a peft model (model/lora.py).
 """
 
 from __future__ import annotations
@@ -49,6 +56,10 @@ def pool(
     """[n, L, d] token states -> [n, d] sentence embeddings (before any MLP)."""
     if pooler in ("cls", "cls_before_pooler"):
         return last_hidden[:, 0]
+    if pooler == "last_token":
+        return last_hidden[
+            torch.arange(last_hidden.shape[0], device=last_hidden.device), last_positions(attention_mask)
+        ]
     if pooler == "avg":
         tokens = last_hidden
     elif pooler == "avg_first_last":
@@ -59,6 +70,13 @@ def pool(
         raise ValueError(f"model.pooler: unknown pooler {pooler!r}; expected one of {', '.join(POOLERS)}")
     mask = attention_mask.unsqueeze(-1).to(tokens.dtype)  # [n, L, 1]
     return (tokens * mask).sum(1) / mask.sum(1)
+
+
+def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[n, L] mask -> [n] index of each row's last real token, under left or right padding: the
+    largest position whose mask is 1 (argmax of mask * position; a row without tokens gives 0)."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(-1)
 
 
 class Encoder(nn.Module):
@@ -78,6 +96,9 @@ class Encoder(nn.Module):
         hidden = backbone.config.hidden_size
         std = getattr(backbone.config, "initializer_range", 0.02)
         self.mlp = MLPHead(hidden, std) if pooler == "cls" else None
+        # decoders build a KV cache by default (config.use_cache): nothing here ever reads one
+        self._no_cache = bool(getattr(backbone.config, "use_cache", False))
+        self.decoder = is_decoder(backbone.config)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> Encoder:
@@ -94,11 +115,25 @@ class Encoder(nn.Module):
         kwargs = {"config": hf_config}
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
-        return cls(load_backbone(path, cfg.pooler, **kwargs), cfg.pooler, cfg.mlp_only_train, cfg.include_prompt)
+        backbone = load_backbone(path, cfg.pooler, **kwargs)
+        if cfg.lora.enabled:
+            from simcse_dist.model.lora import add_lora
+
+            backbone = add_lora(backbone, cfg.lora)
+        return cls(backbone, cfg.pooler, cfg.mlp_only_train, cfg.include_prompt)
 
     @property
     def embedding_dim(self) -> int:
         return self.backbone.config.hidden_size
+
+    def checkpoint_activations(self) -> None:
+        """engine.activation_checkpointing: Hugging Face gradient checkpointing of each layer,
+        non-reentrant (torch.utils.checkpoint with use_reentrant=False): it needs no input that
+        requires grad (LoRA's frozen embeddings), and it restores the RNG state before the
+        recompute, so the recomputed forward draws the dropout masks of the first one."""
+        if not getattr(self.backbone, "supports_gradient_checkpointing", True):
+            raise ConfigError(f"engine.activation_checkpointing: {type(self.backbone).__name__} does not support it")
+        self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     @property
     def uses_mlp(self) -> bool:
@@ -128,6 +163,14 @@ class Encoder(nn.Module):
         if token_type_ids is not None:
             flat["token_type_ids"] = token_type_ids.reshape(-1, seq)
         need_all = self.pooler in ("avg_first_last", "avg_top2")
+        if self._no_cache:
+            flat["use_cache"] = False
+        if self.decoder:
+            # Positions count real tokens only, as generation does under left padding: a text's
+            # embedding does not depend on the padding side (with the default arange, left padding
+            # shifts every rotary position, equal only to rounding).
+            mask = flat["attention_mask"].long()
+            flat["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.backbone(**flat, output_hidden_states=need_all, return_dict=True)
         if self.pooler == "pooler_output":
             emb = out.pooler_output
@@ -140,6 +183,18 @@ class Encoder(nn.Module):
         if self.uses_mlp:
             emb = self.mlp(emb)
         return emb.reshape(*lead, emb.shape[-1])
+
+
+def is_decoder(config) -> bool:
+    """A causal language model's architecture (Qwen2, Llama, Mistral, Gemma, ...): transformers maps
+    it to a causal-LM head and to no masked-LM head (BERT and RoBERTa have both)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", None)
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def load_backbone(path: str, pooler: str, **kwargs) -> nn.Module:

@@ -12,7 +12,7 @@ import torch
 from simcse_dist.config import POOLERS
 from simcse_dist.fsutil import atomic_dir
 from simcse_dist.model.card import best_info_scores, write_model_card
-from simcse_dist.model.encoder import Encoder, quiet_transformers
+from simcse_dist.model.encoder import Encoder, load_backbone, quiet_transformers
 from simcse_dist.model.format import (
     MLP_WEIGHTS_NAME,
     SIMCSE_CONFIG_NAME,
@@ -26,6 +26,7 @@ from simcse_dist.model.format import (
     layer_weights,
 )
 from simcse_dist.model.load import read_mlp, read_pooling, resolve_model_dir
+from simcse_dist.model.lora import ADAPTER_DIR, is_lora, peft_from_adapter, read_adapter_config, trainable_state
 
 
 def _write_json(path: Path, obj: dict | list, indent: int = 4) -> None:
@@ -79,6 +80,8 @@ def write_sentence_transformers(
         _write_json(out / "config.json", config, indent=2)
     modules.append((pooling_dir, ST_POOLING))
     mode = "cls" if pooler in ("cls", "cls_before_pooler", "pooler_output") else "mean"
+    if pooler == "last_token":
+        mode = "lasttoken"
     _write_json(
         out / pooling_dir / "config.json",
         {
@@ -255,14 +258,38 @@ def write_best(
     "mlp.*") with its model card, atomically: readers see the previous best model or the new
     one, never neither. `config`: the run's resolved config, for the card; `serving`:
     Config.serving()."""
-    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     mlp = {k.removeprefix("mlp."): v for k, v in state.items() if k.startswith("mlp.")} or None
+    adapter = None
+    if is_lora(encoder.backbone):  # `state` holds the adapters only
+        adapter = peft_from_adapter(
+            load_backbone(encoder.backbone.get_base_model().name_or_path, encoder.pooler),
+            encoder.backbone.peft_config["default"],
+            trainable_state(state, encoder),
+        )
+    else:
+        backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     with atomic_dir(out) as tmp:
+        if adapter is not None:
+            save_adapter(tmp / ADAPTER_DIR, adapter, encoder, tokenizer)
+            merged = adapter.merge_and_unload()
+            encoder = Encoder(merged, encoder.pooler, encoder.mlp_only_train, encoder.include_prompt)
+            backbone = merged.state_dict()
         save_encoder(tmp, backbone, mlp, encoder, tokenizer, serving)
         _write_json(tmp / "best_info.json", info, indent=2)
         scores, note = best_info_scores(info)
         write_model_card(tmp, config=config, scores=scores, split_note=note)
     return out
+
+
+def save_adapter(out: Path, model, encoder: Encoder, tokenizer) -> None:
+    """The adapter alone (peft's adapter_config.json + adapter_model.safetensors, which name the
+    base by path) with the tokenizer and SimCSE's pooling settings: PeftModel.from_pretrained and
+    sentence-transformers' load_adapter put it on the base; simcse-eval and simcse-mine load it."""
+    with quiet_transformers():
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    meta = {"pooler": encoder.pooler, "mlp_only_train": encoder.mlp_only_train, "mlp": False}
+    _write_json(out / SIMCSE_CONFIG_NAME, meta, indent=2)
 
 
 def _export_into(model_dir: Path, out: Path, meta: dict) -> None:
@@ -298,9 +325,16 @@ def _export_into(model_dir: Path, out: Path, meta: dict) -> None:
     write_sentence_transformers(out, meta["pooler"], hf.hidden_size, hf.num_hidden_layers, head, serving)
 
 
-def export_model(src: str | Path, out_dir: str | Path, pooler: str | None = None, overwrite: bool = False) -> Path:
-    """Copy a model (run dir -> best/) to out_dir as a HF + sentence-transformers model."""
+def export_model(
+    src: str | Path, out_dir: str | Path, pooler: str | None = None, overwrite: bool = False, adapter: bool = False
+) -> Path:
+    """Copy a model (run dir -> best/) to out_dir as a HF + sentence-transformers model; with
+    `adapter`, the LoRA adapter of a LoRA run (best/adapter/) alone."""
     model_dir = resolve_model_dir(src)
+    if adapter:
+        model_dir = model_dir if read_adapter_config(model_dir) else model_dir / ADAPTER_DIR
+        if read_adapter_config(model_dir) is None:
+            raise ExportError(f"{src}: --adapter: no LoRA adapter here (not a LoRA run, no {ADAPTER_DIR}/)")
     meta = read_pooling(model_dir, pooler)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -308,5 +342,8 @@ def export_model(src: str | Path, out_dir: str | Path, pooler: str | None = None
     if out.resolve() == model_dir.resolve():
         raise ExportError(f"{out}: the output directory is the model directory")
     with atomic_dir(out) as tmp:
-        _export_into(model_dir, tmp, meta)
+        if adapter:
+            shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+        else:
+            _export_into(model_dir, tmp, meta)
     return out

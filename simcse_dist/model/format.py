@@ -16,6 +16,7 @@ A model directory holds
     avg_first_last      WeightedLayerPooling from layer 1, weights [1, 0, ..., 0, 1]
                         (1_WeightedLayerPooling) + Pooling mean (2_Pooling)
     avg_top2            WeightedLayerPooling from layer L-1, weights [1, 1] + Pooling mean
+    last_token          Pooling lasttoken (1_Pooling); the tokenizer appends EOS and pads right
 
   WeightedLayerPooling is a built-in ST module (no custom code, no trust_remote_code): its
   weighted mean (sum_l w_l h_l) / sum_l w_l over hidden_states[start:] is exactly SimCSE's

@@ -13,11 +13,15 @@ import torch
 from simcse_dist.config import POOLERS, canonical_pooler, resolve_model_path
 from simcse_dist.model.encoder import Encoder, load_backbone
 from simcse_dist.model.format import MLP_WEIGHTS_NAME, SIMCSE_CONFIG_NAME, ExportError, layer_weights
+from simcse_dist.model.lora import merge_adapter, read_adapter_config
+from simcse_dist.model.tokenizer import load_tokenizer
 
 
 def resolve_model_dir(path: str | Path) -> Path:
     """A run directory means its best/; `bundled:all-MiniLM-L6-v2` the packaged weights."""
     p = Path(resolve_model_path(str(path))).expanduser()
+    if read_adapter_config(p) is not None:  # a LoRA adapter alone (simcse-export --adapter)
+        return p
     if (p / "best" / "config.json").is_file():
         return p / "best"
     if not (p / "config.json").is_file():
@@ -61,6 +65,8 @@ def _pooler_from_st(model_dir: Path) -> tuple[str, bool] | None:
             if mode == "mean" and wlp["layer_start"] == start and weights.tolist() == expected:
                 return pooler, False
         return None
+    if mode == "lasttoken":
+        return "last_token", False
     if mode == "cls":
         return ("cls" if mlp else "cls_before_pooler"), mlp
     return ("avg", False) if mode == "mean" else None
@@ -123,18 +129,18 @@ def read_mlp(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def load_encoder(model: str | Path, pooler: str | None = None):
     """(Encoder in eval mode, tokenizer, settings) from a run dir, a model dir written by
-    save_encoder/export, a sentence-transformers dir or any HF encoder (then `pooler` is needed)."""
-    from transformers import AutoTokenizer
-
+    save_encoder/export, a LoRA adapter dir (simcse-export --adapter: merged into its base), a
+    sentence-transformers dir or any HF encoder (then `pooler` is needed)."""
     model_dir = resolve_model_dir(model)
     meta = read_pooling(model_dir, pooler)
-    encoder = Encoder(
-        load_backbone(str(model_dir), meta["pooler"]),
-        meta["pooler"],
-        bool(meta["mlp_only_train"]),
-        bool(meta.get("include_prompt", True)),
-    )
+    adapter = read_adapter_config(model_dir)
+    if adapter is not None:  # the base from its own files, the adapter merged into it
+        base = load_backbone(resolve_model_path(adapter["base_model_name_or_path"]), meta["pooler"])
+        backbone = merge_adapter(base, model_dir)
+    else:
+        backbone = load_backbone(str(model_dir), meta["pooler"])
+    encoder = Encoder(backbone, meta["pooler"], bool(meta["mlp_only_train"]), bool(meta.get("include_prompt", True)))
     if encoder.mlp is not None and meta["mlp"]:
         encoder.mlp.load_state_dict(read_mlp(model_dir))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
+    tokenizer = load_tokenizer(str(model_dir), meta["pooler"])
     return encoder.eval(), tokenizer, {**meta, "path": str(model_dir)}

@@ -61,6 +61,25 @@ def read_meta(path: Path) -> dict[str, Any]:
     return state
 
 
+def check_base(meta: dict[str, Any], now: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse to resume a LoRA checkpoint on another frozen base (or with other LoRA settings), a
+    full fine-tuning checkpoint with LoRA, or the reverse: the checkpoint holds only what trained."""
+    saved_lora, lora = meta.get("lora"), now.get("lora")
+    if saved_lora != lora:
+        what = lambda s: f"LoRA {s}" if s else "full fine-tuning"  # noqa: E731
+        raise CheckpointLayoutError(
+            f"{checkpoint}: written by {what(saved_lora)}, this run is {what(lora)} (model.lora); resume with "
+            "the settings that wrote it, or start a new run (another train.output_dir)"
+        )
+    saved, base = meta.get("base"), now.get("base")
+    if saved and base and saved["sha256"] != base["sha256"]:
+        raise CheckpointLayoutError(
+            f"{checkpoint}: its LoRA adapters were trained on the base model {saved['path']} (sha256 "
+            f"{saved['sha256'][:12]}), but model.name_or_path {base['path']} has sha256 {base['sha256'][:12]}; "
+            "resume on the base that wrote it, or start a new run (another train.output_dir)"
+        )
+
+
 class CheckpointManager:
     def __init__(self, out_dir: Path, cfg: CheckpointConfig, rank: int, world_size: int) -> None:
         self.root = out_dir / "checkpoints"

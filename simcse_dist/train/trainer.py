@@ -7,6 +7,7 @@ Trainer reads files only; `setup()` runs the collectives (data preparation, engi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -29,7 +30,9 @@ from simcse_dist.fsutil import WriteFailure, explain, human_bytes
 from simcse_dist.model import packing
 from simcse_dist.model.encoder import Encoder
 from simcse_dist.model.export import write_best
-from simcse_dist.train.checkpoint import CheckpointManager, read_meta
+from simcse_dist.model.lora import base_fingerprint
+from simcse_dist.model.tokenizer import load_tokenizer
+from simcse_dist.train.checkpoint import CheckpointManager, check_base, read_meta
 from simcse_dist.train.frozen import FrozenModels
 from simcse_dist.train.objective import Objective, ObjectiveSpec
 from simcse_dist.train.preempt import StopRequest
@@ -54,12 +57,10 @@ class Trainer:
     def __init__(self, cfg: Config, env: du.DistEnv, stop: StopRequest | None = None) -> None:
         """`stop`: the process's stop request (simcse-train installs it before its imports); by
         default the trainer installs its own while it trains."""
-        from transformers import AutoTokenizer
-
         self.cfg, self.env = cfg, env
         self.stop, self._own_stop = stop or StopRequest(check_file=env.is_main), stop is None
         self.out = Path(cfg.train.output_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path), use_fast=True)
+        self.tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.pooler)
         online = any(s.loss.guide or (s.loss.distill and s.loss.distill.teacher) for s in cfg.sources())
         self.frozen = FrozenModels(cfg, self.tokenizer) if online else None
         self.data = InputPipeline(cfg, env, self.tokenizer, self.frozen.tokenizers if self.frozen else None)
@@ -82,6 +83,7 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.finished = False  # the run had already finished and published everything (setup)
         self.lock = RunLock(self.out) if env.is_main else None
+        self.base: dict | None = None  # LoRA's frozen base: path and sha256 (rank 0, setup)
 
     def close(self) -> None:
         """Release the output directory (rank 0)."""
@@ -108,6 +110,7 @@ class Trainer:
         latest = self.ckpt.latest() if cfg.checkpoint.resume else None
         if latest is not None:
             meta = read_meta(latest)
+
             du.agreed(
                 lambda: (
                     check_data(meta, self.data.fingerprints(), latest, cfg.data.allow_changed_data)
@@ -136,6 +139,16 @@ class Trainer:
                 self.data.enable_packing()
             else:
                 log.info(f"data.packing: {reason}; training padded")
+
+        def check_lora() -> None:  # rank 0, once the base's files are all here (a Hub id: downloaded)
+            if env.is_main and cfg.model.lora.enabled:
+                self.base = base_fingerprint(cfg.model.name_or_path)
+            if env.is_main and latest is not None:
+                check_base(read_meta(latest), self._base_meta(), latest)
+
+        du.agreed(check_lora)
+        if cfg.engine.activation_checkpointing:
+            self.encoder.checkpoint_activations()
         self.engine = Engine(self.encoder, cfg, env.world_size, self.total_steps, load_universal=universal)
         self.engine.train()  # from_pretrained returns eval mode: dropout (the augmentation) must be on
         if self.frozen is not None:
@@ -302,7 +315,14 @@ class Trainer:
             "sampler": SAMPLER_VERSION,
             "data": self.data.fingerprints(),
             "global_batch_size": self.cfg.train.global_batch_size,
+            **self._base_meta(),
         }
+
+    def _base_meta(self) -> dict:
+        """What a LoRA checkpoint trains on (rank 0): its settings and the frozen base's path and hash."""
+        if not self.cfg.model.lora.enabled:
+            return {}
+        return {"lora": dataclasses.asdict(self.cfg.model.lora), "base": self.base}
 
     def _log(self, logger: MetricsLogger, bar, lr: float, step: int) -> None:
         masking = any(self.data.mask_duplicates) or any(f.spec.uses_guide for f in self.loss_fns)
@@ -333,7 +353,7 @@ class Trainer:
 
     def _export_best(self, step: int, score: float | None) -> None:
         """Publish best/. collective: ZeRO gathers the full weights on every rank."""
-        state = self.engine.full_state_dict(dst_rank=0)
+        state = self.engine.full_state_dict(dst_rank=0, trainable_only=self.cfg.model.lora.enabled)
         best = self.out / "best"
         du.agreed(
             lambda: (

@@ -36,7 +36,7 @@ def test_a_bad_override_under_torchrun_is_reported_once_as_from_the_command_line
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
         "error: model.pooler: 'nope' is not one of cls | cls_before_pooler | avg | avg_first_last | "
-        "avg_top2 | pooler_output (aliases: pooler = pooler_output, last-avg = avg, first-last-avg = "
+        "avg_top2 | pooler_output | last_token (aliases: pooler = pooler_output, last-avg = avg, first-last-avg = "
         "avg_first_last) (from the command line)"
     ], proc.stderr[-3000:]
 

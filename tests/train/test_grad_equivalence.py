@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEMO_DATA, REPO, run_gloo
+from helpers import DEMO_DATA, REPO, make_tiny_decoder, randomize_lora_b, run_gloo
 from reference import global_batch_indices, reference_simcse_loss
 from transformers import AutoTokenizer
 
 from simcse_dist.config import load_config
 from simcse_dist.data.readers import read_train_examples
 from simcse_dist.model.encoder import Encoder
+from simcse_dist.model.tokenizer import load_tokenizer
 
 WORKER = REPO / "tests" / "workers" / "grad_worker.py"
 SEED, TAU, HNW = 7, 0.05, 0.3
@@ -162,15 +163,18 @@ def test_grad_cache_equals_whole_global_batch(tiny_bert, tmp_path, world):
 
 
 def reference_grads_dropout(
-    model: Path, objective: str, data: Path, idx: list[int], world: int, accum: int
+    model: Path, objective: str, data: Path, idx: list[int], world: int, accum: int, extra: tuple = ()
 ) -> dict[str, torch.Tensor]:
     """Dropout on: the written-out loss over the whole global batch, each rank's rows encoded
     chunk by chunk from that rank's seed (train.seed + rank) in the trainer's order, so the
-    dropout masks are the ones the ranks draw."""
-    cfg = load_config(None, overrides(model, 8, "model.dropout=0.1"))
+    dropout masks are the ones the ranks draw. No activation checkpointing here. `extra`: model
+    overrides (LoRA: its B factors drawn as the worker's --random-lora-b does)."""
+    cfg = load_config(None, overrides(model, 8, "model.dropout=0.1", *extra))
     torch.manual_seed(SEED)
     enc = Encoder.from_config(cfg.model).train()
-    tok = AutoTokenizer.from_pretrained(model)
+    if cfg.model.lora.enabled:
+        randomize_lora_b(enc)
+    tok = load_tokenizer(str(model), cfg.model.pooler)
     examples, _ = read_train_examples(str(data))
     per_chunk = len(idx) // accum
     per_rank = per_chunk // world
@@ -185,7 +189,7 @@ def reference_grads_dropout(
             )
             zs.append(enc(**enc_in).view(len(views), len(views[0]), -1))
     reference_simcse_loss(torch.cat(zs), TAU, HNW if objective == "sup" else 0.0).backward()
-    return {n: p.grad.detach().clone() for n, p in enc.named_parameters()}
+    return {n: p.grad.detach().clone() for n, p in enc.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.slow
@@ -317,3 +321,50 @@ def test_packed_and_balanced_match_one_process(tiny_bert, tmp_path, world, balan
         check(tmp_path / "plain", objective, "0,3" if world == 2 else "0", 1, ref12, f"packed world {world}")
         ref24 = reference_grads(tiny_bert, objective, DATA[objective], [global_batch_indices(n, 24, SEED)])
         check(tmp_path / "gc", objective, "0", 2, ref24, f"packed grad_cache world {world}")
+
+
+LORA_DROPOUT = (
+    "model.pooler=last_token",
+    "model.lora.r=4",
+    "model.lora.target_modules=[q_proj,v_proj]",
+    "model.lora.dropout=0.1",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["bert", "qwen2-lora"])
+def test_grad_cache_with_activation_checkpointing_and_dropout(tiny_bert, tmp_path_factory, tmp_path, kind):
+    """engine.activation_checkpointing recomputes every layer in the backward of the re-encode:
+    the recompute must draw the masks of the forward, which drew those of the cached pass
+    (the GritLM #28 trap). 2 ranks x 2 chunks, dropout 0.1 (and LoRA dropout 0.1), ZeRO 0 and 3."""
+    if kind == "bert":
+        model, extra, worker_extra = tiny_bert, (), ()
+    else:
+        model = make_tiny_decoder(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2")
+        extra, worker_extra = LORA_DROPOUT, ("--random-lora-b",)
+    run_gloo(
+        WORKER,
+        2,
+        [
+            "--out",
+            str(tmp_path),
+            "--stages",
+            "0,3",
+            "--grad-accums",
+            "2",
+            "--data-unsup",
+            str(DATA["unsup"]),
+            "--data-sup",
+            str(DATA["sup"]),
+            "--hard-negative-weight",
+            str(HNW),
+            *worker_extra,
+            *overrides(model, 24, "train.grad_cache=true", "model.dropout=0.1", "engine.activation_checkpointing=true"),
+            *extra,
+        ],
+        timeout=900,
+    )
+    for objective in ("unsup", "sup"):
+        idx = global_batch_indices(n_examples(DATA[objective]), 24, SEED)
+        ref = reference_grads_dropout(model, objective, DATA[objective], idx, 2, 2, extra)
+        check(tmp_path, objective, "0,3", 2, ref, f"grad_cache + activation checkpointing, dropout, {kind}")

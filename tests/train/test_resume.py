@@ -433,3 +433,95 @@ def test_output_dir_with_another_runs_config_is_refused(tiny_bert, tmp_path):
     assert "holds a run with a different config (optim.lr: 3e-05 -> 0.001)" in second.stderr
     third = ok(run(common(tiny_bert, out, steps=1, **{"optim.lr": 1e-3, "train.overwrite": "true"}), nproc=1))
     assert "discarding the different run" in third.stdout
+
+
+def tensor_numel(obj) -> int:
+    """Elements of every tensor in a (nested) checkpoint object."""
+    if torch.is_tensor(obj):
+        return obj.numel()
+    if isinstance(obj, dict):
+        return sum(tensor_numel(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_numel(v) for v in obj)
+    return 0
+
+
+def lora_args(model: Path, out: Path, stage: int) -> list[str]:
+    """LoRA on a tiny random Qwen2 with dropout on (base and adapters) and gradient caching."""
+    lora = {
+        "model.pooler": "last_token",
+        "model.lora.r": 4,
+        "model.lora.target_modules": "[q_proj,v_proj]",
+        "model.lora.dropout": 0.1,
+        "train.grad_cache": "true",
+        "train.grad_accum": 2,
+        "engine.zero_stage": stage,
+    }
+    return common(model, out, steps=12, **lora)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    from helpers import make_tiny_decoder
+
+    return make_tiny_decoder(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 3])
+def test_lora_checkpoint_is_the_adapter_and_resumes_bit_exact_after_sigkill(tiny_qwen2, tmp_path, stage):
+    from simcse_dist.model.lora import base_fingerprint
+
+    ok(run(lora_args(tiny_qwen2, tmp_path / "ref", stage)))
+    args = lora_args(tiny_qwen2, tmp_path / "run", stage)
+    proc = start(args)
+    wait_for_step(tmp_path / "run" / "metrics.jsonl", 6, proc)
+    kill_tree(proc)
+    done = CheckpointManager(tmp_path / "run", CheckpointConfig(), 0, 2).complete()
+    assert done and done[-1][0] < 12, done
+    resumed = ok(run(args))
+    assert f"resumed from step {done[-1][0]}" in resumed.stdout
+    ref, got = last_rows(tmp_path / "ref" / "metrics.jsonl"), last_rows(tmp_path / "run" / "metrics.jsonl")
+    assert sorted(got) == sorted(ref) == list(range(1, 13))
+    for step in ref:
+        assert all(got[step][k] == ref[step][k] for k in KEYS), (step, ref[step], got[step])
+
+    # what a checkpoint holds: the adapters (2 layers x (q: 4x32 + 32x4, v: 4x32 + 16x4) = 896
+    # weights), their two Adam moments and, at ZeRO 1-3, their fp32 master copy; no base weight
+    adapter = 2 * (4 * 32 + 32 * 4 + 4 * 32 + 16 * 4)
+    ckpt = CheckpointManager(tmp_path / "run", CheckpointConfig(), 0, 2).latest()
+    held = sum(tensor_numel(torch.load(f, weights_only=False)) for f in (ckpt / "engine").rglob("*.pt"))
+    assert 3 * adapter <= held <= 4 * adapter + 64, (held, adapter)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["base"] == base_fingerprint(str(tiny_qwen2)) and state["lora"]["r"] == 4
+
+
+@pytest.mark.slow
+def test_lora_resume_refuses_a_changed_base(tiny_qwen2, tmp_path):
+    from helpers import make_tiny_decoder
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_qwen2, base)
+    args = [*lora_args(base, tmp_path / "run", 0), "train.max_steps=4"]
+    ok(run(args, nproc=1))
+    other = make_tiny_decoder(tmp_path / "other", arch="qwen2", seed=1)
+    shutil.copy(other / "model.safetensors", base / "model.safetensors")
+    proc = run([*args, "train.max_steps=8"], nproc=1)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "sha256" in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_lora_zero2_checkpoint_of_two_ranks_resumes_on_one(tiny_qwen2, tmp_path):
+    """The adapters-only ZeRO-2 checkpoint of 2 ranks goes through DeepSpeed's universal format
+    onto 1 rank and follows the uninterrupted run (dropout 0: the trajectory does not depend on N)."""
+    kw = {"model.dropout": 0, "model.lora.dropout": 0, "engine.zero_stage": 2, "checkpoint.keep_last": 8}
+    ok(run([*lora_args(tiny_qwen2, tmp_path / "ref", 2), *(f"{k}={v}" for k, v in kw.items())], nproc=2))
+    ref = last_rows(tmp_path / "ref" / "metrics.jsonl")
+    fork_run(tmp_path / "ref", tmp_path / "run", 4)
+    resumed = ok(run([*lora_args(tiny_qwen2, tmp_path / "run", 2), *(f"{k}={v}" for k, v in kw.items())], nproc=1))
+    assert "resuming at world size 1 from a checkpoint written at world size 2" in resumed.stdout
+    got = last_rows(tmp_path / "run" / "metrics.jsonl")
+    assert sorted(got) == list(range(1, 13))
+    assert max_rel_diff(ref, got, range(5, 13)) < 1e-4

@@ -25,7 +25,9 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--train-file", required=True)
     p.add_argument("--sentences", required=True, help="JSON list")
-    p.add_argument("--variants", required=True, help="JSON list of [name, pooler, mlp_only_train, zero_stage]")
+    p.add_argument(
+        "--variants", required=True, help="JSON list of [name, pooler, mlp_only_train, zero_stage(, [overrides])]"
+    )
     args = p.parse_args()
     out = Path(args.out)
     sentences = json.loads(Path(args.sentences).read_text())
@@ -35,7 +37,7 @@ def main() -> None:
         left, right = pair_embeddings(plain, tokenizer, sentences[:4], sentences[4:8], torch.device("cpu"), 2)
         if env.is_main:
             torch.save({"emb": emb, "left": left, "right": right, "world": env.world_size}, out / "sharded.pt")
-        for name, pooler, mlp_only_train, stage in json.loads(args.variants):
+        for name, pooler, mlp_only_train, stage, *extra in json.loads(args.variants):
             run = trainer(
                 env,
                 [
@@ -50,6 +52,7 @@ def main() -> None:
                     f"train.output_dir={out / name}",
                     "log.wandb_mode=disabled",
                     "log.progress_bar=false",
+                    *(extra[0] if extra else []),
                 ],
             )
             run.train()

@@ -13,14 +13,13 @@ from deepspeed.utils import safe_get_full_grad
 from harness import process_group, trainer
 
 
-def official_gather_candidates(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def official_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """As princeton-nlp/SimCSE's models.py: all_gather without grad, then the local tensor put
     back in its slot, so gradients reach only this rank's own rows (no cross-rank terms)."""
-    parts = [torch.zeros_like(z) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, z.detach().contiguous())
-    parts[torch.distributed.get_rank()] = z
-    gathered = torch.cat(parts)[:, 1:]
-    return z[:, 0], gathered.transpose(0, 1).reshape(-1, z.shape[-1])
+    parts = [torch.zeros_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, x.detach().contiguous())
+    parts[torch.distributed.get_rank()] = x
+    return torch.cat(parts)
 
 
 def main() -> None:
@@ -38,12 +37,25 @@ def main() -> None:
         action="store_true",
         help="the official SimCSE code's gather (test of the test): no gradient across ranks",
     )
+    p.add_argument(
+        "--random-lora-b",
+        action="store_true",
+        help="LoRA: draw the B factors (peft starts them at 0, where A's gradient is 0) as helpers.randomize_lora_b",
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     if args.no_grad_gather:
         import simcse_dist.train.objective
 
-        simcse_dist.train.objective.gather_candidates = official_gather_candidates
+        # the name the objective layer calls (a test pins that the swap changes the gradients)
+        simcse_dist.train.objective.gather_with_grad = official_gather_with_grad
+    if args.random_lora_b:
+        from helpers import randomize_lora_b
+
+        import simcse_dist.train.trainer
+
+        build = simcse_dist.train.trainer.Encoder.from_config
+        simcse_dist.train.trainer.Encoder.from_config = lambda cfg: randomize_lora_b(build(cfg))
     out = Path(args.out)
     with process_group() as env:
         for objective in args.objectives.split(","):
@@ -66,14 +78,20 @@ def main() -> None:
                     )
                     run.setup()
                     _, batches = next(run.data.steps(args.step, args.step + 1, run.engine.device))
-                    loss = float(run.forward_backward(batches).loss)
-                    # collective under ZeRO-3: every rank assembles every gradient
+                    loss = run.forward_backward(batches).loss
+                    # collective under ZeRO-3: every rank assembles every gradient (of what trains)
                     grads = {
                         n: safe_get_full_grad(q).detach().float().cpu().clone()
                         for n, q in run.engine.module.named_parameters()
+                        if q.requires_grad
                     }
+                    mean_loss = loss.clone()  # ranks hold equal numbers of anchors: the mean is the global loss
+                    torch.distributed.all_reduce(mean_loss)
+                    mean_loss = float(mean_loss) / env.world_size
                     if env.is_main:
-                        torch.save({"grads": grads, "rank0_loss": loss}, out / f"grads-{name}.pt")
+                        torch.save(
+                            {"grads": grads, "rank0_loss": float(loss), "loss": mean_loss}, out / f"grads-{name}.pt"
+                        )
 
 
 if __name__ == "__main__":
