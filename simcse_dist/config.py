@@ -74,8 +74,8 @@ class ModelConfig:
 class SourceConfig:
     """One training dataset of a mixture (data.sources)."""
 
-    path: str = ""
-    """Training file, as data.train_file."""
+    path: str | list[str] = ""
+    """Training input, as data.train_file: a file, directory, glob or URL, or a list of them."""
     name: str | None = None
     """Used in metrics (data/steps/<name>, train/loss/<name>); None: the file name without extensions."""
     weight: float = 1.0
@@ -86,7 +86,7 @@ class SourceConfig:
     """As data.format; None detects it from the file extension."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.path), "data.sources.path", "is required")
+        _require(bool(self.path) and all(self.path), "data.sources.path", "is required (a path, URL or list)")
         _require(
             math.isfinite(self.weight) and self.weight > 0,
             "data.sources.weight",
@@ -99,7 +99,7 @@ class Source:
     """A resolved training source: every field set."""
 
     name: str
-    path: str
+    path: str | list[str]
     weight: float
     objective: str
     format: str | None
@@ -107,9 +107,11 @@ class Source:
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
-    train_file: str = ""
-    """Training data: .txt (one sentence per line), .csv/.tsv (sent0[,sent1[,hard_neg]]), .jsonl, .parquet,
-    or hf://datasets/...; the one-source shorthand of data.sources."""
+    train_file: str | list[str] = ""
+    """Training data: .txt (one sentence per line), .csv/.tsv (sent0[,sent1[,hard_neg]]), .jsonl, .parquet
+    (.gz read through gzip); a file, a directory (its files of these types), a glob, an fsspec URL
+    (hf://datasets/..., s3://, gs://, https://; streamed) or a list of them; the one-source
+    shorthand of data.sources."""
     sources: list[SourceConfig] = field(default_factory=list)
     """A mixture: [{path, name, weight, objective, format}]. Each optimizer step's whole global batch
     comes from one source, chosen by a schedule of (seed, epoch, step) that gives every source its
@@ -128,7 +130,8 @@ class DataConfig:
     $SIMCSE_CACHE_DIR, else .simcse_cache/ next to the training file when that directory is
     writable, else ~/.cache/simcse-dist."""
     prepare_workers: int | None = None
-    """Processes that tokenize a training file the first time it is used; None: up to 4, one per core."""
+    """Processes per rank that tokenize a training input the first time it is used (every rank
+    takes a share of it); None: one per core of the rank's share of its node."""
     allow_changed_data: bool = False
     """Resume even when a training file changed since the checkpoint (size or content); false
     refuses, naming the file and what changed."""
@@ -313,7 +316,7 @@ class Config:
         given = d.sources or ([SourceConfig(path=d.train_file, format=d.format)] if d.train_file else [])
         out = []
         for i, s in enumerate(given):
-            name = s.name or Path(s.path).name.split(".")[0] or f"source{i}"
+            name = s.name or _default_name(s.path) or f"source{i}"
             out.append(Source(name, s.path, s.weight, s.objective or self.train.objective, s.format or d.format))
         names = [s.name for s in out]
         dup = next((n for n in names if names.count(n) > 1), None)
@@ -360,9 +363,9 @@ class Config:
             return
         _require(bool(self.data.train_file or self.data.sources), "data.train_file", "is required (or data.sources)")
         if self.data.train_file:
-            _check_file("data.train_file", self.data.train_file)
+            _check_input("data.train_file", self.data.train_file)
         for i, s in enumerate(self.data.sources):
-            _check_file(f"data.sources[{i}].path", s.path)
+            _check_input(f"data.sources[{i}].path", s.path)
         if self.eval.sts_dev_file:
             _check_file("eval.sts_dev_file", self.eval.sts_dev_file)
         if self.engine.deepspeed_config:
@@ -397,6 +400,35 @@ def _check_file(path: str, value: str) -> None:
         return  # fetched later; a clear error is raised if the Hub is unreachable
     if not Path(value).expanduser().is_file():
         raise ConfigError(f"{path}: file not found: {value}")
+
+
+_GLOB = "*?["
+
+
+def _default_name(path: str | list[str]) -> str:
+    """A source's name from its input: the last path component without a pattern, up to its
+    first dot (wiki1m_for_simcse.txt -> wiki1m_for_simcse; data/nli/*.parquet -> nli)."""
+    first = path if isinstance(path, str) else (path[0] if path else "")
+    parts = [p for p in first.replace("://", "/").split("/") if p and not any(c in p for c in _GLOB)]
+    return parts[-1].split(".")[0] if parts else ""
+
+
+def _check_input(path: str, value: str | list[str]) -> None:
+    """Each local item of a training input exists: a file, a directory, a glob with a match
+    (URLs are checked when read; a directory's files too)."""
+    items = [value] if isinstance(value, str) else value
+    for i, item in enumerate(items):
+        where = path if isinstance(value, str) else f"{path}[{i}]"
+        if "://" in item:
+            continue
+        local = os.path.expanduser(item)
+        if any(c in local for c in _GLOB):
+            import fsspec
+
+            if not any(fsspec.filesystem("file").isfile(m) for m in fsspec.filesystem("file").glob(local)):
+                raise ConfigError(f"{where}: no file matches {item}")
+        elif not (Path(local).is_file() or Path(local).is_dir()):
+            raise ConfigError(f"{where}: file not found: {item}")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
@@ -454,17 +486,22 @@ def _relative(value: Any) -> bool:
     return isinstance(value, str) and bool(value) and "://" not in value and not value.startswith(("/", "~"))
 
 
+def _absolute(value: Any, base: Path) -> Any:
+    """A path made absolute against `base`, or each of a list of them (training inputs)."""
+    if isinstance(value, list):
+        return [_absolute(v, base) for v in value]
+    return os.path.normpath(base / value) if _relative(value) else value
+
+
 def _relative_to(tree: dict, base: Path) -> dict:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
     for section, key in _PATH_KEYS:
-        value = (out.get(section) or {}).get(key) if isinstance(out.get(section), dict) else None
-        if _relative(value):
-            out[section][key] = os.path.normpath(base / value)
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section][key] = _absolute(out[section][key], base)
     sources = (out.get("data") or {}).get("sources") if isinstance(out.get("data"), dict) else None
     if isinstance(sources, list):
         out["data"]["sources"] = [
-            dict(s, path=os.path.normpath(base / s["path"])) if isinstance(s, dict) and _relative(s.get("path")) else s
-            for s in sources
+            dict(s, path=_absolute(s["path"], base)) if isinstance(s, dict) and "path" in s else s for s in sources
         ]
     model = out.get("model")
     if (

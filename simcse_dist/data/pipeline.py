@@ -1,7 +1,7 @@
 """The input pipeline of a run: training sources -> this rank's `Batch`es, step by step.
 
 Construction resolves the sources only; `setup()` opens each source's prepared corpus
-(prepare.py builds it on first use: rank 0 tokenizes while the others wait, a collective) and
+(prepare.py builds it on first use, every rank taking its share of the work: a collective) and
 builds the batch plan and sampler from the row counts in the manifests. `steps(start, total)`
 yields each optimizer step's micro-batches, prepared in the step or ahead of it by DataLoader
 workers. Per rank the data costs memory maps and O(sources) Python objects, never O(rows).
@@ -9,7 +9,6 @@ workers. Per rank the data costs memory maps and O(sources) Python objects, neve
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -20,8 +19,8 @@ from simcse_dist.config import Config, Source
 from simcse_dist.data.batch import Batch
 from simcse_dist.data.collate import CorpusCollator
 from simcse_dist.data.corpus import PreparedCorpus
-from simcse_dist.data.prepare import open_or_prepare
-from simcse_dist.data.readers import resolve_path
+from simcse_dist.data.inputs import describe
+from simcse_dist.data.prepare import default_workers, open_or_prepare
 from simcse_dist.data.sampler import BatchPlan, GlobalBatchSampler, MicroBatch, StepBatches, StepKeys
 
 
@@ -37,27 +36,22 @@ class InputPipeline:
         self.sampler: GlobalBatchSampler | None = None
 
     def setup(self) -> None:
-        """Open (or prepare) every source's corpus, then the plan and the sampler. collective."""
+        """Open (or prepare) every source's corpus, then the plan and the sampler. collective:
+        every rank prepares its share of a corpus that is not prepared yet (prepare.py)."""
         cfg, env = self.cfg, self.env
-        workers = cfg.data.prepare_workers or max(1, min(4, os.cpu_count() or 1))
+        workers = cfg.data.prepare_workers or default_workers()
         for src in self.sources:
-
-            def prepared(tick=lambda: None, src=src):
-                return open_or_prepare(
-                    resolve_path(src.path),
-                    src.format,
-                    src.objective,
-                    self.tokenizer,
-                    cfg.data.max_seq_len,
-                    cache_dir=cfg.data.cache_dir,
-                    workers=workers,
-                    progress=True,
-                    tick=tick,
-                )
-
-            # rank 0 prepares while the others wait (with a keep-alive, however long it takes);
-            # then every rank opens it (or, with a cache dir rank 0 cannot see, prepares its own)
-            corpus = du.main_first(prepared, every_s=min(30.0, cfg.engine.dist_timeout_s / 4)) or prepared()
+            corpus = open_or_prepare(
+                src.path,
+                src.format,
+                src.objective,
+                self.tokenizer,
+                cfg.data.max_seq_len,
+                cache_dir=cfg.data.cache_dir,
+                workers=workers,
+                progress=True,
+                every_s=min(2.0, cfg.engine.dist_timeout_s / 4),
+            )
             k = 2 if src.objective == "unsup" else corpus.num_columns
             cfg.check_negatives(k)
             md = cfg.loss.mask_duplicates
@@ -78,11 +72,11 @@ class InputPipeline:
             cfg.train.seed,
             cfg.data.shuffle,
             [s.weight for s in self.sources],
-            [s.path for s in self.sources],
+            [describe(s.path) for s in self.sources],
         )
 
     def fingerprints(self) -> dict[str, dict]:
-        """{source name: {path, size, sha256}} of the input files, as hashed when prepared."""
+        """{source name: corpus.fingerprint} of the inputs, as hashed when prepared."""
         return {s.name: c.fingerprint for s, c in zip(self.sources, self.corpora, strict=True)}
 
     def describe(self) -> list[str]:
@@ -101,7 +95,7 @@ class InputPipeline:
                 else ""
             )
             lines.append(
-                f"data: {where}{corpus.num_rows} examples from {src.path} ({corpus.blank_lines} blank lines "
+                f"data: {where}{corpus.num_rows} examples from {describe(src.path)} ({corpus.blank_lines} blank lines "
                 f"skipped; prepared in {corpus.directory}){mix}"
             )
         lines.append(
