@@ -84,6 +84,9 @@ class SourceConfig:
     """unsup | sup; None: train.objective."""
     format: DataFormat | None = None
     """As data.format; None detects it from the file extension."""
+    loss: dict[str, Any] = field(default_factory=dict)
+    """Keys of the loss: section that this source overrides (e.g. {temperature: 0.1} or
+    {distill: {embeddings: teacher-b.npy}}); the rest come from loss:."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path) and all(self.path), "data.sources.path", "is required (a path, URL or list)")
@@ -103,6 +106,7 @@ class Source:
     weight: float
     objective: str
     format: str | None
+    loss: LossConfig
 
 
 @dataclass(kw_only=True, slots=True)
@@ -209,8 +213,61 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class GuideConfig:
+    """Guided false-negative filtering (GISTEmbed): a frozen guide model masks every in-batch
+    candidate it scores above the anchor's positive."""
+
+    model: str = ""
+    """Saved model, run dir or Hub id of the guide (any model simcse-eval loads)."""
+    pooler: str | None = None
+    """The guide's pooler when its directory does not say (a plain Hugging Face model)."""
+    margin_strategy: Literal["absolute", "relative"] = "absolute"
+    """absolute: mask sim > s_pos - margin; relative: sim > s_pos - |s_pos| * margin."""
+    margin: float = 0.0
+    contrast_anchors: bool = True
+    """Also score each anchor against the other anchors of the global batch (guide-masked)."""
+    contrast_positives: bool = True
+    """Also score each anchor's positive against the other positives (guide-masked)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model), "loss.guide.model", "is required (a model dir, run dir or Hub id)")
+        _require(math.isfinite(self.margin), "loss.guide.margin", f"must be finite, got {self.margin}")
+
+
+@dataclass(kw_only=True, slots=True)
+class DistillConfig:
+    """In-batch distillation: KL(teacher || student) of the similarity distributions over the
+    global batch's candidates, added to the contrastive term with `weight`."""
+
+    teacher: str | None = None
+    """Saved model, run dir or Hub id of a frozen teacher encoded online."""
+    pooler: str | None = None
+    """The teacher's pooler when its directory does not say."""
+    embeddings: str | None = None
+    """Instead of a teacher: precomputed embeddings, a .npy of [rows, d] (one text per row: unsup)
+    or [rows, columns, d], in the training file's row order."""
+    temperature: float = 0.05
+    """Temperature of both distributions."""
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(
+            (self.teacher is None) != (self.embeddings is None),
+            "loss.distill",
+            "give either teacher (a model) or embeddings (a .npy), not both",
+        )
+        _require(
+            math.isfinite(self.temperature) and self.temperature > 0,
+            "loss.distill.temperature",
+            f"must be a finite number > 0, got {self.temperature}",
+        )
+        _require(math.isfinite(self.weight) and self.weight >= 0, "loss.distill.weight", "must be finite and >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
 class LossConfig:
-    """The objective: every knob of the loss lives here."""
+    """The objective: every knob of the loss lives here (docs/objectives.md). A source of a
+    mixture may override any of them (data.sources[].loss)."""
 
     temperature: float = 0.05
     """Softmax temperature tau of the contrastive loss."""
@@ -218,6 +275,14 @@ class LossConfig:
     """Added (log space) to each anchor's own hard-negative logit in supervised training."""
     mask_duplicates: bool | None = None
     """Do not score identical texts in a global batch as negatives of each other; None: on for sup."""
+    matryoshka_dims: list[int] = field(default_factory=list)
+    """Matryoshka: the loss summed over these prefixes of the embedding (e.g. [384, 128, 64]); []: off."""
+    matryoshka_weights: list[float] = field(default_factory=list)
+    """A weight per dim; []: 1 each."""
+    guide: GuideConfig | None = None
+    """Guided false-negative filtering; null: off."""
+    distill: DistillConfig | None = None
+    """In-batch distillation from a teacher; null: off."""
 
     def __post_init__(self) -> None:
         # inf makes every logit 0: a constant loss ln(candidates) with a zero gradient
@@ -227,6 +292,21 @@ class LossConfig:
             f"must be a finite number > 0, got {self.temperature}",
         )
         _require(math.isfinite(self.hard_negative_weight), "loss.hard_negative_weight", "must be finite")
+        for dim in self.matryoshka_dims:
+            _require(dim >= 1, "loss.matryoshka_dims", f"must be dims >= 1, got {dim}")
+        _require(
+            len(set(self.matryoshka_dims)) == len(self.matryoshka_dims),
+            "loss.matryoshka_dims",
+            f"has a dim twice: {self.matryoshka_dims}",
+        )
+        _require(
+            not self.matryoshka_weights or len(self.matryoshka_weights) == len(self.matryoshka_dims),
+            "loss.matryoshka_weights",
+            f"needs one weight per dim of loss.matryoshka_dims ({len(self.matryoshka_dims)}), got "
+            f"{len(self.matryoshka_weights)}",
+        )
+        for w in self.matryoshka_weights:
+            _require(math.isfinite(w) and w >= 0, "loss.matryoshka_weights", f"must be finite and >= 0, got {w}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -317,7 +397,10 @@ class Config:
         out = []
         for i, s in enumerate(given):
             name = s.name or _default_name(s.path) or f"source{i}"
-            out.append(Source(name, s.path, s.weight, s.objective or self.train.objective, s.format or d.format))
+            loss = self.loss
+            if s.loss:
+                loss = build(LossConfig, merge_dicts(dataclasses.asdict(self.loss), s.loss), f"data.sources[{i}].loss")
+            out.append(Source(name, s.path, s.weight, s.objective or self.train.objective, s.format or d.format, loss))
         names = [s.name for s in out]
         dup = next((n for n in names if names.count(n) > 1), None)
         _require(dup is None, "data.sources", f"two sources are named {dup!r}: give each a distinct name")
@@ -368,6 +451,10 @@ class Config:
             _check_input(f"data.sources[{i}].path", s.path)
         if self.eval.sts_dev_file:
             _check_file("eval.sts_dev_file", self.eval.sts_dev_file)
+        for i, src in enumerate(self.sources()):
+            if src.loss.distill is not None and src.loss.distill.embeddings:
+                where = "loss" if not self.data.sources else f"data.sources[{i}].loss"
+                _check_file(f"{where}.distill.embeddings", src.loss.distill.embeddings)
         if self.engine.deepspeed_config:
             _check_file("engine.deepspeed_config", self.engine.deepspeed_config)
             try:
@@ -479,38 +566,55 @@ def _sets(tree: dict, dotted: str) -> bool:
 # Paths in a YAML file are relative to that file, so a config works from any directory; paths
 # given as command-line overrides are relative to the working directory, as usual. Both are made
 # absolute when read, so that the config.yaml a run saves reproduces it from anywhere.
-_PATH_KEYS = (("data", "train_file"), ("data", "cache_dir"), ("eval", "sts_dev_file"), ("engine", "deepspeed_config"))
+_FILE_KEYS = (
+    ("data", "train_file"),
+    ("data", "cache_dir"),
+    ("eval", "sts_dev_file"),
+    ("engine", "deepspeed_config"),
+    ("loss", "distill", "embeddings"),
+)
+_MODEL_KEYS = (("model", "name_or_path"), ("loss", "guide", "model"), ("loss", "distill", "teacher"))
+"""Files, relative to the config file; models only when written ./ or ../ (else a Hub id)."""
 
 
 def _relative(value: Any) -> bool:
     return isinstance(value, str) and bool(value) and "://" not in value and not value.startswith(("/", "~"))
 
 
-def _absolute(value: Any, base: Path) -> Any:
-    """A path made absolute against `base`, or each of a list of them (training inputs)."""
+def _resolved(tree: dict, keys: tuple[str, ...], base: Path, model: bool) -> dict:
+    """`tree` with the path (or paths) at `keys` made absolute (a copy along the way) where relative."""
+    node = tree.get(keys[0])
+    if len(keys) > 1:
+        return {**tree, keys[0]: _resolved(node, keys[1:], base, model)} if isinstance(node, dict) else tree
+    return {**tree, keys[0]: _absolute(node, base, model)} if keys[0] in tree else tree
+
+
+def _absolute(value: Any, base: Path, model: bool = False) -> Any:
+    """A path made absolute against `base` if it is relative, or each of a list of them (a
+    training input may be a list)."""
     if isinstance(value, list):
-        return [_absolute(v, base) for v in value]
-    return os.path.normpath(base / value) if _relative(value) else value
+        return [_absolute(v, base, model) for v in value]
+    if _relative(value) and (not model or value.startswith(("./", "../"))):
+        return os.path.normpath(base / value)
+    return value
 
 
 def _relative_to(tree: dict, base: Path) -> dict:
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
-    for section, key in _PATH_KEYS:
-        if isinstance(out.get(section), dict) and key in out[section]:
-            out[section][key] = _absolute(out[section][key], base)
-    sources = (out.get("data") or {}).get("sources") if isinstance(out.get("data"), dict) else None
-    if isinstance(sources, list):
-        out["data"]["sources"] = [
-            dict(s, path=_absolute(s["path"], base)) if isinstance(s, dict) and "path" in s else s for s in sources
-        ]
-    model = out.get("model")
-    if (
-        isinstance(model, dict)
-        and isinstance(model.get("name_or_path"), str)
-        and model["name_or_path"].startswith(("./", "../"))
-    ):
-        model["name_or_path"] = os.path.normpath(base / model["name_or_path"])
-    return out
+    for keys in _FILE_KEYS:
+        tree = _resolved(tree, keys, base, model=False)
+    for keys in _MODEL_KEYS:
+        tree = _resolved(tree, keys, base, model=True)
+    sources = (tree.get("data") or {}).get("sources") if isinstance(tree.get("data"), dict) else None
+    if isinstance(sources, list):  # each source's path, and the loss keys it overrides
+        resolved = []
+        for src in sources:
+            if isinstance(src, dict):
+                src = _resolved(src, ("path",), base, model=False)
+                wrapped = _relative_to({"loss": src["loss"]}, base) if isinstance(src.get("loss"), dict) else None
+                src = {**src, "loss": wrapped["loss"]} if wrapped else src
+            resolved.append(src)
+        tree = {**tree, "data": {**tree["data"], "sources": resolved}}
+    return tree
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

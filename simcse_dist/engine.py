@@ -54,13 +54,18 @@ def zero_stage(cfg: Config) -> int:
     return int((user.get("zero_optimization") or {}).get("stage", cfg.engine.zero_stage))
 
 
+def select_accelerator() -> None:
+    """Name DeepSpeed's accelerator before anything imports it (transformers' model modules do):
+    on a machine without CUDA, DeepSpeed's public DS_ACCELERATOR override, else every rank warns
+    "Setting accelerator to CPU" (our start-up line says the device once)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def init_process_group(rank: int, world_size: int, timeout_s: int) -> None:
     """Start the process group (nccl on GPUs, gloo on CPU) through DeepSpeed, which adopts it.
     collective: every rank calls this."""
-    if not torch.cuda.is_available():
-        # DeepSpeed's public override: without it every rank warns "Setting accelerator to CPU"
-        # at its first import (our start-up line says the device once)
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    select_accelerator()
     import deepspeed
     import deepspeed.ops
 

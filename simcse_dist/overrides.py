@@ -17,7 +17,13 @@ class ConfigError(ValueError):
 
 
 def _convert(value: Any, tp: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
     origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)  # checked where it is used (e.g. data.sources[].loss as a loss: section)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

@@ -38,6 +38,66 @@ def reference_simcse_loss(
     return torch.stack(terms).mean()
 
 
+def reference_objective(
+    views: torch.Tensor,
+    temperature: float,
+    hard_negative_weight: float = 0.0,
+    dims: list[tuple[int, float]] | None = None,
+    guide: torch.Tensor | None = None,
+    margin: float = 0.0,
+    strategy: str = "absolute",
+    contrast_anchors: bool = False,
+    contrast_positives: bool = False,
+    teacher: torch.Tensor | None = None,
+    distill_temperature: float = 0.05,
+    distill_weight: float = 1.0,
+) -> torch.Tensor:
+    """The documented objective (docs/objectives.md) written out one anchor and one candidate at
+    a time: views, guide, teacher [B, k, d]. Candidates of anchor i: every positive (its own is the
+    label), every hard negative (k = 3; +weight on its own), with the guide the other anchors and
+    (i's positive against) the other positives; the guide drops each candidate whose guide
+    similarity exceeds the threshold from i's guide positive similarity. Per (dim, weight): weight x
+    (cross-entropy of the kept candidates + distill_weight x KL(teacher || student) over them)."""
+    big_b, k, d = views.shape
+    cos = lambda x, y: F.cosine_similarity(x, y, dim=0)  # noqa: E731
+    total = torch.zeros((), dtype=views.dtype)
+    for dim, w in dims or [(d, 1.0)]:
+        v = views[..., :dim]
+        terms = []
+        for i in range(big_b):
+            pairs = [("p", j) for j in range(big_b)] + ([("n", j) for j in range(big_b)] if k == 3 else [])
+            pairs += [("a", j) for j in range(big_b) if j != i] if guide is not None and contrast_anchors else []
+            pairs += [("pp", j) for j in range(big_b) if j != i] if guide is not None and contrast_positives else []
+
+            def sim(x, kind, j, i=i):
+                left = x[i, 1] if kind == "pp" else x[i, 0]
+                right = {"p": x[j, 1], "n": x[j, 2] if k == 3 else None, "a": x[j, 0], "pp": x[j, 1]}[kind]
+                return cos(left, right)
+
+            keep = []
+            for kind, j in pairs:
+                label = kind == "p" and j == i
+                if guide is not None and not label:
+                    pos = cos(guide[i, 0], guide[i, 1])
+                    limit = pos - margin if strategy == "absolute" else pos - abs(pos) * margin
+                    if sim(guide, kind, j) > limit:
+                        continue
+                keep.append((kind, j, label))
+            student = torch.stack([sim(v, kind, j) for kind, j, _ in keep])
+            logits = student / temperature
+            bonus = [hard_negative_weight if (kind == "n" and j == i) else 0.0 for kind, j, _ in keep]
+            logits = logits + torch.tensor(bonus, dtype=logits.dtype)
+            label = next(n for n, (_, _, is_label) in enumerate(keep) if is_label)
+            term = torch.logsumexp(logits, dim=0) - logits[label]
+            if teacher is not None:
+                t = torch.stack([sim(teacher, kind, j) for kind, j, _ in keep]) / distill_temperature
+                log_pt, log_ps = F.log_softmax(t, dim=0), F.log_softmax(student / distill_temperature, dim=0)
+                term = term + distill_weight * (log_pt.exp() * (log_pt - log_ps)).sum()
+            terms.append(term)
+        total = total + w * torch.stack(terms).mean()
+    return total
+
+
 _M64 = (1 << 64) - 1
 
 

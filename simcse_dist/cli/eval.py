@@ -26,13 +26,42 @@ log = logging.getLogger("simcse_dist.cli.eval")  # not __name__: run as `python 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def format_table(titles: list[str], values: list[float]) -> str:
-    """The paper's table: one header row, one row of Spearman x 100 with two decimals."""
-    cells = [f"{v:.2f}" for v in values]
-    widths = [max(len(t), len(c)) for t, c in zip(titles, cells, strict=True)]
-    header = " | ".join(t.rjust(w) for t, w in zip(titles, widths, strict=True))
-    row = " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
-    return f"{header}\n{'-' * len(header)}\n{row}"
+def format_table(titles: list[str], rows: list[list[float]], labels: list[str] | None = None, corner: str = "") -> str:
+    """The paper's table: one header row, then rows of Spearman x 100 (or metrics x 100) with two
+    decimals; `labels` name the rows in a first column headed `corner` (e.g. the dims)."""
+    table = [[f"{v:.2f}" for v in row] for row in rows]
+    if labels is not None:
+        titles, table = [corner, *titles], [[label, *row] for label, row in zip(labels, table, strict=True)]
+    widths = [max(len(t), *(len(r[i]) for r in table)) for i, t in enumerate(titles)]
+    lines = [" | ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in [titles, *table]]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def parse_precisions(text: str) -> tuple[str, list[str]]:
+    """'bf16,int8,binary' -> ('bf16', ['float32', 'int8', 'binary']): the weights' dtype (one of
+    PRECISIONS, fp32 unless named) and the embedding formats retrieval is scored in."""
+    from simcse_dist.eval.retrieval import QUANTIZED
+
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in (*PRECISIONS, *QUANTIZED)]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown precision {', '.join(unknown) or repr(text)}; use {', '.join((*PRECISIONS, *QUANTIZED))}"
+        )
+    dtypes = [n for n in names if n in PRECISIONS]
+    if len(dtypes) > 1:
+        raise ValueError(f"one weight dtype at a time, got {', '.join(dtypes)}")
+    return (dtypes[0] if dtypes else "fp32"), ["float32", *dict.fromkeys(n for n in names if n in QUANTIZED)]
+
+
+def parse_dims(text: str) -> list[int]:
+    try:
+        dims = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+    if not dims or min(dims) < 1:
+        raise ValueError(f"expected comma-separated integers >= 1, got {text!r}")
+    return list(dict.fromkeys(dims))
 
 
 def select_tasks(names: str, split: str, data_dir: str) -> dict[str, StsData]:
@@ -104,7 +133,18 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pooler", choices=[*POOLERS, *POOLER_ALIASES], help="override the saved pooler (needed for a plain HF model)"
     )
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="inference dtype of the weights")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        help="comma-separated: the weights' dtype (fp32, bf16 or fp16) and, for retrieval, embedding formats "
+        "scored beside float32 through sentence-transformers' quantize_embeddings (int8, uint8: inner product "
+        "of the codes, ranges from the first corpus chunk; binary, ubinary: Hamming), e.g. fp32,int8,binary",
+    )
+    p.add_argument(
+        "--dims",
+        help="comma-separated embedding sizes, e.g. 768,256,64: every STS and retrieval metric on the first d "
+        "coordinates (renormalised), as sentence-transformers' truncate_dim (Matryoshka models)",
+    )
     p.add_argument("--batch-size", type=int, default=128, help="sentences per forward per rank")
     p.add_argument("--max-length", type=int, default=512, help="truncation in tokens (capped by the model)")
     p.add_argument(
@@ -126,13 +166,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --data-dir (the STS tasks), --sts-file, --retrieval or --mteb")
     if args.corpus_chunk_size < 1:
         parser.error(f"--corpus-chunk-size must be at least 1, got {args.corpus_chunk_size}")
+    try:
+        dtype_name, formats = parse_precisions(args.precision)
+    except ValueError as e:
+        parser.error(f"--precision: {e}")
+    if len(formats) > 1 and not args.retrieval:
+        parser.error(f"--precision {','.join(formats[1:])}: quantized embeddings are scored on retrieval (--retrieval)")
+    try:
+        dims = parse_dims(args.dims) if args.dims else []
+    except ValueError as e:
+        parser.error(f"--dims: {e}")
     import torch
 
     from simcse_dist import distributed as du
     from simcse_dist.eval.encode import pair_embeddings
     from simcse_dist.eval.metrics import sts_correlation
     from simcse_dist.eval.mteb_adapter import MtebEncoder, MtebError, resolve_tasks, run_mteb
-    from simcse_dist.eval.retrieval import METRICS, TITLES, evaluate_retrieval, load_retrieval
+    from simcse_dist.eval.retrieval import METRICS, TITLES, View, evaluate_retrieval, load_retrieval
     from simcse_dist.model.format import ExportError
     from simcse_dist.model.load import load_encoder
 
@@ -157,15 +207,22 @@ def main(argv: list[str] | None = None) -> int:
         except (ExportError, OSError) as e:
             return fail(str(e))
         device = du.device_for(env)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
         encoder.to(device=device, dtype=dtype)
         max_length = min(args.max_length, getattr(encoder.backbone.config, "max_position_embeddings", 512))
         progress = not args.no_progress and logs.bars_shown()
         log.info(
             f"model {meta['path']}: pooler {meta['pooler']}{' + MLP' if encoder.uses_mlp else ''}, "
-            f"{args.precision}, {env.world_size} rank(s), device {device}"
+            f"{dtype_name}, {env.world_size} rank(s), device {device}"
         )
+        size = encoder.embedding_dim
+        too_large = [d for d in dims if d > size]
+        if too_large:
+            return fail(f"--dims: {too_large[0]} is larger than the model's {size}-dim embeddings")
+        sizes = dims or [size]
+        prefixes = {d: "" if d == size else f"dim{d}/" for d in sizes}
         scores, tables = {}, []
+        sts: dict[int, dict[str, float]] = {d: {} for d in sizes}
         for task, pairs in data.items():
             skipped = f", {pairs.skipped} blank-score rows skipped" if pairs.skipped else ""
             log.info(f"{task}: {len(pairs.scores)} pairs from {pairs.source}{skipped}")
@@ -179,12 +236,15 @@ def main(argv: list[str] | None = None) -> int:
                 max_length,
                 show_progress=progress,
             )
-            scores[task] = 100 * sts_correlation(e1, e2, pairs.scores)
+            for d in sizes:  # cosine renormalises the first d coordinates
+                sts[d][task] = 100 * sts_correlation(e1[:, :d], e2[:, :d], pairs.scores)
         if data:
-            scores["avg"] = sum(scores.values()) / len(scores)
-            tables.append(
-                format_table([TASKS[t].title if t in TASKS else t for t in data] + ["Avg."], list(scores.values()))
-            )
+            for d in sizes:
+                sts[d]["avg"] = sum(sts[d].values()) / len(data)
+                scores.update({prefixes[d] + name: value for name, value in sts[d].items()})
+            titles = [TASKS[t].title if t in TASKS else t for t in data] + ["Avg."]
+            rows = [list(sts[d].values()) for d in sizes]
+            tables.append(format_table(titles, rows, *(([str(d) for d in sizes], "dims") if dims else ())))
             missing = (
                 [t for t in PAPER_TASKS[args.split] if t not in data] if args.tasks.strip().lower() == "all" else []
             )
@@ -196,18 +256,27 @@ def main(argv: list[str] | None = None) -> int:
                 f"retrieval: {judged} queries with a relevant document (of {len(retrieval.queries)}), "
                 f"{len(retrieval.corpus)} documents, from {retrieval.source}"
             )
-            metrics = evaluate_retrieval(
-                encoder,
-                tokenizer,
-                retrieval,
-                device,
-                args.batch_size,
-                max_length,
-                args.corpus_chunk_size,
-                show_progress=progress,
-            )
-            scores.update({f"retrieval/{m}": 100 * metrics[m] for m in METRICS})
-            tables.append(format_table(list(TITLES), [100 * metrics[m] for m in METRICS]))
+            views = [View(None if d == size else d, f) for d in sizes for f in formats]
+            try:
+                results = evaluate_retrieval(
+                    encoder,
+                    tokenizer,
+                    retrieval,
+                    device,
+                    args.batch_size,
+                    max_length,
+                    args.corpus_chunk_size,
+                    show_progress=progress,
+                    views=views,
+                )
+            except RuntimeError as e:  # an optional library missing: named by the message
+                return fail(str(e))
+            for view, metrics in results.items():
+                key = "retrieval/" + (view.prefix + "/" if view.prefix else "")
+                scores.update({key + m: 100 * metrics[m] for m in METRICS})
+            rows = [[100 * m[name] for name in METRICS] for m in results.values()]
+            labels = [f"{v.dim or size} {v.precision}" for v in results]
+            tables.append(format_table(list(TITLES), rows, *((labels, "dims format") if len(views) > 1 else ())))
         if mteb_tasks:
             adapter = MtebEncoder(
                 encoder,
@@ -224,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                 tables.append(
                     format_table(
                         [f"{name} ({main})" for name, (main, _) in results.items()],
-                        [100 * value for _, value in results.values()],
+                        [[100 * value for _, value in results.values()]],
                     )
                 )
         if env.is_main:

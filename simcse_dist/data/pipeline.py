@@ -15,48 +15,66 @@ import numpy as np
 import torch
 
 from simcse_dist import distributed as du
-from simcse_dist.config import Config, Source
+from simcse_dist.config import Config, ConfigError, Source
 from simcse_dist.data.batch import Batch
 from simcse_dist.data.collate import CorpusCollator
 from simcse_dist.data.corpus import PreparedCorpus
 from simcse_dist.data.inputs import describe
 from simcse_dist.data.prepare import default_workers, open_or_prepare
+from simcse_dist.data.readers import resolve_path
 from simcse_dist.data.sampler import BatchPlan, GlobalBatchSampler, MicroBatch, StepBatches, StepKeys
 
 
 class InputPipeline:
-    def __init__(self, cfg: Config, env: du.DistEnv, tokenizer) -> None:
+    def __init__(self, cfg: Config, env: du.DistEnv, tokenizer, frozen_tokenizers: dict | None = None) -> None:
+        """frozen_tokenizers: {name: tokenizer} of frozen models (the guide, a teacher) whose
+        tokenizer is not the student's: their own prepared copy of every source is opened too."""
         self.cfg, self.env, self.tokenizer = cfg, env, tokenizer
+        self.frozen_tokenizers = frozen_tokenizers or {}
         self.sources: list[Source] = cfg.sources()
         self.corpora: list[PreparedCorpus] = []
         self.collators: list[CorpusCollator] = []
+        self.frozen_collators: list[dict[str, CorpusCollator]] = []  # per source: {frozen model: collator}
+        self.teacher_embeddings: list[np.ndarray | None] = []  # per source: precomputed [rows, (k,) d]
         self.views: list[int] = []  # k per source: 2 (unsup, pairs) or 3 (triplets)
         self.mask_duplicates: list[bool] = []
         self.plan: BatchPlan | None = None
         self.sampler: GlobalBatchSampler | None = None
 
+    def _open(self, src: Source, tokenizer) -> PreparedCorpus:
+        """The source's corpus prepared for `tokenizer`, every rank taking its share of the work
+        when it is not prepared yet (prepare.py). collective."""
+        cfg = self.cfg
+        return open_or_prepare(
+            src.path,
+            src.format,
+            src.objective,
+            tokenizer,
+            cfg.data.max_seq_len,
+            cache_dir=cfg.data.cache_dir,
+            workers=cfg.data.prepare_workers or default_workers(),
+            progress=True,
+            every_s=min(2.0, cfg.engine.dist_timeout_s / 4),
+        )
+
     def setup(self) -> None:
         """Open (or prepare) every source's corpus, then the plan and the sampler. collective:
         every rank prepares its share of a corpus that is not prepared yet (prepare.py)."""
         cfg, env = self.cfg, self.env
-        workers = cfg.data.prepare_workers or default_workers()
-        for src in self.sources:
-            corpus = open_or_prepare(
-                src.path,
-                src.format,
-                src.objective,
-                self.tokenizer,
-                cfg.data.max_seq_len,
-                cache_dir=cfg.data.cache_dir,
-                workers=workers,
-                progress=True,
-                every_s=min(2.0, cfg.engine.dist_timeout_s / 4),
-            )
+        for i, src in enumerate(self.sources):
+            corpus = self._open(src, self.tokenizer)
             k = 2 if src.objective == "unsup" else corpus.num_columns
             cfg.check_negatives(k)
-            md = cfg.loss.mask_duplicates
+            md = src.loss.mask_duplicates
             self.corpora.append(corpus)
             self.collators.append(CorpusCollator(corpus, self.tokenizer.pad_token_id, src.objective))
+            self.frozen_collators.append(
+                {
+                    name: CorpusCollator(self._open(src, tok), tok.pad_token_id, src.objective)
+                    for name, tok in self.frozen_tokenizers.items()
+                }
+            )
+            self.teacher_embeddings.append(self._teacher_embeddings(i, src, corpus))
             self.views.append(k)
             self.mask_duplicates.append((src.objective == "sup") if md is None else md)
         self.plan = BatchPlan(
@@ -131,7 +149,37 @@ class InputPipeline:
             columns = [0, 0] if self.sources[mb.source].objective == "unsup" else list(range(self.views[mb.source]))
             ids = torch.from_numpy(np.ascontiguousarray(hashes[:, columns]))
         tokens = int(inputs["attention_mask"].numpy().sum())  # a CPU tensor: no device sync
-        return Batch(inputs, row_valid, ids, tokens, mb.source)
+        frozen = {name: collate(mb.indices) for name, collate in self.frozen_collators[mb.source].items()}
+        teacher = None
+        if (table := self.teacher_embeddings[mb.source]) is not None:
+            rows = torch.from_numpy(np.asarray(table[np.asarray(mb.indices)], dtype=np.float32))
+            teacher = rows.unsqueeze(1).expand(-1, self.views[mb.source], -1) if rows.ndim == 2 else rows
+        return Batch(inputs, row_valid, ids, tokens, mb.source, frozen, teacher=teacher)
+
+    def _teacher_embeddings(self, i: int, src: Source, corpus: PreparedCorpus) -> np.ndarray | None:
+        """A source's precomputed teacher embeddings (loss.distill.embeddings), memory-mapped and
+        checked against the corpus: one row per example, one text (unsup) or every column."""
+        distill = src.loss.distill
+        if distill is None or distill.embeddings is None:
+            return None
+        field = "loss.distill.embeddings" if not self.cfg.data.sources else f"data.sources[{i}].loss.distill.embeddings"
+        try:
+            table = np.load(resolve_path(distill.embeddings), mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{field}: cannot read {distill.embeddings} as a .npy array: {e}") from None
+        want = "[rows, d]" if src.objective == "unsup" else f"[rows, {corpus.num_columns}, d] or [rows, d]"
+        if table.shape[0] != corpus.num_rows:
+            raise ConfigError(
+                f"{field}: {distill.embeddings} has {table.shape[0]} rows, {describe(src.path)} has "
+                f"{corpus.num_rows} examples: one embedding per example, in its order ({want})"
+            )
+        if (
+            table.ndim == 3
+            and (src.objective == "unsup" or table.shape[1] != corpus.num_columns)
+            or table.ndim not in (2, 3)
+        ):
+            raise ConfigError(f"{field}: {distill.embeddings} has the shape {tuple(table.shape)}; expected {want}")
+        return table
 
     def num_workers(self, device: torch.device) -> int:
         w = self.cfg.data.num_workers

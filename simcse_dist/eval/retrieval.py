@@ -1,5 +1,6 @@
 """Retrieval evaluation: rank a corpus for every query by cosine similarity, exactly, and score
-the ranking with nDCG@10, MRR@10, Recall@100 and MAP@10.
+the ranking with nDCG@10, MRR@10, Recall@100 and MAP@10; also for truncated (Matryoshka) and
+quantized embeddings (`View`).
 
 Files (UTF-8, TAB-separated, one header line, no quoting, columns in any order; blank lines
 are skipped; every malformed row raises `DataError` naming file:line):
@@ -27,6 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -150,32 +152,107 @@ def _block_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return _sort_desc(values.gather(1, order), columns)
 
 
-def cosine_top_k(
-    queries: torch.Tensor, corpus_chunks: Iterable[torch.Tensor], k: int, query_block: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k corpus rows by cosine for every query: (scores, corpus indices) [n_q, min(k, n_c)],
-    best first, equal scores by lower corpus index. The corpus arrives in chunks (each may be
-    encoded just in time), so memory is one [query_block, chunk] score block plus the running
-    top-k lists, never the whole [n_q, n_c] matrix. fp32 cosine, as sentence-transformers."""
-    q = F.normalize(queries.float(), dim=-1)
-    blocks = range(0, len(q), query_block)
-    rows = [min(query_block, len(q) - start) for start in blocks]
-    best = [(torch.empty(n, 0), torch.empty(n, 0, dtype=torch.long)) for n in rows]  # per query block
+@dataclass(frozen=True, slots=True)
+class View:
+    """One way of serving the embeddings: their first `dim` coordinates (None: all of them),
+    stored at `precision`: float32 (ranked by cosine) or one of sentence-transformers'
+    quantized formats, which its quantized search ranks by inner product of the int8/uint8
+    codes and by Hamming distance of the binary/ubinary bits."""
+
+    dim: int | None = None
+    precision: str = "float32"
+
+    @property
+    def prefix(self) -> str:
+        """'' for the full float32 embeddings, else e.g. 'dim64', 'int8', 'dim64/binary'."""
+        parts = [f"dim{self.dim}"] if self.dim else []
+        return "/".join(parts + ([self.precision] if self.precision != "float32" else []))
+
+
+QUANTIZED = ("int8", "uint8", "binary", "ubinary")
+
+
+def quantize_embeddings(emb: torch.Tensor, precision: str, calibration: torch.Tensor | None = None):
+    """sentence-transformers' quantize_embeddings (an optional dependency: imported here)."""
+    try:
+        from sentence_transformers.util.quantization import quantize_embeddings as st_quantize
+    except ImportError:
+        raise RuntimeError(
+            f"embedding precision {precision} uses sentence-transformers' quantize_embeddings: "
+            "pip install 'simcse-dist[st]'"
+        ) from None
+    ranges = None
+    if calibration is not None:
+        low, high = calibration.min(dim=0).values, calibration.max(dim=0).values
+        high = torch.where(high > low, high, low + 1e-6)  # a constant coordinate: one code, not 0/0
+        ranges = torch.stack([low, high]).numpy()
+    return st_quantize(emb.numpy(), precision, ranges=ranges)
+
+
+class _Scorer:
+    """The vectors one view ranks with, and their score: cosine (float32), the inner product of
+    the codes (int8, uint8; exact in float64) or, for bits, the inner product of +-1 vectors,
+    which is dim - 2 * Hamming distance and so ranks as Hamming does. int8/uint8 ranges come from
+    `calibration` (the first corpus chunk), the same for queries and documents."""
+
+    def __init__(self, view: View, calibration: torch.Tensor):
+        self.view = view
+        self.calibration = calibration[:, : view.dim] if view.precision in ("int8", "uint8") else None
+
+    def vectors(self, emb: torch.Tensor) -> torch.Tensor:
+        emb = emb[:, : self.view.dim].float()
+        precision = self.view.precision
+        if precision == "float32":
+            return F.normalize(emb, dim=-1)
+        codes = quantize_embeddings(emb, precision, self.calibration)
+        if precision in ("int8", "uint8"):
+            return torch.from_numpy(codes.astype("float64"))
+        packed = codes.view("uint8") ^ 0x80 if precision == "binary" else codes  # binary: packed bits - 128
+        bits = torch.from_numpy(np.unpackbits(packed, axis=1)[:, : emb.shape[1]].astype("float32"))
+        return 2 * bits - 1
+
+
+def top_k(
+    queries: torch.Tensor,
+    corpus_chunks: Iterable[torch.Tensor],
+    k: int,
+    views: Sequence[View] = (View(),),
+    query_block: int = 1024,
+) -> dict[View, tuple[torch.Tensor, torch.Tensor]]:
+    """Exact top-k corpus rows for every query under each view: {view: (scores, corpus indices)}
+    [n_q, min(k, n_c)], best first, equal scores by lower corpus index. The corpus arrives in
+    chunks (each may be encoded just in time), so memory is one [query_block, chunk] score block
+    plus the running top-k lists, never the whole [n_q, n_c] matrix."""
+    blocks = range(0, len(queries), query_block)
+    rows = [min(query_block, len(queries) - start) for start in blocks]
+    best = {v: [(torch.empty(n, 0), torch.empty(n, 0, dtype=torch.long)) for n in rows] for v in views}
+    scorers: dict[View, tuple[_Scorer, torch.Tensor]] = {}
     offset = 0
     for chunk in corpus_chunks:
-        c = F.normalize(chunk.float(), dim=-1)
-        for b, start in enumerate(blocks):
-            values, columns = _block_top_k(q[start : start + query_block] @ c.T, k)  # [qb, <=k]
-            # earlier chunks hold lower indices, so concatenating before a stable sort keeps the
-            # (score desc, index asc) order
-            scores = torch.cat([best[b][0], values], dim=1)
-            index = torch.cat([best[b][1], columns + offset], dim=1)
-            scores, index = _sort_desc(scores, index)
-            best[b] = (scores[:, :k], index[:, :k])
+        if not scorers:  # the first chunk calibrates the int8 ranges
+            for v in views:
+                scorer = _Scorer(v, chunk.float())
+                scorers[v] = (scorer, scorer.vectors(queries))
+        for v, (scorer, q) in scorers.items():
+            c = scorer.vectors(chunk)
+            for b, start in enumerate(blocks):
+                values, columns = _block_top_k(q[start : start + query_block] @ c.T, k)  # [qb, <=k]
+                # earlier chunks hold lower indices, so concatenating before a stable sort keeps the
+                # (score desc, index asc) order
+                scores = torch.cat([best[v][b][0], values.to(best[v][b][0].dtype)], dim=1)
+                index = torch.cat([best[v][b][1], columns + offset], dim=1)
+                scores, index = _sort_desc(scores, index)
+                best[v][b] = (scores[:, :k], index[:, :k])
         offset += len(chunk)
-    if not best:
-        return torch.empty(0, 0), torch.empty(0, 0, dtype=torch.long)
-    return torch.cat([s for s, _ in best]), torch.cat([i for _, i in best])
+    out = {}
+    for v in views:
+        parts = best[v]
+        out[v] = (
+            (torch.cat([s for s, _ in parts]), torch.cat([i for _, i in parts]))
+            if parts
+            else (torch.empty(0, 0), torch.empty(0, 0, dtype=torch.long))
+        )
+    return out
 
 
 # -- metrics --------------------------------------------------------------------------------------
@@ -211,11 +288,12 @@ def evaluate_retrieval(
     max_length: int = 512,
     corpus_chunk_size: int = 50_000,
     show_progress: bool = False,
-) -> dict[str, float]:
-    """The four metrics (fractions) of `forward` on `data`. The queries, then the corpus one
-    chunk at a time, are encoded by evaluation.encode (each rank encodes a share, the shares are
-    gathered); every rank then ranks all queries against the chunk, so all ranks hold the same
-    result. collective: every rank calls this with the same data."""
+    views: Sequence[View] = (View(),),
+) -> dict[View, dict[str, float]]:
+    """The four metrics (fractions) of `forward` on `data` under each view. The queries, then the
+    corpus one chunk at a time, are encoded once (eval/encode.py: each rank encodes a share, the
+    shares are gathered); every rank then ranks all queries against the chunk under every view,
+    so all ranks hold the same result. collective: every rank calls this with the same data."""
     qids = data.judged_queries
     query_emb = encode(
         forward, tokenizer, [data.queries[q] for q in qids], device, batch_size, max_length, show_progress
@@ -227,9 +305,11 @@ def evaluate_retrieval(
             texts = [data.corpus[d] for d in docids[start : start + corpus_chunk_size]]
             yield encode(forward, tokenizer, texts, device, batch_size, max_length, show_progress)
 
-    _, index = cosine_top_k(query_emb, chunks(), DEPTH)
-    ranking = {q: [docids[j] for j in row] for q, row in zip(qids, index.tolist(), strict=True)}
-    return retrieval_metrics(ranking, data.qrels)
+    results = {}
+    for view, (_, index) in top_k(query_emb, chunks(), DEPTH, views).items():
+        ranking = {q: [docids[j] for j in row] for q, row in zip(qids, index.tolist(), strict=True)}
+        results[view] = retrieval_metrics(ranking, data.qrels)
+    return results
 
 
 # -- a small retrieval set from STS pairs ------------------------------------------------------------

@@ -95,6 +95,10 @@ class Encoder(nn.Module):
         return cls(load_backbone(path, cfg.pooler, **kwargs), cfg.pooler, cfg.mlp_only_train)
 
     @property
+    def embedding_dim(self) -> int:
+        return self.backbone.config.hidden_size
+
+    @property
     def uses_mlp(self) -> bool:
         return self.mlp is not None and (self.training or not self.mlp_only_train)
 

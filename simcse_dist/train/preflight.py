@@ -109,9 +109,35 @@ def check_space(cfg: Config, num_params: int) -> None:
         )
 
 
+def check_objectives(cfg: Config, model_path: str) -> None:
+    """Matryoshka dims within the embedding; the guide and the teacher resolve (as the model does)."""
+    from transformers import AutoConfig
+
+    size = AutoConfig.from_pretrained(model_path).hidden_size
+    for i, src in enumerate(cfg.sources()):
+        where = "loss" if not cfg.data.sources else f"data.sources[{i}].loss"
+        too_big = [d for d in src.loss.matryoshka_dims if d > size]
+        if too_big:
+            raise ConfigError(f"{where}.matryoshka_dims: {too_big[0]} is larger than the model's embedding size {size}")
+        for field, name in (
+            ("guide.model", src.loss.guide and src.loss.guide.model),
+            ("distill.teacher", src.loss.distill and src.loss.distill.teacher),
+        ):
+            if name:
+                try:
+                    resolve_model(name)
+                except ConfigError as e:
+                    raise ConfigError(str(e).replace("model.name_or_path", f"{where}.{field}", 1)) from None
+
+
 def preflight(cfg: Config, is_main: bool) -> None:
-    """Every rank resolves the model; rank 0 checks the output directory and the disk."""
+    """Every rank resolves the model and checks the objective against it; rank 0 checks the
+    output directory and the disk."""
+    from simcse_dist.engine import select_accelerator
+
+    select_accelerator()
     path = resolve_model(cfg.model.name_or_path)
+    check_objectives(cfg, path)
     if is_main:
         probe_output_dir(Path(cfg.train.output_dir))
         check_space(cfg, count_parameters(path))

@@ -8,7 +8,7 @@ plain torch module (tests/train/test_step.py) exactly as under DeepSpeed on N ra
     backward(loss, last)    accumulate d loss / d theta; `loss` is already this micro-step's
                             exact share of the step (the step divides by grad_accum itself);
                             `last` marks the micro-step after which gradients are complete
-    loss_fn(z, row_valid, ids) -> (loss, masked count)   objective.ContrastiveLoss
+    loss_fn(z, row_valid, ids, guide, teacher) -> (loss, masked count)   objective.Objective
 
 A new objective is a new loss_fn (objective.py) and, if it needs other views, its collate;
 nothing here changes.
@@ -26,7 +26,8 @@ from simcse_dist.train.state import rng_state, set_rng_state
 
 Encode = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 Backward = Callable[[torch.Tensor, bool], None]
-LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]
+Maybe = torch.Tensor | None
+LossFn = Callable[[torch.Tensor, Maybe, Maybe, Maybe, Maybe], tuple[torch.Tensor, Maybe]]
 
 
 @dataclass(slots=True)
@@ -45,7 +46,7 @@ def accumulate(batches: Sequence[Batch], encode: Encode, backward: Backward, los
     step_loss = torch.zeros((), device=batches[0].inputs["input_ids"].device)
     masked = None
     for i, batch in enumerate(batches):
-        loss, m = loss_fn(encode(batch.inputs), batch.row_valid, batch.ids)
+        loss, m = loss_fn(encode(batch.inputs), batch.row_valid, batch.ids, batch.guide, batch.teacher)
         backward(loss / n if n > 1 else loss, i == n - 1)
         step_loss = step_loss + loss.detach().float() / n
         masked = _add(masked, m)
@@ -56,6 +57,10 @@ def _cat(parts: list[torch.Tensor | None], fill: Callable[[int], torch.Tensor], 
     if all(p is None for p in parts):
         return None
     return torch.cat([fill(r) if p is None else p for p, r in zip(parts, rows, strict=True)])
+
+
+def _every_chunk(rows: int) -> torch.Tensor:
+    raise ValueError("frozen-model embeddings are given for every micro-step or for none")
 
 
 def grad_cache(batches: Sequence[Batch], encode: Encode, backward: Backward, loss_fn: LossFn) -> StepResult:
@@ -78,7 +83,8 @@ def grad_cache(batches: Sequence[Batch], encode: Encode, backward: Backward, los
     z = torch.cat(cached).detach().float().requires_grad_()  # [A*b, k, d]
     row_valid = _cat([b.row_valid for b in batches], lambda r: torch.ones(r, dtype=torch.bool, device=device), rows)
     ids = _cat([b.ids for b in batches], lambda r: torch.zeros(r, z.shape[1], dtype=torch.long, device=device), rows)
-    loss, masked = loss_fn(z, row_valid, ids)
+    frozen = [_cat([getattr(b, name) for b in batches], _every_chunk, rows) for name in ("guide", "teacher")]
+    loss, masked = loss_fn(z, row_valid, ids, *frozen)
     loss.backward()  # d loss / d z only (z is a leaf); the gather's backward is a collective
     for i, (batch, grad, state) in enumerate(zip(batches, z.grad.split(rows), states, strict=True)):
         set_rng_state(state)

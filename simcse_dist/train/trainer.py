@@ -29,7 +29,8 @@ from simcse_dist.fsutil import WriteFailure, explain, human_bytes
 from simcse_dist.model.encoder import Encoder
 from simcse_dist.model.export import write_best
 from simcse_dist.train.checkpoint import CheckpointManager, read_meta
-from simcse_dist.train.objective import ContrastiveLoss
+from simcse_dist.train.frozen import FrozenModels
+from simcse_dist.train.objective import Objective, ObjectiveSpec
 from simcse_dist.train.preempt import StopRequest
 from simcse_dist.train.rundir import RunLock, check_data, prepare_output_dir
 from simcse_dist.train.sinks import MetricsLogger, truncate_jsonl
@@ -58,14 +59,16 @@ class Trainer:
         self.stop, self._own_stop = stop or StopRequest(check_file=env.is_main), stop is None
         self.out = Path(cfg.train.output_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path), use_fast=True)
-        self.data = InputPipeline(cfg, env, self.tokenizer)
+        online = any(s.loss.guide or (s.loss.distill and s.loss.distill.teacher) for s in cfg.sources())
+        self.frozen = FrozenModels(cfg, self.tokenizer) if online else None
+        self.data = InputPipeline(cfg, env, self.tokenizer, self.frozen.tokenizers if self.frozen else None)
         self.total_steps = 0  # known once setup() has the row counts
         dev = cfg.eval.sts_dev_file
         self.validator = (
             StsValidator(read_pair_file(resolve_path(dev)), cfg.eval.every_steps, cfg.eval.batch_size) if dev else None
         )
         self.ckpt = CheckpointManager(self.out, cfg.checkpoint, env.rank, env.world_size)
-        self.loss_fns: list[ContrastiveLoss] = []  # one per source
+        self.loss_fns: list[Objective] = []  # one per source
         self.encoder: Encoder | None = None
         self.engine: Engine | None = None
         self.window: MetricsWindow | None = None
@@ -94,8 +97,8 @@ class Trainer:
         self.data.setup()
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.data.plan.steps_per_epoch
         self.loss_fns = [
-            ContrastiveLoss(cfg.loss.temperature, cfg.loss.hard_negative_weight, md, env.rank, env.world_size)
-            for md in self.data.mask_duplicates
+            Objective(ObjectiveSpec.of(src.loss, md), env.rank, env.world_size)
+            for src, md in zip(self.data.sources, self.data.mask_duplicates, strict=True)
         ]
         latest = self.ckpt.latest() if cfg.checkpoint.resume else None
         if latest is not None:
@@ -122,6 +125,9 @@ class Trainer:
         self.encoder = Encoder.from_config(cfg.model)
         self.engine = Engine(self.encoder, cfg, env.world_size, self.total_steps, load_universal=universal)
         self.engine.train()  # from_pretrained returns eval mode: dropout (the augmentation) must be on
+        if self.frozen is not None:
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.engine.precision, torch.float32)
+            self.frozen.to(self.engine.device, dtype)
         torch.manual_seed(cfg.train.seed + env.rank)  # each rank draws its own dropout masks
         names = [s.name for s in self.data.sources]
         self.window = MetricsWindow(self.engine.device, names if len(names) > 1 else None)
@@ -186,6 +192,10 @@ class Trainer:
         """Everything of one optimizer step but engine.step(): gradients are complete afterwards."""
         encode = lambda inputs: self.engine(**inputs)  # noqa: E731  [b, k, d], all views in one forward
         loss_fn = self.loss_fns[batches[0].source]  # a step's batches all come from one source
+        if self.frozen is not None:  # the guide's and the teacher's embeddings of the same rows
+            one_text = self.data.sources[batches[0].source].objective == "unsup"
+            for batch in batches:
+                self.frozen.embed(batch, loss_fn.spec.uses_guide, loss_fn.spec.uses_teacher, one_text)
         return forward_backward(batches, encode, self.engine.backward, loss_fn, self.cfg.train.grad_cache)
 
     def train_step(self, batches: list[Batch], stop: StopRequest, step: int, sync: bool = True) -> bool:
@@ -282,9 +292,12 @@ class Trainer:
         }
 
     def _log(self, logger: MetricsLogger, bar, lr: float, step: int) -> None:
-        metrics = self.window.summarize(
-            lr, self.engine.grad_norm(), self.cfg.train.global_batch_size, any(self.data.mask_duplicates)
-        )
+        masking = any(self.data.mask_duplicates) or any(f.spec.uses_guide for f in self.loss_fns)
+        steps = self.window.steps
+        metrics = self.window.summarize(lr, self.engine.grad_norm(), self.cfg.train.global_batch_size, masking)
+        if self.frozen is not None:  # host seconds per step in the frozen models
+            metrics["train/frozen_s_per_step"] = self.frozen.seconds / max(1, steps)
+            self.frozen.seconds = 0.0
         self._log_rows(logger, metrics, step)
         if bar is not None:
             bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")

@@ -19,11 +19,12 @@ from helpers import REPO, SHARED_DATA
 from simcse_dist.cli.eval import main as eval_cli
 from simcse_dist.data.readers import DataError
 from simcse_dist.eval.retrieval import (
+    View,
     build_sts_retrieval_set,
-    cosine_top_k,
     evaluate_retrieval,
     load_retrieval,
     retrieval_metrics,
+    top_k,
 )
 from simcse_dist.model.encoder import quiet_transformers
 from simcse_dist.model.export import export_model
@@ -123,7 +124,7 @@ def test_bad_files_name_file_and_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:  # STS is the only mode without --retrieval / --mteb
         eval_cli(["--model", "x"])
     assert info.value.code == 2
-    assert "--data-dir is required" in capsys.readouterr().err
+    assert "give --data-dir (the STS tasks), --sts-file, --retrieval or --mteb" in capsys.readouterr().err
 
 
 # -- exact top-k ----------------------------------------------------------------------------------
@@ -148,12 +149,12 @@ def test_chunked_top_k_equals_full_sort_with_ties():
     for k in (1, 10, 100):
         expected = _full_sort(queries, corpus, k)
         for chunk, block in ((56, 7), (8, 3), (1, 1), (13, 2), (5, 100)):
-            _, index = cosine_top_k(queries, corpus.split(chunk), k, query_block=block)
+            _, index = top_k(queries, corpus.split(chunk), k, query_block=block)[View()]
             assert index.tolist() == expected, (k, chunk, block)
     # continuous random embeddings: no ties, the plain order
     queries, corpus = torch.randn(9, 16, generator=gen), torch.randn(300, 16, generator=gen)
     expected = _full_sort(queries, corpus, 100)
-    scores, index = cosine_top_k(queries, corpus.split(37), 100, query_block=4)
+    scores, index = top_k(queries, corpus.split(37), 100, query_block=4)[View()]
     assert index.tolist() == expected
     cos = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(corpus, dim=-1).T
     assert torch.allclose(scores, cos.gather(1, index), atol=1e-6)
@@ -199,9 +200,9 @@ def test_minilm_metrics_match_sentence_transformers(tmp_path):
         encoder, tokenizer, _ = load_encoder(model_dir)
     data = load_retrieval(*paths)
     assert len(data.judged_queries) == counts["queries"] - 1  # the query judged only irrelevant is left out
-    ours = evaluate_retrieval(
-        encoder, tokenizer, data, torch.device("cpu"), batch_size=64, corpus_chunk_size=97
-    )  # several chunks, merged
+    ours = evaluate_retrieval(encoder, tokenizer, data, torch.device("cpu"), batch_size=64, corpus_chunk_size=97)[
+        View()
+    ]  # several chunks, merged
     reference = st_reference(model_dir, paths)
     for name in ours:
         assert ours[name] == pytest.approx(reference[name], abs=1e-6), (name, ours, reference)

@@ -337,9 +337,11 @@ def test_missing_tasks_error_when_named_and_skip_under_all(tmp_path, capsys, cap
 
 
 def test_table_format():
-    table = format_table(["STS12", "STSBenchmark", "Avg."], [68.4, 76.85, 72.625])
+    table = format_table(["STS12", "STSBenchmark", "Avg."], [[68.4, 76.85, 72.625]])
     assert table.splitlines()[0] == "STS12 | STSBenchmark |  Avg."
     assert table.splitlines()[2] == "68.40 |        76.85 | 72.62"
+    rows = format_table(["STSb", "Avg."], [[80.0, 80.0], [7.5, 7.5]], ["384", "64"], "dims").splitlines()
+    assert rows[0] == "dims |  STSb |  Avg." and rows[3] == "  64 |  7.50 |  7.50"
 
 
 @needs_data

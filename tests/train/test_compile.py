@@ -18,7 +18,7 @@ from simcse_dist.config import load_config
 from simcse_dist.data.batch import Batch
 from simcse_dist.engine import Engine
 from simcse_dist.model.encoder import Encoder
-from simcse_dist.train.objective import ContrastiveLoss
+from simcse_dist.train.objective import Objective, ObjectiveSpec
 from simcse_dist.train.step import forward_backward
 
 CXX = os.environ.get("CXX") or next((c for c in ("g++", "clang++") if shutil.which(c)), None)
@@ -41,7 +41,7 @@ def train(tiny_bert, compile_: bool, batches: list[Batch]) -> tuple[list[float],
     losses = []
     for batch in batches:
         result = forward_backward(
-            [batch], lambda inputs: engine(**inputs), engine.backward, ContrastiveLoss(0.05), False
+            [batch], lambda inputs: engine(**inputs), engine.backward, Objective(ObjectiveSpec(0.05)), False
         )
         engine.step()
         losses.append(float(result.loss))

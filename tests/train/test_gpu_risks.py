@@ -199,7 +199,7 @@ def _meta_batch(b: int, k: int, padded: bool, with_ids: bool):
 
 @pytest.mark.parametrize("padded,with_ids", [(True, False), (False, True), (True, True)])
 def test_loss_and_grad_cache_make_no_cpu_tensor_for_a_collective(monkeypatch, padded, with_ids):
-    from simcse_dist.train.objective import ContrastiveLoss
+    from simcse_dist.train.objective import Objective, ObjectiveSpec
     from simcse_dist.train.step import accumulate, grad_cache
 
     fake = FakeCollectives(monkeypatch)
@@ -208,7 +208,7 @@ def test_loss_and_grad_cache_make_no_cpu_tensor_for_a_collective(monkeypatch, pa
     def encode(inputs):  # [b, k, L] -> [b, k, d], on the inputs' device
         return inputs["input_ids"].float() @ weight
 
-    loss_fn = ContrastiveLoss(0.05, mask_duplicates=with_ids, rank=1, world_size=2)
+    loss_fn = Objective(ObjectiveSpec(0.05, mask_duplicates=with_ids, rank=1, world_size=2))
     for run in (accumulate, grad_cache):
         # a padded chunk and an unpadded one: grad_cache fills the missing masks itself
         batches = [_meta_batch(3, 3, padded, with_ids), _meta_batch(3, 3, False, False)]

@@ -12,7 +12,7 @@ from reference import reference_simcse_loss
 from torch import nn
 
 from simcse_dist.data.batch import Batch
-from simcse_dist.train.objective import ContrastiveLoss
+from simcse_dist.train.objective import Objective, ObjectiveSpec
 from simcse_dist.train.step import accumulate, grad_cache
 
 TAU, HNW = 0.05, 0.3
@@ -77,7 +77,7 @@ def test_grad_cache_equals_one_batch_on_one_rank(k, dropout):
     reference_simcse_loss(z, TAU, w).backward()
     ref = grads(model)
     torch.manual_seed(5)
-    result = grad_cache(chunks(rows, [4, 4, 4, 4]), model, backward, ContrastiveLoss(TAU, w))
+    result = grad_cache(chunks(rows, [4, 4, 4, 4]), model, backward, Objective(ObjectiveSpec(TAU, w)))
     assert_close(grads(model), ref)
     assert result.loss.item() == pytest.approx(reference_simcse_loss(z, TAU, w).item(), rel=1e-6)
 
@@ -90,16 +90,16 @@ def test_plain_accumulation_takes_negatives_per_micro_step():
     ref = grads(model)
     calls = []
     result = accumulate(
-        parts, model, lambda loss, last: (calls.append(last), loss.backward()), ContrastiveLoss(TAU, HNW)
+        parts, model, lambda loss, last: (calls.append(last), loss.backward()), Objective(ObjectiveSpec(TAU, HNW))
     )
     assert calls == [False, True]
     assert_close(grads(model), ref)
-    whole = grad_cache(parts, model, backward, ContrastiveLoss(TAU, HNW))  # negatives over all 12
+    whole = grad_cache(parts, model, backward, Objective(ObjectiveSpec(TAU, HNW)))  # negatives over all 12
     assert whole.loss.item() != pytest.approx(result.loss.item(), rel=1e-3)
 
 
 def test_masked_loss_equals_the_written_out_formula():
-    """Repeated premises and a hard negative equal to another row's positive: ContrastiveLoss
+    """Repeated premises and a hard negative equal to another row's positive: Objective
     with text ids = the reference that skips those candidates text by text; the count of masked
     pairs is the written-out count."""
     texts = [(f"p{i // 2}", f"e{i}", f"c{i}") for i in range(8)]  # rows 2j, 2j+1 share a premise
@@ -112,7 +112,7 @@ def test_masked_loss_equals_the_written_out_formula():
         ]
     )
     z = torch.randn(8, 3, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    loss, masked = ContrastiveLoss(TAU, HNW, mask_duplicates=True)(z, None, ids)
+    loss, masked = Objective(ObjectiveSpec(TAU, HNW, mask_duplicates=True))(z, None, ids)
     ref = reference_simcse_loss(z, TAU, HNW, texts=texts)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-9)
     expected = sum(
@@ -120,7 +120,7 @@ def test_masked_loss_equals_the_written_out_formula():
     )
     expected += sum(1 for i in range(8) for j in range(8) if texts[j][2] == texts[i][1])
     assert int(masked) == expected == 9
-    unmasked, _ = ContrastiveLoss(TAU, HNW)(z)
+    unmasked, _ = Objective(ObjectiveSpec(TAU, HNW))(z)
     assert abs(unmasked.item() - ref.item()) > 1e-3  # the masks matter here
 
 
@@ -129,5 +129,5 @@ def test_padding_rows_are_left_out_of_loss_and_candidates():
     z = torch.randn(8, 2, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     z[5:] = z[0]  # padding rows are copies of a real example
     valid = torch.arange(8) < 5
-    loss, _ = ContrastiveLoss(TAU)(z, valid, None)
+    loss, _ = Objective(ObjectiveSpec(TAU))(z, valid, None)
     assert loss.item() == pytest.approx(reference_simcse_loss(z[:5], TAU).item(), rel=1e-9)

@@ -81,20 +81,20 @@ def install(calls: list[dict]) -> None:
 
 
 def train(out: Path, overrides: list[str]) -> None:
-    from simcse_dist.train.objective import ContrastiveLoss
+    from simcse_dist.train.objective import Objective
 
     with process_group() as env:
         calls: list[dict] = []
         install(calls)
         padded = []  # real rows of each loss call that had padding on this rank
-        loss_call = ContrastiveLoss.__call__
+        loss_call = Objective.__call__
 
-        def counting(self, z, row_valid=None, ids=None):
+        def counting(self, z, row_valid=None, ids=None, guide=None, teacher=None):
             if row_valid is not None and not bool(row_valid.all()):
                 padded.append(int(row_valid.sum()))
-            return loss_call(self, z, row_valid, ids)
+            return loss_call(self, z, row_valid, ids, guide, teacher)
 
-        ContrastiveLoss.__call__ = counting
+        Objective.__call__ = counting
         run = trainer(env, overrides)
         run.train()
         record = {

@@ -29,8 +29,8 @@ def main() -> int:
             calls = [0]
 
             def wrap(inner):
-                def faulty(z, row_valid=None, ids=None):
-                    loss, masked = inner(z, row_valid, ids)
+                def faulty(z, *side):
+                    loss, masked = inner(z, *side)
                     calls[0] += 1
                     step = calls[0] // self.cfg.train.grad_accum + 1
                     if self.env.rank == args.rank and calls[0] >= args.step:
@@ -39,6 +39,7 @@ def main() -> int:
                         return loss * torch.tensor(float("nan")), masked
                     return loss, masked
 
+                faulty.spec = inner.spec  # what the trainer asks of an objective
                 return faulty
 
             self.loss_fns = [wrap(fn) for fn in self.loss_fns]
