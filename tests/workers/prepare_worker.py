@@ -1,5 +1,5 @@
 """Every rank prepares the inputs named on the command line together (data/prepare.py), each
-into its own cache dir, with --workers tokenizing processes per rank; each rank prints one line
+into its own cache dir, with its --workers tokenizing processes per rank; each rank prints one line
 per input: `rank R: ok <entry> <rows> <built>`, or `rank R: <error type>: <message>` (and
 `rank R read it` where the error was raised by the reader) and exits 3.
 
@@ -20,7 +20,7 @@ def main() -> int:
     p.add_argument("--cache", action="append", required=True, help="one per input")
     p.add_argument("--input", action="append", required=True, help="a spec; a|b|c is a list")
     p.add_argument("--objective", default="unsup")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, action="append", help="per input (default 1)")
     p.add_argument("--unit-bytes", type=int, default=1 << 15)
     p.add_argument("--shard-rows", type=int, default=100)
     p.add_argument("--timeout", type=int, default=120, help="the process group's")
@@ -33,7 +33,7 @@ def main() -> int:
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("bundled:all-MiniLM-L6-v2"))
     with process_group(timeout_s=args.timeout) as env:
-        for spec, cache in zip(args.input, args.cache, strict=True):
+        for spec, cache, workers in zip(args.input, args.cache, args.workers or [1] * len(args.input), strict=True):
             try:
                 corpus = open_or_prepare(
                     spec.split("|") if "|" in spec else spec,
@@ -42,7 +42,7 @@ def main() -> int:
                     tok,
                     32,
                     cache_dir=cache,
-                    workers=args.workers,
+                    workers=workers,
                     shard_rows=args.shard_rows,
                     unit_bytes=args.unit_bytes,
                     every_s=args.every_s or min(2.0, args.timeout / 4),
