@@ -12,8 +12,9 @@ Work units (`plan_units`) depend only on the files and `unit_bytes`, never on ra
 - parquet: consecutive row groups, until their bytes reach `unit_bytes`;
 - gzip (not splittable) and csv (a quoted field may span lines): the whole file.
 Each unit hashes the bytes it covers (the units of a file partition it) in pieces that do not
-depend on `unit_bytes` either: DIGEST_BLOCK-byte blocks of text files, the span of each parquet
-row group, the whole file otherwise. `combine` folds them into a file's and an input's sha256:
+depend on `unit_bytes` either (for any `unit_bytes` of at least DIGEST_BLOCK, as outside tests):
+DIGEST_BLOCK-byte blocks of text files, the span of each parquet row group, the whole file
+otherwise. `combine` folds them into a file's and an input's sha256:
 a file read in one piece gets its own sha256.
 """
 
@@ -32,7 +33,7 @@ from simcse_dist.data.readers import DataError, TrainRows, detect_format
 log = logging.getLogger(__name__)
 
 UNIT_BYTES = 1 << 25  # 32 MiB of text, ~300k rows: ~10 s of one worker's tokenizing
-DIGEST_BLOCK = 1 << 22  # text files are hashed in 4 MiB blocks (the fingerprint does not depend on UNIT_BYTES)
+DIGEST_BLOCK = 1 << 22  # text files are hashed in 4 MiB blocks (smaller units, in tests: in blocks of their size)
 _REMOTE_BLOCK = 1 << 23  # fsspec's read-ahead for object stores: few, large requests
 _GLOB = "*?["
 # what fs.info may give that changes with the content, most specific first
