@@ -143,18 +143,18 @@ def test_a_bad_row_in_the_fifth_file_is_named_on_every_rank(tmp_path):
     assert not [p for p in cache.iterdir() if not p.name.endswith(".lock")]  # no half entry kept
 
 
-def test_ranks_with_unequal_shares_outlast_the_collective_timeout(tmp_path, minilm):
-    """A 3 s process-group timeout; one whole-file unit (gzip) of several seconds and one small
-    file: the rank without work waits in heartbeats. Control: with a heartbeat slower than the
-    timeout the same job fails (the timeout is real)."""
+def test_ranks_with_unequal_shares_outlast_the_collective_timeout(tmp_path):
+    """A 4 s process-group timeout; rank 0's reader stalls 10 s in its unit (a sleep, the same on
+    any machine) while rank 1 is done at once and waits in heartbeats. Control: with a heartbeat
+    slower than the timeout the same job fails (the timeout is real)."""
     (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "a.txt.gz").write_bytes(gzip.compress(("\n".join(sentences(60_000)) + "\n").encode()))
+    (tmp_path / "in" / "a.txt").write_text("\n".join(sentences(300)) + "\n")
     (tmp_path / "in" / "b.txt").write_text("one\ntwo\n")
-    args = ["--input", str(tmp_path / "in"), "--timeout", "3", "--unit-bytes", str(UNIT)]
+    args = ["--input", str(tmp_path / "in"), "--timeout", "4", "--unit-bytes", str(UNIT), "--stall-s", "10"]
     out = run_gloo(WORKER, 2, [*args, "--cache", str(tmp_path / "c1")], timeout=300)
-    assert out.count(": ok ") == 2 and json.loads((entry(tmp_path / "c1") / "build.json").read_text())["seconds"] > 4
+    assert out.count(": ok ") == 2 and json.loads((entry(tmp_path / "c1") / "build.json").read_text())["seconds"] > 10
     with pytest.raises(AssertionError, match="(?i)timeout|timed out"):
-        run_gloo(WORKER, 2, [*args, "--cache", str(tmp_path / "c2"), "--every-s", "10"], timeout=300)
+        run_gloo(WORKER, 2, [*args, "--cache", str(tmp_path / "c2"), "--every-s", "20"], timeout=300)
 
 
 def _free_port() -> int:

@@ -15,6 +15,22 @@ from harness import process_group
 from simcse_dist import distributed as du
 
 
+def stall(seconds: float) -> None:
+    """A rank slower than the collective timeout, on any machine: its reader sleeps once."""
+    import time
+
+    from simcse_dist.data.inputs import UnitReader
+
+    read, slept = UnitReader.__iter__, []
+
+    def slow(self):
+        if not slept:
+            slept.append(time.sleep(seconds))
+        return read(self)
+
+    UnitReader.__iter__ = slow
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--cache", action="append", required=True, help="one per input")
@@ -25,6 +41,7 @@ def main() -> int:
     p.add_argument("--shard-rows", type=int, default=100)
     p.add_argument("--timeout", type=int, default=120, help="the process group's")
     p.add_argument("--every-s", type=float, help="the heartbeat (default: a quarter of the timeout, at most 2 s)")
+    p.add_argument("--stall-s", type=float, default=0.0, help="rank 0 sleeps this long before its first unit's rows")
     args = p.parse_args()
     from transformers import AutoTokenizer
 
@@ -33,6 +50,8 @@ def main() -> int:
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("bundled:all-MiniLM-L6-v2"))
     with process_group(timeout_s=args.timeout) as env:
+        if args.stall_s and env.rank == 0:
+            stall(args.stall_s)
         for spec, cache, workers in zip(args.input, args.cache, args.workers or [1] * len(args.input), strict=True):
             try:
                 corpus = open_or_prepare(
