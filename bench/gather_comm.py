@@ -5,7 +5,7 @@
 
 Each configuration starts N CPU processes (gloo over loopback) and times, median over
 --iters iterations after a warm-up, with a barrier before each:
-- `simcse_dist.train.gather.gather_candidates(z)` forward, for z [b, k, d] with requires_grad;
+- `simcse_dist.train.gather.gather_with_grad(z[:, 1:])` forward (what the objective gathers), for z [b, k, d] with requires_grad;
 - the same forward + backward (the all-gather's backward is a reduce-scatter, emulated on
   gloo with all_to_all): what one training step pays for exact global-batch negatives;
 - `dist.all_reduce` of a flat fp32 buffer as large as the model's gradients, the collective
@@ -64,7 +64,7 @@ def _worker(rank: int, world: int, port: int, iters: int, warmup: int, allreduce
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from simcse_dist.train.gather import gather_candidates
+    from simcse_dist.train.gather import gather_with_grad
 
     rows = []
     for name, b, k, d, params in SHAPES:
@@ -72,11 +72,11 @@ def _worker(rank: int, world: int, port: int, iters: int, warmup: int, allreduce
         z = torch.randn(b, k, d, requires_grad=True)
 
         def fwd(z=z):
-            gather_candidates(z)
+            gather_with_grad(z[:, 1:])
 
         def fwd_bwd(z=z):
-            anchors, candidates = gather_candidates(z)
-            (anchors.sum() + candidates.square().sum()).backward()
+            candidates = gather_with_grad(z[:, 1:])
+            (z[:, 0].sum() + candidates.square().sum()).backward()
             z.grad = None
 
         row = {

@@ -129,6 +129,7 @@ def train_run(
         "wall_s": round(time.time() - t0, 1),
         "tail": tail,
         "dir": str(out),
+        "last": next((r for r in reversed(rows) if "train/loss" in r), {}),
     }
     if probe and Path(str(out) + ".probe.json").exists():
         result["probe"] = json.loads(Path(str(out) + ".probe.json").read_text())
@@ -510,7 +511,42 @@ def correctness_jobs(plan: dict) -> dict:
         ),
         "pipeline": lambda: train_run(plan, "pipeline", ["data.num_workers=2", "engine.precision=fp32"], probe=True),
     }
+    for name, extra in OBJECTIVES.items():  # the guide and the teacher: the trained model itself, frozen
+        jobs[f"obj-{name}"] = lambda name=name, extra=extra: train_run(
+            plan,
+            f"obj-{name}",
+            [
+                f"engine.precision={'bf16' if plan['device'] == 'cuda' else 'fp32'}",
+                "engine.zero_stage=2",
+                "model.pooler=avg",
+            ]
+            + [x.format(model=plan["model"], dims="[32,16]" if plan["dry"] else "[384,64,32]") for x in extra],
+        )
     return jobs
+
+
+OBJECTIVES = {
+    "plain": [],
+    "matryoshka": ["loss.matryoshka_dims={dims}"],
+    "guide": ["loss.guide={{model: {model}, margin: 0.0}}"],
+    "distill": ["loss.distill={{teacher: {model}, weight: 1.0}}"],
+}
+"""simcse-train overrides per objective row: time per step and the frozen models' time and memory."""
+
+
+def objective_check(plan: dict, r: dict, name: str) -> dict:
+    """One objective's row: it trained, and what it cost (the frozen models' line names their memory)."""
+    bad = ran(r, plan["steps"])
+    frozen = [ln.strip() for ln in r.get("tail", "").splitlines() if "frozen;" in ln]
+    last = r.get("last", {})
+    nums = {
+        "sentences_per_s": last.get("train/sentences_per_s"),
+        "frozen_s_per_step": last.get("train/frozen_s_per_step"),
+        "wall_s": r["wall_s"],
+        "frozen_models": frozen,
+    }
+    ok = bad is None and all(math.isfinite(x) for x in r["losses"])
+    return check(f"objective {name}", ok, "trains the steps with finite losses", nums, bad or "")
 
 
 def throughput_job(plan: dict) -> tuple[int, str, list[dict], dict]:
@@ -623,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     result["sections"]["correctness"] = {"checks": correctness, "wall_s": round(t_correct, 1)}
     result["sections"]["pipeline"] = {"checks": [pipeline_check(plan, runs["pipeline"])]}
+    result["sections"]["objectives"] = {"checks": [objective_check(plan, runs[f"obj-{n}"], n) for n in OBJECTIVES]}
     # the throughput runs alone, after everything else (timings); what is done is written first
     result["sections"]["throughput"] = {
         "checks": [

@@ -62,9 +62,17 @@ class ModelConfig:
     """Overrides hidden and attention dropout (0 allowed); None keeps the checkpoint's values (0.1 for BERT)."""
     attn_implementation: str | None = None
     """Passed to from_pretrained (e.g. sdpa, eager); None lets transformers choose."""
+    include_prompt: bool = True
+    """Whether a prompt's tokens (data.prompt) count in mean pooling; false leaves them out, as
+    sentence-transformers' Pooling(include_prompt=False) does (avg pooler only)."""
 
     def __post_init__(self) -> None:
         self.pooler = canonical_pooler(self.pooler)
+        _require(
+            self.include_prompt or self.pooler == "avg",
+            "model.include_prompt",
+            f"false needs model.pooler avg (the pooler is {self.pooler}: its vector is not a mean over tokens)",
+        )
         if self.dropout is not None:
             _require(0 <= self.dropout < 1, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         _require(bool(self.name_or_path), "model.name_or_path", "must not be empty")
@@ -87,6 +95,8 @@ class SourceConfig:
     loss: dict[str, Any] = field(default_factory=dict)
     """Keys of the loss: section that this source overrides (e.g. {temperature: 0.1} or
     {distill: {embeddings: teacher-b.npy}}); the rest come from loss:."""
+    prompt: str | dict[str, str] | None = None
+    """As data.prompt, for this source."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path) and all(self.path), "data.sources.path", "is required (a path, URL or list)")
@@ -107,6 +117,27 @@ class Source:
     objective: str
     format: str | None
     loss: LossConfig
+    prompts: tuple[str, str] = ("", "")
+    """(query, document): prepended to column 0 and to the other columns before tokenizing."""
+
+
+def _prompts(prompt: str | dict[str, str] | None, field: str, objective: str) -> tuple[str, str]:
+    """data.prompt / data.sources[i].prompt -> (query, document)."""
+    if prompt is None:
+        return ("", "")
+    if isinstance(prompt, str):
+        return (prompt, prompt)
+    unknown = sorted(set(prompt) - {"query", "document"})
+    _require(not unknown, field, f"unknown key {', '.join(unknown)}: expected query and/or document")
+    for key, value in prompt.items():
+        _require(isinstance(value, str), f"{field}.{key}", f"expected a string, got {value!r}")
+    pair = (prompt.get("query", ""), prompt.get("document", ""))
+    _require(
+        objective == "sup" or pair[0] == pair[1],
+        field,
+        "unsup trains two dropout views of one text: give one prompt string (or equal query and document)",
+    )
+    return pair
 
 
 @dataclass(kw_only=True, slots=True)
@@ -122,6 +153,10 @@ class DataConfig:
     weight's share of an epoch's steps. An epoch has as many steps as one pass over every source."""
     format: DataFormat | None = None
     """txt | csv | tsv | jsonl | parquet; None detects it from the file extension."""
+    prompt: str | dict[str, str] | None = None
+    """Text prepended to every example before tokenizing (E5/BGE style): one string for every
+    column, or {query: ..., document: ...} for column 0 (the anchor) and the others (positive,
+    hard negative). Saved into the export as sentence-transformers' prompts."""
     max_seq_len: int = 32
     """Truncation length in tokens; batches are padded dynamically, never to this length."""
     shuffle: bool = True
@@ -393,18 +428,43 @@ class Config:
     def sources(self) -> list[Source]:
         """The training sources, resolved: data.train_file is the one-source shorthand."""
         d = self.data
-        given = d.sources or ([SourceConfig(path=d.train_file, format=d.format)] if d.train_file else [])
+        given = d.sources or (
+            [SourceConfig(path=d.train_file, format=d.format, prompt=d.prompt)] if d.train_file else []
+        )
         out = []
         for i, s in enumerate(given):
             name = s.name or _default_name(s.path) or f"source{i}"
+            where = f"data.sources[{i}]" if d.sources else "data"
             loss = self.loss
             if s.loss:
-                loss = build(LossConfig, merge_dicts(dataclasses.asdict(self.loss), s.loss), f"data.sources[{i}].loss")
-            out.append(Source(name, s.path, s.weight, s.objective or self.train.objective, s.format or d.format, loss))
+                loss = build(LossConfig, merge_dicts(dataclasses.asdict(self.loss), s.loss), f"{where}.loss")
+            objective = s.objective or self.train.objective
+            prompts = _prompts(s.prompt, f"{where}.prompt", objective)
+            out.append(Source(name, s.path, s.weight, objective, s.format or d.format, loss, prompts))
         names = [s.name for s in out]
         dup = next((n for n in names if names.count(n) > 1), None)
         _require(dup is None, "data.sources", f"two sources are named {dup!r}: give each a distinct name")
         return out
+
+    def serving(self) -> dict[str, Any]:
+        """What an exported model records for its users: the prompts by name (`query` /
+        `document` when every source agrees, else `<source>-query` / `<source>-document`), the
+        default prompt, whether prompts count in pooling, and the Matryoshka dims."""
+        sources = self.sources()
+        distinct = {s.prompts for s in sources}
+        prompts: dict[str, str] = {}
+        if len(distinct) == 1:
+            query, document = distinct.pop()
+            prompts = {k: v for k, v in (("query", query), ("document", document)) if v}
+        else:
+            for s in sources:
+                prompts.update({f"{s.name}-{k}": v for k, v in zip(("query", "document"), s.prompts, strict=True) if v})
+        return {
+            "prompts": prompts,
+            "default_prompt_name": "query" if "query" in prompts else None,
+            "include_prompt": self.model.include_prompt,
+            "matryoshka_dims": sorted({d for s in sources for d in s.loss.matryoshka_dims}, reverse=True),
+        }
 
     def micro_batch_size(self, world_size: int) -> int:
         return self.train.global_batch_size // (world_size * self.train.grad_accum)

@@ -145,6 +145,17 @@ def _eval_parser() -> argparse.ArgumentParser:
         help="comma-separated embedding sizes, e.g. 768,256,64: every STS and retrieval metric on the first d "
         "coordinates (renormalised), as sentence-transformers' truncate_dim (Matryoshka models)",
     )
+    p.add_argument(
+        "--prompt",
+        metavar="NAME",
+        help="a prompt the model saved (config_sentence_transformers.json), prepended to every STS sentence and "
+        "retrieval query; default: its default_prompt_name, as sentence-transformers; '' for none",
+    )
+    p.add_argument(
+        "--corpus-prompt",
+        metavar="NAME",
+        help="retrieval: the saved prompt prepended to the documents; default: the one of --prompt",
+    )
     p.add_argument("--batch-size", type=int, default=128, help="sentences per forward per rank")
     p.add_argument("--max-length", type=int, default=512, help="truncation in tokens (capped by the model)")
     p.add_argument(
@@ -215,6 +226,18 @@ def main(argv: list[str] | None = None) -> int:
             f"model {meta['path']}: pooler {meta['pooler']}{' + MLP' if encoder.uses_mlp else ''}, "
             f"{dtype_name}, {env.world_size} rank(s), device {device}"
         )
+        saved = meta.get("prompts", {})
+        prompts = []
+        for flag, name in (("--prompt", args.prompt), ("--corpus-prompt", args.corpus_prompt)):
+            name = (prompts[0][0] if prompts else meta.get("default_prompt_name")) if name is None else name
+            if name and name not in saved:
+                return fail(f"{flag}: {meta['path']} has no prompt {name!r} (it has: {', '.join(saved) or 'none'})")
+            prompts.append((name, saved.get(name, "") if name else ""))
+        (query_name, query_prompt), (corpus_name, corpus_prompt) = prompts
+        if query_prompt or corpus_prompt:
+            log.info(
+                f"prompts: {query_name or 'none'} {query_prompt!r}, corpus {corpus_name or 'none'} {corpus_prompt!r}"
+            )
         size = encoder.embedding_dim
         too_large = [d for d in dims if d > size]
         if too_large:
@@ -235,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.batch_size,
                 max_length,
                 show_progress=progress,
+                prompt=query_prompt,
             )
             for d in sizes:  # cosine renormalises the first d coordinates
                 sts[d][task] = 100 * sts_correlation(e1[:, :d], e2[:, :d], pairs.scores)
@@ -268,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.corpus_chunk_size,
                     show_progress=progress,
                     views=views,
+                    query_prompt=query_prompt,
+                    corpus_prompt=corpus_prompt,
                 )
             except RuntimeError as e:  # an optional library missing: named by the message
                 return fail(str(e))

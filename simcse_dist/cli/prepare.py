@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                 workers=workers,
                 progress=True,
                 every_s=min(2.0, cfg.engine.dist_timeout_s / 4),
+                prompts=s.prompts,
             )
             m, sec = corpus.manifest, time.perf_counter() - t0
             how = (

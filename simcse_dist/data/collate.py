@@ -16,6 +16,15 @@ from simcse_dist.data.corpus import PreparedCorpus
 from simcse_dist.data.readers import Example
 
 
+def prompt_length(tokenizer, prompt: str) -> int:
+    """Tokens a prompt contributes to `tokenizer(prompt + text)`: the prompt tokenized alone,
+    less a trailing special token (sentence-transformers' rule for include_prompt=False)."""
+    if not prompt:
+        return 0
+    ids = tokenizer(prompt)["input_ids"]
+    return len(ids) - int(bool(ids) and ids[-1] in tokenizer.all_special_ids)
+
+
 class Collator:
     """Examples -> {input_ids, attention_mask[, token_type_ids]} of shape [b, k, L].
 
@@ -24,17 +33,19 @@ class Collator:
     differ only by dropout. Supervised examples give k = 2 (pairs) or 3 (with hard negative).
     """
 
-    def __init__(self, tokenizer, max_seq_len: int, objective: str) -> None:
+    def __init__(self, tokenizer, max_seq_len: int, objective: str, prompts: tuple[str, str] = ("", "")) -> None:
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.objective = objective
+        self.prompts = prompts  # (query, document): column 0, the other columns
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        b = len(examples)
+        b, (query, document) = len(examples), self.prompts
         if self.objective == "unsup":
-            k, texts = 2, [ex[0] for ex in examples]
+            k, texts = 2, [query + ex[0] for ex in examples]
         else:
-            k, texts = len(examples[0]), [s for ex in examples for s in ex]
+            k = len(examples[0])
+            texts = [(query if c == 0 else document) + s for ex in examples for c, s in enumerate(ex)]
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_seq_len, return_tensors="pt")
         batch = {}
         for key in ("input_ids", "attention_mask", "token_type_ids"):

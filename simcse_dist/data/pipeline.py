@@ -17,7 +17,7 @@ import torch
 from simcse_dist import distributed as du
 from simcse_dist.config import Config, ConfigError, Source
 from simcse_dist.data.batch import Batch
-from simcse_dist.data.collate import CorpusCollator
+from simcse_dist.data.collate import CorpusCollator, prompt_length
 from simcse_dist.data.corpus import PreparedCorpus
 from simcse_dist.data.inputs import describe
 from simcse_dist.data.prepare import default_workers, open_or_prepare
@@ -38,6 +38,7 @@ class InputPipeline:
         self.teacher_embeddings: list[np.ndarray | None] = []  # per source: precomputed [rows, (k,) d]
         self.views: list[int] = []  # k per source: 2 (unsup, pairs) or 3 (triplets)
         self.mask_duplicates: list[bool] = []
+        self.prompt_lengths: list[dict[str, torch.Tensor] | None] = []  # per source: {"" (student) | frozen: [k]}
         self.plan: BatchPlan | None = None
         self.sampler: GlobalBatchSampler | None = None
 
@@ -55,6 +56,7 @@ class InputPipeline:
             workers=cfg.data.prepare_workers or default_workers(),
             progress=True,
             every_s=min(2.0, cfg.engine.dist_timeout_s / 4),
+            prompts=src.prompts,
         )
 
     def setup(self) -> None:
@@ -76,6 +78,7 @@ class InputPipeline:
             )
             self.teacher_embeddings.append(self._teacher_embeddings(i, src, corpus))
             self.views.append(k)
+            self.prompt_lengths.append(self._prompt_lengths(src, k))
             self.mask_duplicates.append((src.objective == "sup") if md is None else md)
         self.plan = BatchPlan(
             tuple(c.num_rows for c in self.corpora),
@@ -150,11 +153,27 @@ class InputPipeline:
             ids = torch.from_numpy(np.ascontiguousarray(hashes[:, columns]))
         tokens = int(inputs["attention_mask"].numpy().sum())  # a CPU tensor: no device sync
         frozen = {name: collate(mb.indices) for name, collate in self.frozen_collators[mb.source].items()}
+        if (lengths := self.prompt_lengths[mb.source]) is not None:  # each encoder decides whether to use them
+            b = len(mb.indices)
+            inputs["prompt_lengths"] = lengths[""].expand(b, -1).contiguous()
+            for name in frozen:
+                frozen[name]["prompt_lengths"] = lengths[name].expand(b, -1).contiguous()
         teacher = None
         if (table := self.teacher_embeddings[mb.source]) is not None:
             rows = torch.from_numpy(np.asarray(table[np.asarray(mb.indices)], dtype=np.float32))
             teacher = rows.unsqueeze(1).expand(-1, self.views[mb.source], -1) if rows.ndim == 2 else rows
         return Batch(inputs, row_valid, ids, tokens, mb.source, frozen, teacher=teacher)
+
+    def _prompt_lengths(self, src: Source, k: int) -> dict[str, torch.Tensor] | None:
+        """[k] prompt tokens per view, for the student's tokenizer ("") and each frozen one."""
+        if not any(src.prompts):
+            return None
+        views = [src.prompts[0]] * 2 if src.objective == "unsup" else [src.prompts[min(c, 1)] for c in range(k)]
+        tokenizers = {"": self.tokenizer, **self.frozen_tokenizers}
+        return {
+            name: torch.tensor([prompt_length(tok, p) for p in views], dtype=torch.long)
+            for name, tok in tokenizers.items()
+        }
 
     def _teacher_embeddings(self, i: int, src: Source, corpus: PreparedCorpus) -> np.ndarray | None:
         """A source's precomputed teacher embeddings (loss.distill.embeddings), memory-mapped and

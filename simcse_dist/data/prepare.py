@@ -14,7 +14,7 @@ any number of ranks and workers (the timing goes to build.json).
 
 Entry `<root>/<input name>.<key[:20]>/`, key = sha256 of each file's identity (resolved path or
 URL), size and version (mtime, or the store's etag), the format version, the columns kept, the
-tokenizer fingerprint and max_seq_len: a hit reads no file.
+tokenizer fingerprint, max_seq_len and the prompts (when any): a hit reads no file.
 
     manifest.json                  written last: what was read (per file: size, version, sha256),
                                    shards in row order, totals
@@ -107,7 +107,9 @@ def _identity(f: InputFile) -> str:
     return os.path.realpath(f.url) if f.local else f.url
 
 
-def corpus_key(files: Sequence[InputFile], objective: str, tokenizer, max_seq_len: int) -> tuple[str, dict]:
+def corpus_key(
+    files: Sequence[InputFile], objective: str, tokenizer, max_seq_len: int, prompts: tuple[str, str] = ("", "")
+) -> tuple[str, dict]:
     """(sha256 key, its ingredients): from the files' metadata, never their content."""
     if objective not in ("unsup", "sup"):
         raise ValueError(f"objective must be unsup or sup, got {objective!r}")
@@ -118,6 +120,8 @@ def corpus_key(files: Sequence[InputFile], objective: str, tokenizer, max_seq_le
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "max_seq_len": max_seq_len,
     }
+    if any(prompts):  # absent otherwise: corpora prepared without prompts keep their keys
+        parts["prompts"] = list(prompts)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest(), parts
 
 
@@ -191,11 +195,13 @@ def _done_units(partial: Path, units: list[Unit]) -> set[int]:
     return done
 
 
-def _begin(spec, fmt, objective, tokenizer, max_seq_len, cache_dir, shard_rows, unit_bytes, workers, held, tick):
+def _begin(
+    spec, fmt, objective, tokenizer, max_seq_len, prompts, cache_dir, shard_rows, unit_bytes, workers, held, tick
+):
     """Rank 0: the inputs, the key, and the entry: a hit, or a plan (the entry locked in `held`)."""
     t0 = time.time()
     files = resolve_inputs(spec, fmt)
-    key, parts = corpus_key(files, objective, tokenizer, max_seq_len)
+    key, parts = corpus_key(files, objective, tokenizer, max_seq_len, prompts)
     entry = default_cache_root(local_anchor(spec), cache_dir) / f"{_entry_name(spec)}.{key[:20]}"
     began = {"entry": str(entry), "key": key, "state": "hit"}
     if (entry / "manifest.json").is_file():
@@ -234,7 +240,7 @@ def _begin(spec, fmt, objective, tokenizer, max_seq_len, cache_dir, shard_rows, 
         1 for p in (partial / "shards").iterdir() if (m := _SHARD_RE.fullmatch(p.name)) and int(m[1]) not in done
     )
     reused = f", {len(done)} unit(s) and {kept} more shard(s) reused" if done or kept else ""
-    w = workers if tokenizer_spec(tokenizer, max_seq_len)["backend"] is not None else 1
+    w = workers if tokenizer_spec(tokenizer, max_seq_len, prompts)["backend"] is not None else 1
     formats = sorted({f.format for f in files})
     log.info(
         f"preparing {_entry_name(spec)}: {', '.join(formats)}, {objective} "
@@ -274,7 +280,7 @@ def _work(team: du.Team, partial: Path, plan: dict, objective: str, tokenizer, w
     units = [Unit.from_json(u) for u in plan["units"]]
     shards, me = partial / "shards", du.rank()
     mine = [u for u, r in enumerate(plan["owners"]) if r == me]
-    max_seq_len, shard_rows = plan["parts"]["max_seq_len"], plan["shard_rows"]
+    max_seq_len, shard_rows, prompts = plan["parts"]["max_seq_len"], plan["shard_rows"], plan["parts"].get("prompts")
     bar = logs.progress(progress, desc=f"preparing ({du.world_size()} rank(s))", unit=" rows")
     units_state: dict[int, dict] = {}  # unit -> {"shards": {k: summary}, "count": shards once read, ...}
 
@@ -292,7 +298,8 @@ def _work(team: du.Team, partial: Path, plan: dict, objective: str, tokenizer, w
             del units_state[u]
 
     try:
-        with ShardWriter(shards, tokenizer, max_seq_len, workers, partial / f"tokenizer-spec-{me}.json") as writer:
+        spec_file = partial / f"tokenizer-spec-{me}.json"
+        with ShardWriter(shards, tokenizer, max_seq_len, workers, spec_file, prompts) as writer:
             pending: dict = {}  # future -> (unit, shard); at most `workers` chunks in flight
 
             def collect(until: int) -> None:
@@ -460,6 +467,7 @@ def open_or_prepare(
     cache_dir: str | os.PathLike | None = None,
     workers: int = 1,
     progress: bool = False,
+    prompts: tuple[str, str] = ("", ""),
     shard_rows: int = SHARD_ROWS,
     unit_bytes: int = UNIT_BYTES,
     every_s: float = 2.0,
@@ -471,7 +479,8 @@ def open_or_prepare(
     collective: every rank calls this with the same arguments (without a process group, this
     process is the only rank). `workers` > 1 tokenizes in that many processes per rank;
     `progress` shows rank 0 a bar of every rank's rows (logs.progress); a build logs a line at
-    its start and its end. No collective waits longer than about `every_s` for a peer (keep it
+    its start and its end; `prompts` (query, document) are prepended to column 0 and to the
+    other columns before tokenizing. No collective waits longer than about `every_s` for a peer (keep it
     well under the process group's timeout). Processes that build the same entry at once take
     turns (a file lock): the second finds it built. The result's `built` tells whether this
     call built it.
@@ -487,7 +496,7 @@ def open_or_prepare(
         )
     workers = max(1, workers)
     with contextlib.ExitStack() as held:
-        args = (path, fmt, objective, tokenizer, max_seq_len, cache_dir, shard_rows, unit_bytes, workers, held)
+        args = (path, fmt, objective, tokenizer, max_seq_len, prompts, cache_dir, shard_rows, unit_bytes, workers, held)
         began = du.broadcast_from_main(du.main_first(lambda tick: _begin(*args, tick), every_s))
         entry = Path(began["entry"])
         if began["state"] == "build":

@@ -47,8 +47,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def tokenizer_spec(tokenizer, max_seq_len: int) -> dict:
-    """What a worker needs to tokenize exactly as `tokenizer(text, truncation=True, max_length=L)`."""
+def tokenizer_spec(tokenizer, max_seq_len: int, prompts: list[str] | None = None) -> dict:
+    """What a worker needs to tokenize exactly as `tokenizer(prompt + text, truncation=True,
+    max_length=L)`; prompts: (query, document), for column 0 and the other columns."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     probe = tokenizer("x", truncation=True, max_length=max_seq_len)
     return {
@@ -57,6 +58,7 @@ def tokenizer_spec(tokenizer, max_seq_len: int) -> dict:
         "truncation_side": tokenizer.truncation_side,
         "want_types": "token_type_ids" in probe,
         "id_dtype": "uint16" if len(tokenizer) <= 65536 else "int32",
+        "prompts": list(prompts or ("", "")),
     }
 
 
@@ -106,8 +108,11 @@ def write_shard(shards: Path, name: str, columns: list[list[str]], encode: TextE
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     tokens, hashes, blake = [], np.empty((len(columns[0]), len(columns)), dtype=np.int64), hashlib.blake2b
+    prompts = encode.spec["prompts"]
     for c, texts in enumerate(columns):
-        ids, lengths, types = encode(texts)
+        # tokenized with the prompt, as sentence-transformers tokenizes prompt + text; hashed without
+        prompt = prompts[min(c, 1)]
+        ids, lengths, types = encode([prompt + t for t in texts] if prompt else texts)
         offsets = np.zeros(len(texts) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         np.save(tmp / f"ids_{c}.npy", ids)
@@ -157,8 +162,8 @@ class ShardWriter:
     that dies while it starts cannot block its parent's write. A context manager: leaving it
     lets the shards in flight finish (seconds) and starts nothing new."""
 
-    def __init__(self, shards: Path, tokenizer, max_seq_len: int, workers: int, spec_file: Path) -> None:
-        self.shards, self.spec = shards, tokenizer_spec(tokenizer, max_seq_len)
+    def __init__(self, shards: Path, tokenizer, max_seq_len: int, workers: int, spec_file: Path, prompts=None) -> None:
+        self.shards, self.spec = shards, tokenizer_spec(tokenizer, max_seq_len, prompts)
         self.workers = workers if self.spec["backend"] is not None else 1
         self._encode = TextEncoder(self.spec, tokenizer) if self.workers <= 1 else None
         self._pool = None

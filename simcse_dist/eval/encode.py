@@ -23,15 +23,20 @@ def encode(
     batch_size: int = 128,
     max_length: int = 512,
     show_progress: bool = False,
+    prompt: str = "",
 ) -> torch.Tensor:
-    """Embeddings [n, d] (fp32, CPU) of `sentences`, identical on every rank.
+    """Embeddings [n, d] (fp32, CPU) of `sentences`, identical on every rank; `prompt` is
+    prepended to each (its length goes to the encoder, which may leave it out of pooling).
 
     Sentences are sorted by length and batched (little padding); under a launcher each rank
     encodes an equal share and the shares are gathered. Every rank runs the same number of
     forwards, which ZeRO-3 needs (its parameter all-gathers are collectives).
     collective: every rank calls this with the same sentences.
     """
+    from simcse_dist.data.collate import prompt_length
+
     n, world, rank = len(sentences), du.world_size(), du.rank()
+    prompt_tokens = prompt_length(tokenizer, prompt)
     order = sorted(range(n), key=lambda i: len(sentences[i]), reverse=True)
     per_rank = math.ceil(n / world)
     mine = order[rank::world]
@@ -40,9 +45,11 @@ def encode(
     batches = range(0, per_rank, batch_size)
     bar = logs.progress(show_progress, total=len(batches), desc="encode", leave=False)
     for start in batches:
-        texts = [sentences[i] for i in mine[start : start + batch_size]]
+        texts = [prompt + sentences[i] for i in mine[start : start + batch_size]]
         enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        if prompt_tokens:
+            enc["prompt_lengths"] = torch.full((len(texts),), prompt_tokens, device=device)
         chunks.append(forward(**enc).float())
         if bar is not None:
             bar.update(1)
@@ -66,11 +73,12 @@ def pair_embeddings(
     batch_size: int = 128,
     max_length: int = 512,
     show_progress: bool = False,
+    prompt: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings [n, d] of both sides of n pairs. Each distinct sentence is encoded once (STS
     sets repeat many), so the cost is that of the unique sentences.
     collective: every rank calls this with the same sentences."""
     unique = list(dict.fromkeys([*sentences1, *sentences2]))
     row = {s: i for i, s in enumerate(unique)}
-    emb = encode(forward, tokenizer, unique, device, batch_size, max_length, show_progress)
+    emb = encode(forward, tokenizer, unique, device, batch_size, max_length, show_progress, prompt)
     return emb[[row[s] for s in sentences1]], emb[[row[s] for s in sentences2]]

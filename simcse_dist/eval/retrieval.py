@@ -289,21 +289,24 @@ def evaluate_retrieval(
     corpus_chunk_size: int = 50_000,
     show_progress: bool = False,
     views: Sequence[View] = (View(),),
+    query_prompt: str = "",
+    corpus_prompt: str = "",
 ) -> dict[View, dict[str, float]]:
-    """The four metrics (fractions) of `forward` on `data` under each view. The queries, then the
+    """The four metrics (fractions) of `forward` on `data` under each view, the prompts
+    prepended to the queries and to the documents. The queries, then the
     corpus one chunk at a time, are encoded once (eval/encode.py: each rank encodes a share, the
     shares are gathered); every rank then ranks all queries against the chunk under every view,
     so all ranks hold the same result. collective: every rank calls this with the same data."""
     qids = data.judged_queries
     query_emb = encode(
-        forward, tokenizer, [data.queries[q] for q in qids], device, batch_size, max_length, show_progress
+        forward, tokenizer, [data.queries[q] for q in qids], device, batch_size, max_length, show_progress, query_prompt
     )
     docids = sorted(data.corpus)  # string order: equal scores then rank by docid, as sentence-transformers
 
     def chunks() -> Iterator[torch.Tensor]:
         for start in range(0, len(docids), corpus_chunk_size):
             texts = [data.corpus[d] for d in docids[start : start + corpus_chunk_size]]
-            yield encode(forward, tokenizer, texts, device, batch_size, max_length, show_progress)
+            yield encode(forward, tokenizer, texts, device, batch_size, max_length, show_progress, corpus_prompt)
 
     results = {}
     for view, (_, index) in top_k(query_emb, chunks(), DEPTH, views).items():

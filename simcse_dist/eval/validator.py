@@ -10,9 +10,9 @@ class StsValidator:
     """STS dev evaluation during training: decides when (every eval.every_steps and at the end),
     scores, and remembers the best score and its step (a checkpointed part)."""
 
-    def __init__(self, pairs, every_steps: int, batch_size: int) -> None:
-        """pairs: sts.StsData."""
-        self.pairs, self.every_steps, self.batch_size = pairs, every_steps, batch_size
+    def __init__(self, pairs, every_steps: int, batch_size: int, prompt: str = "") -> None:
+        """pairs: sts.StsData; prompt: the model's default prompt (as simcse-eval applies it)."""
+        self.pairs, self.every_steps, self.batch_size, self.prompt = pairs, every_steps, batch_size, prompt
         self.best_score: float | None = None
         self.best_step: int | None = None
 
@@ -23,7 +23,7 @@ class StsValidator:
         """(eval/* metrics, whether this is a new best). collective: every rank."""
         engine.eval()
         s1, s2, gold = self.pairs.sentences1, self.pairs.sentences2, self.pairs.scores
-        e1, e2 = pair_embeddings(engine, tokenizer, s1, s2, engine.device, self.batch_size)
+        e1, e2 = pair_embeddings(engine, tokenizer, s1, s2, engine.device, self.batch_size, prompt=self.prompt)
         engine.train()
         score = sts_correlation(e1, e2, gold)
         metrics = {"eval/stsb_spearman": score}

@@ -205,6 +205,38 @@ def best_info_scores(info: dict) -> tuple[dict[str, float] | None, str]:
     return {"STS-B dev Spearman x 100": 100 * score}, f"STS-B dev at step {info.get('step')}: {_SELECTED_ON_DEV}"
 
 
+def _serving_lines(model_dir: Path, pooling: dict) -> list[str]:
+    """The Matryoshka dims and the prompts the model was trained with, and how to use them."""
+    lines = []
+    if dims := pooling.get("matryoshka_dims"):
+        lines += [
+            f"Matryoshka embeddings: trained so that the first {', '.join(map(str, dims))} coordinates each "
+            f"work as an embedding; load a truncated model with "
+            f"`SentenceTransformer(path, truncate_dim={dims[-1]})` (`simcse-eval --dims` scores each size).",
+            "",
+        ]
+    st_file = model_dir / "config_sentence_transformers.json"
+    st = json.loads(st_file.read_text()) if st_file.is_file() else {}
+    prompts = {k: v for k, v in (st.get("prompts") or {}).items() if v}
+    if prompts:
+        default = st.get("default_prompt_name")
+        shown = "; ".join(f"`{name}`: `{text!r}`" for name, text in prompts.items())
+        lines += [
+            f"Prompts (prepended to the text before tokenizing): {shown}"
+            + (f"; `{default}` by default" if default else "")
+            + ". Pass another with `model.encode(texts, prompt_name=...)`."
+            + ("" if _include_prompt(model_dir) else " The prompt's tokens are left out of mean pooling."),
+            "",
+        ]
+    return lines
+
+
+def _include_prompt(model_dir: Path) -> bool:
+    for pooling in model_dir.glob("[0-9]_Pooling/config.json"):
+        return json.loads(pooling.read_text()).get("include_prompt", True)
+    return True
+
+
 def write_model_card(
     model_dir: Path,
     *,
@@ -244,6 +276,7 @@ def write_model_card(
         f"{f' from `{base_id or _public(base)}`' if base else ''}. Sentence embedding: pooler `{pooling['pooler']}`{mlp}, "
         "compared by cosine similarity.",
         "",
+        *_serving_lines(model_dir, pooling),
     ]
     if config:
         lines += [

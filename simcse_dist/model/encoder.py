@@ -68,11 +68,12 @@ class Encoder(nn.Module):
     `mlp_only_train`. Leading dims are flattened so all views go through one forward pass.
     """
 
-    def __init__(self, backbone: nn.Module, pooler: str, mlp_only_train: bool) -> None:
+    def __init__(self, backbone: nn.Module, pooler: str, mlp_only_train: bool, include_prompt: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
         self.pooler = pooler
         self.mlp_only_train = mlp_only_train
+        self.include_prompt = include_prompt  # False: a prompt's tokens are left out of the mean
         hidden = backbone.config.hidden_size
         std = getattr(backbone.config, "initializer_range", 0.02)
         self.mlp = MLPHead(hidden, std) if pooler == "cls" else None
@@ -92,7 +93,7 @@ class Encoder(nn.Module):
         kwargs = {"config": hf_config}
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
-        return cls(load_backbone(path, cfg.pooler, **kwargs), cfg.pooler, cfg.mlp_only_train)
+        return cls(load_backbone(path, cfg.pooler, **kwargs), cfg.pooler, cfg.mlp_only_train, cfg.include_prompt)
 
     @property
     def embedding_dim(self) -> int:
@@ -107,7 +108,10 @@ class Encoder(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
+        prompt_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """prompt_lengths [...]: the tokens of each text's prompt (data.collate.prompt_length),
+        left out of the mean when the encoder does not include prompts."""
         lead, seq = input_ids.shape[:-1], input_ids.shape[-1]
         flat = {"input_ids": input_ids.reshape(-1, seq), "attention_mask": attention_mask.reshape(-1, seq)}
         if token_type_ids is not None:
@@ -117,7 +121,11 @@ class Encoder(nn.Module):
         if self.pooler == "pooler_output":
             emb = out.pooler_output
         else:
-            emb = pool(self.pooler, flat["attention_mask"], out.last_hidden_state, out.hidden_states)
+            mask = flat["attention_mask"]
+            if prompt_lengths is not None and not self.include_prompt:
+                # the first prompt_length real tokens, under either padding side (as sentence-transformers)
+                mask = mask * (mask.cumsum(-1) > prompt_lengths.reshape(-1, 1)).to(mask.dtype)
+            emb = pool(self.pooler, mask, out.last_hidden_state, out.hidden_states)
         if self.uses_mlp:
             emb = self.mlp(emb)
         return emb.reshape(*lead, emb.shape[-1])

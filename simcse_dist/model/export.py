@@ -46,11 +46,14 @@ def write_sentence_transformers(
     hidden_size: int,
     num_layers: int,
     head: dict[str, torch.Tensor] | None = None,
+    serving: dict | None = None,
 ) -> None:
     """Add the sentence-transformers files to a Hugging Face model directory (idempotent:
     stale module folders of another pooler are removed first). `head`: the Linear + Tanh after
     the [CLS] vector ({"dense.weight", "dense.bias"}): SimCSE's MLP kept at test time, or BERT's
-    pooler layer for pooler_output."""
+    pooler layer for pooler_output. `serving` (Config.serving): the prompts, the default prompt
+    and whether prompts count in pooling."""
+    serving = serving or {}
     out = Path(out_dir)
     if pooler not in POOLERS:
         raise ExportError(f"unknown pooler {pooler!r}; expected one of {', '.join(POOLERS)}")
@@ -78,7 +81,11 @@ def write_sentence_transformers(
     mode = "cls" if pooler in ("cls", "cls_before_pooler", "pooler_output") else "mean"
     _write_json(
         out / pooling_dir / "config.json",
-        {"embedding_dimension": hidden_size, "pooling_mode": mode, "include_prompt": True},
+        {
+            "embedding_dimension": hidden_size,
+            "pooling_mode": mode,
+            "include_prompt": serving.get("include_prompt", True),
+        },
     )
     if head is not None:
         modules.append(("2_Dense", ST_DENSE))
@@ -120,9 +127,9 @@ def write_sentence_transformers(
                 "sentence_transformers": ST_FORMAT_VERSION,
                 "transformers": transformers.__version__,
             },
-            "default_prompt_name": None,
+            "default_prompt_name": serving.get("default_prompt_name"),
             "model_type": "SentenceTransformer",
-            "prompts": {"document": "", "query": ""},
+            "prompts": {"document": "", "query": "", **serving.get("prompts", {})},
             "similarity_fn_name": "cosine",
         },
         indent=2,
@@ -192,6 +199,7 @@ def save_encoder(
     mlp_state: dict[str, torch.Tensor] | None,
     encoder: Encoder,
     tokenizer,
+    serving: dict | None = None,
 ) -> None:
     """Write a Hugging Face model directory (config, weights, tokenizer) plus SimCSE's pooling
     settings, which is also a sentence-transformers model (layout above), so
@@ -215,6 +223,8 @@ def save_encoder(
         tokenizer.save_pretrained(out)
     keep_mlp = encoder.pooler == "cls" and not encoder.mlp_only_train
     meta = {"pooler": encoder.pooler, "mlp_only_train": encoder.mlp_only_train, "mlp": keep_mlp}
+    if serving and serving.get("matryoshka_dims"):
+        meta["matryoshka_dims"] = serving["matryoshka_dims"]
     (out / SIMCSE_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     if keep_mlp:
         if mlp_state is None:
@@ -228,19 +238,27 @@ def save_encoder(
         config.hidden_size,
         config.num_hidden_layers,
         mlp_state if keep_mlp else _pooler_head(backbone_state, encoder.pooler),
+        serving,
     )
 
 
 def write_best(
-    out: Path, state: dict[str, torch.Tensor], encoder: Encoder, tokenizer, info: dict, config: dict | None = None
+    out: Path,
+    state: dict[str, torch.Tensor],
+    encoder: Encoder,
+    tokenizer,
+    info: dict,
+    config: dict | None = None,
+    serving: dict | None = None,
 ) -> Path:
     """Publish `out` (a run's best/) from a full state dict of the Encoder ("backbone.*",
     "mlp.*") with its model card, atomically: readers see the previous best model or the new
-    one, never neither. `config`: the run's resolved config, for the card."""
+    one, never neither. `config`: the run's resolved config, for the card; `serving`:
+    Config.serving()."""
     backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     mlp = {k.removeprefix("mlp."): v for k, v in state.items() if k.startswith("mlp.")} or None
     with atomic_dir(out) as tmp:
-        save_encoder(tmp, backbone, mlp, encoder, tokenizer)
+        save_encoder(tmp, backbone, mlp, encoder, tokenizer, serving)
         _write_json(tmp / "best_info.json", info, indent=2)
         scores, note = best_info_scores(info)
         write_model_card(tmp, config=config, scores=scores, split_note=note)
@@ -258,6 +276,8 @@ def _export_into(model_dir: Path, out: Path, meta: dict) -> None:
     elif not (out / MLP_WEIGHTS_NAME).is_file():
         torch.save(mlp, out / MLP_WEIGHTS_NAME)
     settings = {"pooler": meta["pooler"], "mlp_only_train": bool(meta["mlp_only_train"]), "mlp": keep_mlp}
+    if meta.get("matryoshka_dims"):
+        settings["matryoshka_dims"] = meta["matryoshka_dims"]
     _write_json(out / SIMCSE_CONFIG_NAME, settings, indent=2)
     config = json.loads((out / "config.json").read_text())
     config.pop("output_hidden_states", None)  # re-set below only for the poolers that need it
@@ -274,7 +294,8 @@ def _export_into(model_dir: Path, out: Path, meta: dict) -> None:
         if missing:
             save_file({**state, **missing}, str(weights), metadata={"format": "pt"})
     head = mlp if keep_mlp else _pooler_head(load_file(str(weights)) if weights.is_file() else {}, meta["pooler"])
-    write_sentence_transformers(out, meta["pooler"], hf.hidden_size, hf.num_hidden_layers, head)
+    serving = {k: meta[k] for k in ("prompts", "default_prompt_name", "include_prompt") if k in meta}
+    write_sentence_transformers(out, meta["pooler"], hf.hidden_size, hf.num_hidden_layers, head, serving)
 
 
 def export_model(src: str | Path, out_dir: str | Path, pooler: str | None = None, overwrite: bool = False) -> Path:

@@ -66,6 +66,23 @@ def _pooler_from_st(model_dir: Path) -> tuple[str, bool] | None:
     return ("avg", False) if mode == "mean" else None
 
 
+def _serving_from_st(model_dir: Path) -> dict:
+    """prompts, default_prompt_name and include_prompt as sentence-transformers would apply them."""
+    out: dict = {"prompts": {}, "default_prompt_name": None, "include_prompt": True}
+    st_config = model_dir / "config_sentence_transformers.json"
+    if st_config.is_file():
+        config = json.loads(st_config.read_text())
+        out["prompts"] = {k: v for k, v in (config.get("prompts") or {}).items() if v}
+        out["default_prompt_name"] = config.get("default_prompt_name")
+    modules_file = model_dir / "modules.json"
+    if modules_file.is_file():
+        for module in json.loads(modules_file.read_text()):
+            pooling = model_dir / module["path"] / "config.json"
+            if module["type"].endswith("Pooling") and "Weighted" not in module["type"] and pooling.is_file():
+                out["include_prompt"] = json.loads(pooling.read_text()).get("include_prompt", True)
+    return out
+
+
 def read_pooling(model_dir: Path, pooler: str | None = None) -> dict:
     """simcse_config.json's settings; else those implied by an ST layout; `pooler` (a name or an
     alias) overrides the pooler."""
@@ -84,6 +101,7 @@ def read_pooling(model_dir: Path, pooler: str | None = None) -> dict:
         meta = {"pooler": pooler, "mlp_only_train": False, "mlp": False}
     if pooler is not None and pooler != meta["pooler"]:
         meta = {**meta, "pooler": pooler, "mlp": meta["mlp"] and pooler == "cls"}
+    meta = {**_serving_from_st(model_dir), **meta}
     if meta["pooler"] not in POOLERS:
         raise ExportError(f"{model_dir}: unknown pooler {meta['pooler']!r}; expected one of {', '.join(POOLERS)}")
     if meta["pooler"] == "cls" and not meta["mlp_only_train"] and not meta["mlp"]:
@@ -110,7 +128,12 @@ def load_encoder(model: str | Path, pooler: str | None = None):
 
     model_dir = resolve_model_dir(model)
     meta = read_pooling(model_dir, pooler)
-    encoder = Encoder(load_backbone(str(model_dir), meta["pooler"]), meta["pooler"], bool(meta["mlp_only_train"]))
+    encoder = Encoder(
+        load_backbone(str(model_dir), meta["pooler"]),
+        meta["pooler"],
+        bool(meta["mlp_only_train"]),
+        bool(meta.get("include_prompt", True)),
+    )
     if encoder.mlp is not None and meta["mlp"]:
         encoder.mlp.load_state_dict(read_mlp(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)

@@ -7,7 +7,7 @@ N ranks with micro-batch b must make the same update as one process on the conca
 global batch of N*b examples with loss = mean over all N*b anchors. That holds because:
 
 1. each rank's loss is the mean over its *local* anchors (b of them) against the *global*
-   candidates, labels = arange(b) + rank*b (see `loss.info_nce`);
+   candidates, labels = arange(b) + rank*b (see `objective.Objective`);
 2. `gather_with_grad` is autograd-aware: its backward sums, over all ranks, the gradient of
    every rank's loss with respect to this rank's slice of the candidates
    (`torch.distributed.nn.functional.all_gather`, which works on gloo and nccl), so rank r's
@@ -68,17 +68,3 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated")
         gathered = dist_fn.all_gather(x.contiguous())
     return _ContiguousGrad.apply(torch.cat(gathered, dim=0))
-
-
-def gather_candidates(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split local views z [b, k, d] into anchors and the global candidate matrix.
-
-    Returns anchors [b, d] (view 0, local) and candidates [(k-1)*N*b, d]: all ranks' positives
-    (view 1) followed by all ranks' hard negatives (view 2, when k = 3). Only the candidate
-    views are gathered; anchors stay local (memory grows as b*N, not (N*b)^2).
-    collective: every rank calls this with the same shape.
-    """
-    anchors = z[:, 0]
-    gathered = gather_with_grad(z[:, 1:])  # [N*b, k-1, d], one collective for all views
-    candidates = gathered.transpose(0, 1).reshape(-1, z.shape[-1])  # view-major: [(k-1)*N*b, d]
-    return anchors, candidates

@@ -92,68 +92,11 @@ def distill_kl(
     return per_anchor.sum() / (student.shape[0] if normalizer is None else normalizer)
 
 
-def info_nce(
-    anchors: torch.Tensor,
-    candidates: torch.Tensor,
-    label_offset: int,
-    temperature: float,
-    hard_negative_weight: float = 0.0,
-    num_positive_candidates: int | None = None,
-    candidate_mask: torch.Tensor | None = None,
-    anchor_weight: torch.Tensor | None = None,
-    normalizer: float | None = None,
-) -> torch.Tensor:
-    """InfoNCE of the local anchors against the global candidates.
-
-    anchors:    [b, d]  this rank's anchors (view 0).
-    candidates: [M, d]  all ranks' positives [B, d] (B = N*b, rank-major), followed in the
-                supervised case by all ranks' hard negatives [B, d]; M = B or 2B.
-    label_offset: rank * b, so anchor i's positive is candidate label_offset + i.
-    hard_negative_weight: added (in log space, i.e. to the logit after /tau) to anchor i's own
-                hard negative, candidate B + label_offset + i, as the official code's z3_weight.
-    num_positive_candidates: B; defaults to M (no hard negatives).
-    candidate_mask, anchor_weight, normalizer: as `contrastive`.
-    """
-    b = anchors.shape[0]
-    big_b = candidates.shape[0] if num_positive_candidates is None else num_positive_candidates
-    logits = cosine(anchors, candidates) / temperature  # [b, M]
-    labels = torch.arange(b, device=logits.device) + label_offset  # [b]
-    if hard_negative_weight != 0.0 and candidates.shape[0] > big_b:
-        logits = logits + hard_negative_bonus(logits, labels, big_b, hard_negative_weight)
-    return contrastive(logits, labels, candidate_mask, anchor_weight, normalizer)
-
-
 def hard_negative_bonus(logits: torch.Tensor, labels: torch.Tensor, column: int, weight: float) -> torch.Tensor:
     """[b, M] zeros but `weight` at each anchor's own hard negative, column `column + label`."""
     bonus = torch.zeros_like(logits)
     bonus[torch.arange(logits.shape[0], device=logits.device), column + labels] = weight
     return bonus
-
-
-def simcse_loss(
-    z: torch.Tensor,
-    candidates: torch.Tensor,
-    label_offset: int,
-    temperature: float,
-    hard_negative_weight: float = 0.0,
-    candidate_mask: torch.Tensor | None = None,
-    anchor_weight: torch.Tensor | None = None,
-    normalizer: float | None = None,
-) -> torch.Tensor:
-    """Loss from local views z [b, k, d] (k = 2 unsup/pairs, 3 with hard negatives) and the
-    candidates that `gather.gather_candidates` built from them."""
-    global_b = candidates.shape[0] // (z.shape[1] - 1)
-    return info_nce(
-        z[:, 0],
-        candidates,
-        label_offset,
-        temperature,
-        hard_negative_weight,
-        global_b,
-        candidate_mask,
-        anchor_weight,
-        normalizer,
-    )
 
 
 def padding_mask(valid: torch.Tensor, num_views: int, num_anchors: int) -> torch.Tensor:

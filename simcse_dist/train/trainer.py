@@ -64,8 +64,12 @@ class Trainer:
         self.data = InputPipeline(cfg, env, self.tokenizer, self.frozen.tokenizers if self.frozen else None)
         self.total_steps = 0  # known once setup() has the row counts
         dev = cfg.eval.sts_dev_file
+        serving = cfg.serving()
+        prompt = serving["prompts"].get(serving["default_prompt_name"] or "", "")
         self.validator = (
-            StsValidator(read_pair_file(resolve_path(dev)), cfg.eval.every_steps, cfg.eval.batch_size) if dev else None
+            StsValidator(read_pair_file(resolve_path(dev)), cfg.eval.every_steps, cfg.eval.batch_size, prompt)
+            if dev
+            else None
         )
         self.ckpt = CheckpointManager(self.out, cfg.checkpoint, env.rank, env.world_size)
         self.loss_fns: list[Objective] = []  # one per source
@@ -331,6 +335,7 @@ class Trainer:
                     self.tokenizer,
                     {"step": step, "stsb_dev_spearman": score},
                     self.cfg.to_dict(),
+                    self.cfg.serving(),
                 )
                 if self.env.is_main
                 else None

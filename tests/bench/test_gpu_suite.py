@@ -51,7 +51,7 @@ def test_gpu_suite_dry_run_runs_every_section(tmp_path):
     ]
     assert not failed, failed
     assert proc.returncode == 0 and result["passed"] and result["dry_run"], proc.stdout[-2000:]
-    assert set(result["sections"]) == {"correctness", "throughput", "pipeline"}
+    assert set(result["sections"]) == {"correctness", "throughput", "pipeline", "objectives"}
     checks = {s: {c["name"]: c for c in sec["checks"]} for s, sec in result["sections"].items()}
     assert set(checks["correctness"]) == CORRECTNESS
     assert all(c["status"] == "pass" for c in checks["correctness"].values())
@@ -76,3 +76,7 @@ def test_gpu_suite_dry_run_runs_every_section(tmp_path):
     assert pipeline["numbers"]["dataloaders"][0]["num_workers"] == 2
     assert any("fp16" in s for s in result["substitutions"]) and result["versions"]["deepspeed"] != "missing"
     assert "| correctness |" in (out / "gpu_suite.md").read_text()
+    objectives = checks["objectives"]
+    assert set(objectives) == {f"objective {n}" for n in ("plain", "matryoshka", "guide", "distill")}
+    assert objectives["objective guide"]["numbers"]["frozen_models"]  # the guide's memory line
+    assert objectives["objective distill"]["numbers"]["frozen_s_per_step"] > 0

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import REPO, SHARED_DATA
@@ -26,6 +27,7 @@ from simcse_dist.eval.retrieval import (
     retrieval_metrics,
     top_k,
 )
+from simcse_dist.eval.sts import read_pair_file
 from simcse_dist.model.encoder import quiet_transformers
 from simcse_dist.model.export import export_model
 from simcse_dist.model.load import load_encoder
@@ -79,7 +81,7 @@ def harder_qrels(root: Path, seed: int = 0) -> None:
     (root / "qrels.tsv").write_text("\n".join(rows) + "\n")
 
 
-def st_reference(model_dir: Path, paths: list[str]) -> dict[str, float]:
+def st_reference(model_dir: Path, paths: list[str], truncate_dim: int | None = None) -> dict[str, float]:
     """sentence-transformers' evaluator on the same files, read here independently."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
@@ -93,7 +95,7 @@ def st_reference(model_dir: Path, paths: list[str]) -> dict[str, float]:
     for qid, docid, rel in table(paths[2]):
         if int(rel) > 0:
             relevant.setdefault(qid, set()).add(docid)
-    model = SentenceTransformer(str(model_dir), device="cpu")
+    model = SentenceTransformer(str(model_dir), device="cpu", truncate_dim=truncate_dim)
     result = InformationRetrievalEvaluator(queries, corpus, relevant, batch_size=64, **ST_KS)(model)
     return {ours: result[theirs] for ours, theirs in ST_NAMES.items()}
 
@@ -254,3 +256,74 @@ def test_eval_cli_retrieval_on_two_ranks_matches_sentence_transformers(tmp_path,
     reference = st_reference(model_dir, paths)
     for name, value in reference.items():
         assert got[f"retrieval/{name}"] / 100 == pytest.approx(value, abs=1e-6), (name, got, reference)
+
+
+def _written_out_ranking(q: np.ndarray, c: np.ndarray, precision: str, k: int = 100) -> list[list[int]]:
+    """Rank by the score of each format, written out: int8 codes' inner product; binary: fewest
+    differing bits (Hamming); float: cosine. Equal scores: the lower corpus index first."""
+    from sentence_transformers.util.quantization import quantize_embeddings as st_quantize
+
+    if precision == "float32":
+        qn, cn = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (q, c))
+        scores = qn.astype(np.float64) @ cn.astype(np.float64).T
+    elif precision == "int8":
+        qc, cc = (st_quantize(x, "int8", calibration_embeddings=c).astype(np.int64) for x in (q, c))
+        scores = (qc @ cc.T).astype(np.float64)
+    else:
+        qb, cb = (np.unpackbits(st_quantize(x, "ubinary"), axis=1) for x in (q, c))
+        scores = -(qb[:, None, :] != cb[None, :, :]).sum(-1).astype(np.float64)
+    return [sorted(range(len(c)), key=lambda j, row=row: (-row[j], j))[:k] for row in scores]
+
+
+@needs_data
+def test_eval_dims_and_quantized_match_references(tmp_path):
+    """simcse-eval --dims 384,64 --precision fp32,int8,binary: STS and retrieval at 64 dims equal
+    sentence-transformers' evaluators with truncate_dim=64; int8 and binary retrieval equal a
+    written-out ranking of sentence-transformers' own embeddings and quantize_embeddings codes."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
+
+    root = tmp_path / "set"
+    build_sts_retrieval_set(
+        SHARED_DATA / "stsb" / "dev.tsv",
+        root,
+        max_pairs=150,
+        distractors=SHARED_DATA / "wiki1m-sample.txt",
+        n_distractors=80,
+    )
+    paths = [str(root / f"{n}.tsv") for n in ("queries", "corpus", "qrels")]
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("\n".join((SHARED_DATA / "stsb" / "dev.tsv").read_text().splitlines()[:151]) + "\n")
+    model_dir = tmp_path / "minilm"
+    with quiet_transformers():
+        export_model("bundled:all-MiniLM-L6-v2", model_dir)
+    out = tmp_path / "scores.json"
+    args = ["--model", str(model_dir), "--sts-file", str(sts), "--retrieval", *paths, "--dims", "384,64"]
+    args += ["--precision", "fp32,int8,binary", "--corpus-chunk-size", "100000", "--output-json", str(out)]
+    assert eval_cli([*args, "--no-progress", "--batch-size", "64"]) == 0
+    got = json.loads(out.read_text())
+
+    data = load_retrieval(*paths)
+    qids, docids = data.judged_queries, sorted(data.corpus)
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    q = model.encode([data.queries[i] for i in qids], batch_size=64)
+    c = model.encode([data.corpus[d] for d in docids], batch_size=64)
+    for dim in (384, 64):
+        prefix = "" if dim == 384 else f"dim{dim}/"
+        truncated = SentenceTransformer(str(model_dir), device="cpu", truncate_dim=dim)
+        pairs = read_pair_file(sts)
+        st_sts = EmbeddingSimilarityEvaluator(pairs.sentences1, pairs.sentences2, pairs.scores, batch_size=64)(
+            truncated
+        )
+        assert got[f"{prefix}sts.tsv"] == pytest.approx(100 * st_sts["spearman_cosine"], abs=1e-6), dim
+        st_ir = st_reference(model_dir, paths, truncate_dim=dim)
+        for name, value in st_ir.items():
+            assert got[f"retrieval/{prefix}{name}"] / 100 == pytest.approx(value, abs=1e-6), (dim, name)
+        for precision in ("int8", "binary"):
+            rows = _written_out_ranking(q[:, :dim], c[:, :dim], precision)
+            ranking = {qid: [docids[j] for j in row] for qid, row in zip(qids, rows, strict=True)}
+            reference = retrieval_metrics(ranking, data.qrels)
+            for name, value in reference.items():
+                key = f"retrieval/{prefix}{precision}/{name}"
+                assert got[key] / 100 == pytest.approx(value, abs=1e-6), (key, got[key], value)
+    assert got["retrieval/dim64/binary/ndcg@10"] < got["retrieval/dim64/ndcg@10"]  # 64 bits lose to 64 floats

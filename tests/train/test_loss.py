@@ -1,4 +1,7 @@
-"""The pure loss against the paper's formula written out and against the official code's layout."""
+"""The SimCSE objective against the paper's formula written out and against the official code's
+layout. Ranks are simulated in one process: `objective.Objective` runs as rank r of N with its two
+gathers standing in for the collectives (they return every simulated rank's rows, rank-major, as
+the real ones do), so the rank offsets, masks and normalisers are the production code's."""
 
 from __future__ import annotations
 
@@ -10,7 +13,9 @@ import torch.nn.functional as F
 from reference import reference_simcse_loss
 
 from simcse_dist.eval.metrics import alignment, uniformity
-from simcse_dist.train.loss import duplicate_mask, info_nce, padding_mask, simcse_loss
+from simcse_dist.train import objective as objective_module
+from simcse_dist.train.loss import duplicate_mask
+from simcse_dist.train.objective import Objective, ObjectiveSpec
 
 
 def official_layout(z1, z2, z3=None, temp=0.05, hard_negative_weight=0.0):
@@ -27,11 +32,35 @@ def official_layout(z1, z2, z3=None, temp=0.05, hard_negative_weight=0.0):
     return F.cross_entropy(cos, torch.arange(cos.size(0)))
 
 
-def simulate_ranks(z: torch.Tensor, world: int, temp: float, w: float) -> torch.Tensor:
-    """Mean over simulated ranks of each rank's local loss, candidates laid out as the gather does."""
-    b = z.shape[0] // world
-    candidates = torch.cat([z[:, v] for v in range(1, z.shape[1])])  # view-major, rank-major inside
-    losses = [simcse_loss(z[r * b : (r + 1) * b], candidates, r * b, temp, w) for r in range(world)]
+def simulate_ranks(
+    z: torch.Tensor,
+    world: int,
+    temp: float,
+    w: float,
+    ids: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    monkeypatch=None,
+) -> torch.Tensor:
+    """Mean over simulated ranks of each rank's Objective loss (the engine's gradient average)."""
+    big_b, k, _ = z.shape
+    b = big_b // world
+    meta = None if ids is None else torch.cat([valid.long().unsqueeze(1), ids], dim=1)
+    # the stand-ins: an embedding gather returns every rank's candidate views, a metadata gather
+    # every rank's (valid, ids) rows
+    patch = pytest.MonkeyPatch() if monkeypatch is None else monkeypatch
+    patch.setattr(objective_module, "gather_with_grad", lambda x: z[:, 1:])
+    patch.setattr(objective_module, "gather_no_grad", lambda x: meta)
+    spec = ObjectiveSpec(temp, w, mask_duplicates=ids is not None)
+    losses = []
+    try:
+        for r in range(world):
+            rows = slice(r * b, (r + 1) * b)
+            local_ids = None if ids is None else ids[rows]
+            local_valid = None if valid is None else valid[rows]
+            losses.append(Objective(spec, r, world)(z[rows], local_valid, local_ids)[0])
+    finally:
+        if monkeypatch is None:
+            patch.undo()
     return torch.stack(losses).mean()
 
 
@@ -39,7 +68,7 @@ def simulate_ranks(z: torch.Tensor, world: int, temp: float, w: float) -> torch.
 def test_matches_written_out_formula(k, w):
     torch.manual_seed(k)
     z = torch.randn(6, k, 16, dtype=torch.float64)
-    got = simcse_loss(z, torch.cat([z[:, v] for v in range(1, k)]), 0, 0.05, w)
+    got = simulate_ranks(z, 1, 0.05, w)
     ref = reference_simcse_loss(z, 0.05, w)
     assert got.item() == pytest.approx(ref.item(), rel=1e-6)
 
@@ -50,7 +79,7 @@ def test_two_sentence_example_by_hand():
     s = 1 / math.sqrt(2)
     l0 = -(1 / 0.5) + math.log(math.exp(1 / 0.5) + math.exp(s / 0.5))
     l1 = -(s / 0.5) + math.log(math.exp(0 / 0.5) + math.exp(s / 0.5))
-    got = simcse_loss(z, z[:, 1], 0, 0.5)
+    got = simulate_ranks(z, 1, 0.5, 0.0)
     assert got.item() == pytest.approx((l0 + l1) / 2, rel=1e-6)
 
 
@@ -77,16 +106,20 @@ def test_logits_in_fp32_for_bf16_inputs():
     torch.manual_seed(0)
     z = torch.randn(8, 2, 16)
     ref = reference_simcse_loss(z.bfloat16().double(), 0.05)
-    got = simcse_loss(z.bfloat16(), z[:, 1].bfloat16(), 0, 0.05)
+    got = simulate_ranks(z.bfloat16(), 1, 0.05, 0.0)
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
-def test_label_offset_selects_own_positive():
-    # Candidates equal to anchors of rank 1 only: rank 1's loss is small, rank 0 with offset 0 is not.
+def test_rank_offset_selects_own_positive(monkeypatch):
+    # Rank 1's anchors equal the second half of the global positives: as rank 1 (offset 4) its loss
+    # is small; the same anchors taken as rank 0 (offset 0) score other rows' positives.
     a = F.normalize(torch.randn(4, 8), dim=-1)
-    cands = torch.cat([torch.randn(4, 8), a])
-    assert info_nce(a, cands, 4, 0.05) < info_nce(a, cands, 0, 0.05)
+    positives = torch.cat([torch.randn(4, 8), a])
+    monkeypatch.setattr(objective_module, "gather_with_grad", lambda x: positives.unsqueeze(1))
+    local = torch.stack([a, a], dim=1)
+    spec = ObjectiveSpec(0.05)
+    assert Objective(spec, 1, 2)(local)[0] < Objective(spec, 0, 2)(local)[0]
 
 
 def test_alignment_uniformity_written_out():
@@ -105,18 +138,9 @@ def _ids(texts: list[tuple[str, ...]]) -> torch.Tensor:
 
 
 def _ranks_with_masks(z, ids, valid, world, temp=0.05, w=0.0):
-    """Simulated ranks holding equal row counts (padding included): each rank's local loss with
-    the padding and duplicate masks, normalised by (real anchors)/world; the mean over ranks is
-    what the engine's gradient average produces."""
-    big_b, k, _ = z.shape
-    b = big_b // world
-    candidates = torch.cat([z[:, v] for v in range(1, k)])
-    losses = []
-    for r in range(world):
-        rows = slice(r * b, (r + 1) * b)
-        mask = padding_mask(valid, k - 1, b) | duplicate_mask(ids, r * b, b)
-        losses.append(simcse_loss(z[rows], candidates, r * b, temp, w, mask, valid[rows], valid.sum() / world))
-    return torch.stack(losses).mean()
+    """Simulated ranks holding equal row counts (padding included), with the padding and
+    duplicate masks: the mean over ranks is what the engine's gradient average produces."""
+    return simulate_ranks(z, world, temp, w, ids=ids, valid=valid)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from reference import reference_objective, reference_simcse_loss
 
-from simcse_dist.train.loss import distill_kl, guide_mask, simcse_loss
+from simcse_dist.train.loss import distill_kl, guide_mask
 from simcse_dist.train.objective import Objective, ObjectiveSpec
 
 TAU = 0.05
@@ -20,12 +21,14 @@ def views(seed: int, b: int = 6, k: int = 3, d: int = 16) -> torch.Tensor:
     return torch.randn(b, k, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def test_the_plain_objective_is_simcse_bit_for_bit():
-    """No Matryoshka, guide or teacher: exactly the SimCSE loss's operations."""
-    z = views(0).float().requires_grad_()
+def test_the_plain_objective_is_the_written_out_simcse_loss():
+    """No Matryoshka, guide or teacher: Eq. 5 of the paper with its hard-negative weight."""
+    z = views(0).requires_grad_()
     got, masked = Objective(ObjectiveSpec(TAU, 0.7))(z)
-    want = simcse_loss(z, torch.cat([z[:, 1], z[:, 2]]), 0, TAU, 0.7)
-    assert masked is None and torch.equal(got, want)
+    want = reference_simcse_loss(z, TAU, 0.7)
+    assert masked is None and got.item() == pytest.approx(want.item(), rel=1e-12)
+    (g1,), (g2,) = torch.autograd.grad(got, z), torch.autograd.grad(want, z)
+    assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-14)
 
 
 def test_guide_mask_is_the_written_out_threshold():
@@ -281,7 +284,10 @@ def all_objectives(model, guide, teacher) -> list[str]:
     return [
         f"model.name_or_path={model}",
         "model.dropout=0",
+        "model.pooler=avg",
+        "model.include_prompt=false",
         f"data.train_file={DEMO_DATA / 'nli-demo.tsv'}",
+        "data.prompt={query: 'query: ', document: 'passage: '}",
         "train.objective=sup",
         "train.global_batch_size=8",
         "train.max_steps=3",
@@ -301,7 +307,8 @@ def all_objectives(model, guide, teacher) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("grad_cache", [False, True])
 def test_one_rank_equals_two_with_every_objective(tiny_bert, frozen_models, tmp_path, grad_cache):
-    """Matryoshka, the guide, a teacher and duplicate masking together, ZeRO 0 and 3: the same
+    """Matryoshka, the guide, a teacher, prompts left out of pooling and duplicate masking
+    together, ZeRO 0 and 3: the same
     train/loss and grad norm on 1 and 2 ranks (one torchrun job per world size runs both stages)."""
     from helpers import REPO, read_jsonl, run_gloo
 
@@ -322,3 +329,56 @@ def test_one_rank_equals_two_with_every_objective(tiny_bert, frozen_models, tmp_
             for key in ("train/loss", "train/grad_norm", "train/masked_negatives"):
                 assert b[key] == pytest.approx(a[key], rel=1e-5), (stage, key, a, b)
         assert one[0]["train/masked_negatives"] > 0
+
+
+def _teacher_table(teacher, texts: list[list[str]], max_len: int, prompts=("", "")) -> np.ndarray:
+    """[rows, columns, d]: the teacher's embedding of every column of every row, encoded here
+    with the model alone (eval mode, the run's truncation), in the training file's order."""
+    from simcse_dist.eval.encode import encode
+    from simcse_dist.model.load import load_encoder
+
+    encoder, tokenizer, _ = load_encoder(teacher, "avg")
+    columns = [
+        encode(encoder, tokenizer, [row[c] for row in texts], torch.device("cpu"), max_length=max_len, prompt=p)
+        for c, p in enumerate((prompts[0], prompts[1], prompts[1]))
+    ]
+    return torch.stack(columns, dim=1).numpy()
+
+
+def test_precomputed_teacher_embeddings_train_as_the_online_teacher(tiny_bert, frozen_models, tmp_path):
+    """loss.distill.embeddings (a .npy of the teacher's embeddings, written here) gives the same
+    losses and gradients as the teacher run online; a table of the wrong length is refused."""
+    from helpers import DEMO_DATA, cli, read_jsonl
+
+    _, teacher = frozen_models
+    nli = DEMO_DATA / "nli-demo.tsv"
+    texts = [line.split("\t") for line in nli.read_text().splitlines()[1:] if line]
+    table = tmp_path / "teacher.npy"
+    np.save(table, _teacher_table(teacher, texts, 32))
+    common = [
+        f"model.name_or_path={tiny_bert}",
+        "model.dropout=0",
+        f"data.train_file={nli}",
+        "train.objective=sup",
+        "train.global_batch_size=8",
+        "train.max_steps=3",
+        "log.every_steps=1",
+        "log.wandb_mode=disabled",
+        "checkpoint.every_steps=0",
+        "optim.lr=1e-3",
+    ]
+    online = [f"loss.distill={{teacher: {teacher}, pooler: avg, temperature: 0.1, weight: 0.5}}"]
+    offline = [f"loss.distill={{embeddings: {table}, temperature: 0.1, weight: 0.5}}"]
+    for name, extra in (("online", online), ("offline", offline)):
+        proc = cli([*common, *extra, f"train.output_dir={tmp_path / name}"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (read_jsonl(tmp_path / n / "metrics.jsonl") for n in ("online", "offline"))
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b, strict=True):
+        for key in ("train/loss", "train/grad_norm"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (key, x, y)
+    short = tmp_path / "short.npy"
+    np.save(short, np.load(table)[:-1])
+    proc = cli([*common, f"loss.distill={{embeddings: {short}}}", f"train.output_dir={tmp_path / 'short'}"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"loss.distill.embeddings: {short} has {len(texts) - 1} rows" in proc.stderr, proc.stderr[-2000:]
