@@ -118,8 +118,8 @@ class ModelConfig:
 class SourceConfig:
     """One training dataset of a mixture (data.sources)."""
 
-    path: str = ""
-    """Training file, as data.train_file."""
+    path: str | list[str] = ""
+    """Training input, as data.train_file: a file, directory, glob or URL, or a list of them."""
     name: str | None = None
     """Used in metrics (data/steps/<name>, train/loss/<name>); None: the file name without extensions."""
     weight: float = 1.0
@@ -135,7 +135,7 @@ class SourceConfig:
     """As data.prompt, for this source."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.path), "data.sources.path", "is required")
+        _require(bool(self.path) and all(self.path), "data.sources.path", "is required (a path, URL or list)")
         _require(
             math.isfinite(self.weight) and self.weight > 0,
             "data.sources.weight",
@@ -148,7 +148,7 @@ class Source:
     """A resolved training source: every field set."""
 
     name: str
-    path: str
+    path: str | list[str]
     weight: float
     objective: str
     format: str | None
@@ -178,9 +178,11 @@ def _prompts(prompt: str | dict[str, str] | None, field: str, objective: str) ->
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
-    train_file: str = ""
-    """Training data: .txt (one sentence per line), .csv/.tsv (sent0[,sent1[,hard_neg]]), .jsonl, .parquet,
-    or hf://datasets/...; the one-source shorthand of data.sources."""
+    train_file: str | list[str] = ""
+    """Training data: .txt (one sentence per line), .csv/.tsv (sent0[,sent1[,hard_neg]]), .jsonl, .parquet
+    (.gz read through gzip); a file, a directory (its files of these types), a glob, an fsspec URL
+    (hf://datasets/..., s3://, gs://, https://; streamed) or a list of them; the one-source
+    shorthand of data.sources."""
     sources: list[SourceConfig] = field(default_factory=list)
     """A mixture: [{path, name, weight, objective, format}]. Each optimizer step's whole global batch
     comes from one source, chosen by a schedule of (seed, epoch, step) that gives every source its
@@ -203,7 +205,8 @@ class DataConfig:
     $SIMCSE_CACHE_DIR, else .simcse_cache/ next to the training file when that directory is
     writable, else ~/.cache/simcse-dist."""
     prepare_workers: int | None = None
-    """Processes that tokenize a training file the first time it is used; None: up to 4, one per core."""
+    """Processes per rank that tokenize a training input the first time it is used (every rank
+    takes a share of it); None: one per core of the rank's share of its node."""
     allow_changed_data: bool = False
     """Resume even when a training file changed since the checkpoint (size or content); false
     refuses, naming the file and what changed."""
@@ -487,7 +490,7 @@ class Config:
         )
         out = []
         for i, s in enumerate(given):
-            name = s.name or Path(s.path).name.split(".")[0] or f"source{i}"
+            name = s.name or _default_name(s.path) or f"source{i}"
             where = f"data.sources[{i}]" if d.sources else "data"
             loss = self.loss
             if s.loss:
@@ -560,9 +563,9 @@ class Config:
             return
         _require(bool(self.data.train_file or self.data.sources), "data.train_file", "is required (or data.sources)")
         if self.data.train_file:
-            _check_file("data.train_file", self.data.train_file)
+            _check_input("data.train_file", self.data.train_file)
         for i, s in enumerate(self.data.sources):
-            _check_file(f"data.sources[{i}].path", s.path)
+            _check_input(f"data.sources[{i}].path", s.path)
         if self.eval.sts_dev_file:
             _check_file("eval.sts_dev_file", self.eval.sts_dev_file)
         for i, src in enumerate(self.sources()):
@@ -603,6 +606,35 @@ def _check_file(path: str, value: str) -> None:
         return  # fetched later; a clear error is raised if the Hub is unreachable
     if not Path(value).expanduser().is_file():
         raise ConfigError(f"{path}: file not found: {value}")
+
+
+_GLOB = "*?["
+
+
+def _default_name(path: str | list[str]) -> str:
+    """A source's name from its input: the last path component without a pattern, up to its
+    first dot (wiki1m_for_simcse.txt -> wiki1m_for_simcse; data/nli/*.parquet -> nli)."""
+    first = path if isinstance(path, str) else (path[0] if path else "")
+    parts = [p for p in first.replace("://", "/").split("/") if p and not any(c in p for c in _GLOB)]
+    return parts[-1].split(".")[0] if parts else ""
+
+
+def _check_input(path: str, value: str | list[str]) -> None:
+    """Each local item of a training input exists: a file, a directory, a glob with a match
+    (URLs are checked when read; a directory's files too)."""
+    items = [value] if isinstance(value, str) else value
+    for i, item in enumerate(items):
+        where = path if isinstance(value, str) else f"{path}[{i}]"
+        if "://" in item:
+            continue
+        local = os.path.expanduser(item)
+        if any(c in local for c in _GLOB):
+            import fsspec
+
+            if not any(fsspec.filesystem("file").isfile(m) for m in fsspec.filesystem("file").glob(local)):
+                raise ConfigError(f"{where}: no file matches {item}")
+        elif not (Path(local).is_file() or Path(local).is_dir()):
+            raise ConfigError(f"{where}: file not found: {item}")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
@@ -669,13 +701,21 @@ def _relative(value: Any) -> bool:
 
 
 def _resolved(tree: dict, keys: tuple[str, ...], base: Path, model: bool) -> dict:
-    """`tree` with the path at `keys` made absolute (a copy along the way), if it is relative."""
+    """`tree` with the path (or paths) at `keys` made absolute (a copy along the way) where relative."""
     node = tree.get(keys[0])
     if len(keys) > 1:
         return {**tree, keys[0]: _resolved(node, keys[1:], base, model)} if isinstance(node, dict) else tree
-    if _relative(node) and (not model or node.startswith(("./", "../"))):
-        return {**tree, keys[0]: os.path.normpath(base / node)}
-    return tree
+    return {**tree, keys[0]: _absolute(node, base, model)} if keys[0] in tree else tree
+
+
+def _absolute(value: Any, base: Path, model: bool = False) -> Any:
+    """A path made absolute against `base` if it is relative, or each of a list of them (a
+    training input may be a list)."""
+    if isinstance(value, list):
+        return [_absolute(v, base, model) for v in value]
+    if _relative(value) and (not model or value.startswith(("./", "../"))):
+        return os.path.normpath(base / value)
+    return value
 
 
 def _relative_to(tree: dict, base: Path) -> dict:

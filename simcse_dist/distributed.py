@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 
@@ -193,11 +194,13 @@ class PeerFailed(RuntimeError):
     """Another rank failed an action all ranks agreed on; that rank reports why."""
 
 
-def agreed(action, describe=lambda error: error):
+def agreed(action, describe=lambda error: error, shared: tuple[type[BaseException], ...] = ()):
     """Run `action()` on every rank, then agree on the outcome: if it raised on any rank, every
     rank stops together — the lowest rank that failed raises `describe(its error)` (a message
     naming the path and cause), the others `PeerFailed`, so the user sees the real error and
-    no peer dies first on a broken connection. collective: every rank calls this."""
+    no peer dies first on a broken connection. An error of a type in `shared` (e.g. bad data
+    that only one rank read) is raised on every rank with that rank's message, so rank 0, which
+    prints, names it. collective: every rank calls this."""
     error, result = None, None
     try:
         result = action()
@@ -211,7 +214,132 @@ def agreed(action, describe=lambda error: error):
         return result
     if error is not None and failed == rank():
         raise describe(error) from error
+    if shared and world_size() > 1:
+        kind, message = _failure_report(error, failed, shared, _device())
+        if kind >= 0:
+            raise shared[kind](message)
     raise PeerFailed(f"rank {rank()}: stopping because rank {failed} failed")
+
+
+def broadcast_from_main(obj):
+    """Rank 0's `obj` (small and picklable) on every rank. collective: every rank calls this."""
+    if world_size() == 1:
+        return obj
+    box = [obj if rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0, device=_device())
+    return box[0]
+
+
+def _failure_report(error, failed: int, shared, device) -> tuple[int, str]:
+    """(index in `shared` of the failing rank's error type, or -1; its message) on every rank.
+    Called by every rank once all know that rank `failed` failed."""
+    box: list = [None]
+    if rank() == failed:
+        kind = next((i for i, t in enumerate(shared) if isinstance(error, t)), -1)
+        box = [(kind, str(error) if kind >= 0 else f"{type(error).__name__}: {error}")]
+    dist.broadcast_object_list(box, src=failed, device=device)
+    return box[0]
+
+
+class Team:
+    """What `together` hands its work: `tick()` (call it often: it raises as soon as another rank
+    failed or was lost), `add(n)` (this rank's progress) and `total` (every rank's progress, as
+    of the last heartbeat)."""
+
+    def __init__(self, every_s: float, shared: tuple[type[BaseException], ...]) -> None:
+        self.every_s, self.shared = every_s, shared
+        self._mine, self._total = 0, 0
+        self._error: BaseException | None = None  # this rank's own failure
+        self._done = False
+        self._outcome: tuple | None = None  # the heartbeat's last word: ("done",), ("failed", ...), ("lost", e)
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def total(self) -> int:
+        return self._total if self._thread is not None else self._mine
+
+    def add(self, n: int) -> None:
+        self._mine += n
+
+    def tick(self) -> None:
+        if self._outcome is not None and self._outcome[0] != "done":
+            raise self._peer_error()
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._beat, args=(_device(),), name="simcse-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self, device: torch.device) -> None:
+        """The heartbeat thread: one small all-reduce every `every_s` (at once when this rank ends),
+        until every rank is done or one failed. No collective runs on the main thread meanwhile."""
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # the current device is per thread
+        w, r = world_size(), rank()
+        try:
+            while True:
+                self._wake.wait(self.every_s)
+                failed, done = self._error is not None, self._done
+                state = torch.tensor([int(failed), int(not (failed or done)), self._mine], device=device)
+                out = [int(v) for v in all_reduce_sum(state).tolist()]
+                self._total = out[2]
+                if out[0]:
+                    low = w - int(all_reduce_max(torch.tensor([w - r if failed else 0], device=device))[0])
+                    self._outcome = ("failed", low, *_failure_report(self._error, low, self.shared, device))
+                    return
+                if not out[1]:
+                    self._outcome = ("done",)
+                    return
+        except Exception as e:  # noqa: BLE001 - a peer died or the group broke: the main thread raises
+            self._outcome = ("lost", e)
+
+    def _peer_error(self) -> BaseException:
+        outcome = self._outcome
+        if outcome[0] == "lost":
+            e = outcome[1]
+            return PeerFailed(f"rank {rank()}: stopping: lost the other ranks ({type(e).__name__}: {e})")
+        _, failed, kind, message = outcome
+        if kind >= 0:
+            return self.shared[kind](message)
+        return PeerFailed(f"rank {rank()}: stopping because rank {failed} failed ({message})")
+
+    def _finish(self, error: BaseException | None) -> None:
+        if error is None:
+            self._done = True
+        elif self._outcome is None:
+            self._error = error
+        self._wake.set()
+        while self._thread.is_alive():  # joins with a timeout: signals still reach the main thread
+            self._thread.join(0.5)
+
+
+def together(work, every_s: float = 2.0, shared: tuple[type[BaseException], ...] = ()):
+    """Every rank runs `work(team)` on its own share of one job (`Team`), and every rank learns
+    how all ended: `work`'s result when every rank finished; else, as soon as one rank fails,
+    every rank stops (its `team.tick()` raises): an error of a type in `shared` is raised on
+    every rank with the failing rank's message (rank 0, which prints, names it), any other
+    error on the rank that had it and `PeerFailed` elsewhere; a rank that dies (SIGKILL) ends
+    the others with `PeerFailed` as soon as the process group notices.
+
+    The ranks meet in a heartbeat thread: one all-reduce of three integers every `every_s`
+    seconds, so no collective waits longer than that for a working peer (keep it well under the
+    process-group timeout), and no rank's work waits for another's. A rank that is done keeps
+    beating until all are. collective: every rank calls this."""
+    team = Team(every_s, shared)
+    if world_size() == 1:
+        return work(team)
+    team._start()
+    try:
+        result = work(team)
+    except BaseException as e:
+        team._finish(e)
+        if team._outcome[0] == "failed" and team._outcome[1] != rank():  # every rank reports the lowest failure
+            raise team._peer_error() from (e if team._error is e else None)
+        raise
+    team._finish(None)
+    if team._outcome[0] != "done":
+        raise team._peer_error()
+    return result
 
 
 def main_first(work, every_s: float = 30.0):

@@ -178,6 +178,30 @@ def test_paths_in_a_config_file_are_relative_to_it(tmp_path, monkeypatch):
     assert paper.eval.sts_dev_file == "hf://datasets/mteb/stsbenchmark-sts/validation.jsonl.gz"
 
 
+def test_an_input_may_be_a_list_directory_glob_or_url(tmp_path):
+    """Each item of a list is made relative to the config file; the source's default name comes
+    from the first item without a pattern; a missing local item is named by its index."""
+    (tmp_path / "nli").mkdir()
+    (tmp_path / "nli" / "a.parquet").write_bytes(b"")
+    (tmp_path / "wiki.txt").write_text("x\n")
+    (tmp_path / "c.yaml").write_text(
+        "data:\n  sources:\n    - path: [wiki.txt, nli/*.parquet, 's3://bucket/x.jsonl']\n    - path: nli\n"
+    )
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.data.sources[0].path == [
+        str(tmp_path / "wiki.txt"),
+        str(tmp_path / "nli" / "*.parquet"),
+        "s3://bucket/x.jsonl",
+    ]
+    assert [s.name for s in cfg.sources()] == ["wiki", "nli"]
+    cfg.validate(world_size=1)
+    cfg = load_config(None, [f"data.train_file=[{tmp_path / 'wiki.txt'},{tmp_path / 'none.txt'}]"])
+    with pytest.raises(ConfigError, match=r"^data.train_file\[1\]: .*none.txt"):
+        cfg.validate(world_size=1)
+    with pytest.raises(ConfigError, match=r"^data.train_file\[0\]: .*no file matches"):
+        load_config(None, [f"data.train_file=[{tmp_path / '*.csv'}]"]).validate(world_size=1)
+
+
 def test_each_rank_selects_its_gpu_before_any_collective(monkeypatch):
     """GPU risks found by reading the code, shown with a stand-in torch.cuda: the device is set
     from the visible GPUs (srun --gpus-per-task=1 shows each task one GPU while SLURM_LOCALID

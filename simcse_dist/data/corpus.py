@@ -59,9 +59,22 @@ class PreparedCorpus:
 
     @property
     def fingerprint(self) -> dict:
-        """{"path", "size", "sha256"} of the input file as it was prepared."""
+        """{"path", "size", "sha256"} of the input as it was read when prepared (one file: its
+        path; sha256 as data/inputs.py combines the parts), plus "files" (each one's path, size
+        and sha256) when the input had several."""
         source = self.manifest["input"]
-        return {"path": source["path"], "size": source["size"], "sha256": source["sha256"]}
+        out = {"path": source["path"], "size": source["size"], "sha256": source["sha256"]}
+        if len(source.get("files", ())) > 1:
+            out["files"] = [{k: f[k] for k in ("path", "size", "sha256")} for f in source["files"]]
+        return out
+
+    @property
+    def build_seconds(self) -> float | None:
+        """How long preparing it took (build.json: timing stays out of the manifest)."""
+        try:
+            return json.loads((self.directory / "build.json").read_text())["seconds"]
+        except (OSError, ValueError, KeyError):
+            return None
 
     def __len__(self) -> int:
         return self.num_rows

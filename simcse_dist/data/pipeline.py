@@ -1,7 +1,7 @@
 """The input pipeline of a run: training sources -> this rank's `Batch`es, step by step.
 
 Construction resolves the sources only; `setup()` opens each source's prepared corpus
-(prepare.py builds it on first use: rank 0 tokenizes while the others wait, a collective) and
+(prepare.py builds it on first use, every rank taking its share of the work: a collective) and
 builds the batch plan and sampler from the row counts in the manifests. `steps(start, total)`
 yields each optimizer step's micro-batches, prepared in the step or ahead of it by DataLoader
 workers. Per rank the data costs memory maps and O(sources) Python objects, never O(rows).
@@ -9,7 +9,6 @@ workers. Per rank the data costs memory maps and O(sources) Python objects, neve
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -20,8 +19,9 @@ from simcse_dist.config import Config, ConfigError, Source
 from simcse_dist.data.batch import Batch
 from simcse_dist.data.collate import CorpusCollator, prompt_length
 from simcse_dist.data.corpus import PreparedCorpus
+from simcse_dist.data.inputs import describe
 from simcse_dist.data.packing import RowTokens, pack
-from simcse_dist.data.prepare import open_or_prepare
+from simcse_dist.data.prepare import default_workers, open_or_prepare
 from simcse_dist.data.readers import resolve_path
 from simcse_dist.data.sampler import BatchPlan, GlobalBatchSampler, MicroBatch, StepBatches, StepKeys
 
@@ -45,30 +45,25 @@ class InputPipeline:
         self.packing = False  # set by enable_packing: micro-batches are packed
 
     def _open(self, src: Source, tokenizer) -> PreparedCorpus:
-        """The source's corpus prepared for `tokenizer`: rank 0 prepares while the others wait
-        (with a keep-alive, however long it takes); then every rank opens it (or, with a cache dir
-        rank 0 cannot see, prepares its own). collective."""
+        """The source's corpus prepared for `tokenizer`, every rank taking its share of the work
+        when it is not prepared yet (prepare.py). collective."""
         cfg = self.cfg
-        workers = cfg.data.prepare_workers or max(1, min(4, os.cpu_count() or 1))
-
-        def prepared(tick=lambda: None):
-            return open_or_prepare(
-                resolve_path(src.path),
-                src.format,
-                src.objective,
-                tokenizer,
-                cfg.data.max_seq_len,
-                cache_dir=cfg.data.cache_dir,
-                workers=workers,
-                progress=True,
-                tick=tick,
-                prompts=src.prompts,
-            )
-
-        return du.main_first(prepared, every_s=min(30.0, cfg.engine.dist_timeout_s / 4)) or prepared()
+        return open_or_prepare(
+            src.path,
+            src.format,
+            src.objective,
+            tokenizer,
+            cfg.data.max_seq_len,
+            cache_dir=cfg.data.cache_dir,
+            workers=cfg.data.prepare_workers or default_workers(),
+            progress=True,
+            every_s=min(2.0, cfg.engine.dist_timeout_s / 4),
+            prompts=src.prompts,
+        )
 
     def setup(self) -> None:
-        """Open (or prepare) every source's corpus, then the plan and the sampler. collective."""
+        """Open (or prepare) every source's corpus, then the plan and the sampler. collective:
+        every rank prepares its share of a corpus that is not prepared yet (prepare.py)."""
         cfg, env = self.cfg, self.env
         for i, src in enumerate(self.sources):
             corpus = self._open(src, self.tokenizer)
@@ -100,7 +95,7 @@ class InputPipeline:
             cfg.train.seed,
             cfg.data.shuffle,
             [s.weight for s in self.sources],
-            [s.path for s in self.sources],
+            [describe(s.path) for s in self.sources],
             RowTokens(self.corpora, [s.objective for s in self.sources]) if cfg.data.balance_tokens else None,
             cfg.train.grad_cache,
         )
@@ -110,7 +105,7 @@ class InputPipeline:
         self.packing = True
 
     def fingerprints(self) -> dict[str, dict]:
-        """{source name: {path, size, sha256}} of the input files, as hashed when prepared."""
+        """{source name: corpus.fingerprint} of the inputs, as hashed when prepared."""
         return {s.name: c.fingerprint for s, c in zip(self.sources, self.corpora, strict=True)}
 
     def describe(self) -> list[str]:
@@ -129,7 +124,7 @@ class InputPipeline:
                 else ""
             )
             lines.append(
-                f"data: {where}{corpus.num_rows} examples from {src.path} ({corpus.blank_lines} blank lines "
+                f"data: {where}{corpus.num_rows} examples from {describe(src.path)} ({corpus.blank_lines} blank lines "
                 f"skipped; prepared in {corpus.directory}){mix}"
             )
         lines.append(
@@ -209,7 +204,7 @@ class InputPipeline:
         want = "[rows, d]" if src.objective == "unsup" else f"[rows, {corpus.num_columns}, d] or [rows, d]"
         if table.shape[0] != corpus.num_rows:
             raise ConfigError(
-                f"{field}: {distill.embeddings} has {table.shape[0]} rows, {src.path} has "
+                f"{field}: {distill.embeddings} has {table.shape[0]} rows, {describe(src.path)} has "
                 f"{corpus.num_rows} examples: one embedding per example, in its order ({want})"
             )
         if (

@@ -1,112 +1,121 @@
-"""Prepared corpus, build side: a training file -> sharded, memory-mapped token ids, built once.
+"""Prepared corpus, build side: training inputs -> sharded, memory-mapped token ids, built once,
+by every rank of the job together.
 
-`open_or_prepare` finds the entry for (file, reading, tokenizer, max_seq_len) or builds it by
-streaming the file: one reader (`readers.TrainRows`) cuts the examples into chunks of SHARD_ROWS;
-each chunk is tokenized, hashed and written as one shard, here (workers=1) or by a pool of
-`workers` processes taking one chunk at a time (at most workers + 1 chunks in memory).
-`corpus.py` reads it.
-Entry `<root>/<file name>.<key[:20]>/`, key = sha256 of the resolved path, size, mtime, format,
-columns kept, tokenizer fingerprint and max_seq_len: a hit never reads the file.
+`open_or_prepare` (a collective) opens the entry for (inputs, reading, tokenizer, max_seq_len),
+or builds it. The inputs (data/inputs.py: one file or many, local paths or fsspec URLs) are cut
+into work units that depend on the files alone. Rank 0 plans: it takes the entry's lock, lists
+what a killed build left, and gives each remaining unit to a rank (largest first, to the rank
+with the fewest bytes so far). Every rank then reads its units and writes each unit's shards
+with its own `workers` tokenizing processes (data/shards.py), while a heartbeat joins the ranks
+(`distributed.together`): a failure anywhere stops every rank at once, a bad row named by
+file:line on every rank. When all are done rank 0 checks the units, writes the manifest and
+publishes the entry in one rename. Shard names and bytes, and the manifest, are the same for
+any number of ranks and workers (the timing goes to build.json).
 
-    manifest.json                       written last: what was read and how, shards, totals
-    shards/shard-00000/ids_<c>.npy      uint16 (vocab <= 65536) or int32 flat token ids, column c
-                       offsets_<c>.npy  int64 [rows + 1]: row i = ids[offsets[i]:offsets[i + 1]]
-                       types_<c>.npy    int8 token type ids, only when some are nonzero
-                       hashes.npy       int64 [rows, columns]: 63-bit blake2b of each text
-                       shard.json       rows and tokens
+Entry `<root>/<input name>.<key[:20]>/`, key = sha256 of each file's identity (resolved path or
+URL), size and version (mtime, or the store's etag), the format version, the columns kept, the
+tokenizer fingerprint, max_seq_len and the prompts (when any): a hit reads no file.
 
-A build writes `<entry>.partial/`, each shard as `shard-XXXXX.tmp-<pid>` renamed when complete (a
-rerun after a kill reuses them). Root: `cache_dir`, else $SIMCSE_CACHE_DIR, else `.simcse_cache/`
-beside the file if writable (by permission bits, even for root), else ~/.cache/simcse-dist.
+    manifest.json                  written last: what was read (per file: size, version, sha256),
+                                   shards in row order, totals
+    build.json                     seconds, when, ranks and workers
+    shards/shard-UUUUUU-KKKKK/     shard K of work unit U (its files: data/shards.py)
+
+A build writes `<entry>.partial/`: plan.json (the units and their ranks), units/unit-UUUUUU.json
+once every shard of unit U is complete (a rerun skips that unit unread) and the shards, each
+renamed when complete (a rerun reads an unfinished unit again but keeps them). The entry must
+be on a file system that every rank sees. Root: `cache_dir`, else $SIMCSE_CACHE_DIR, else
+`.simcse_cache/` beside a local input if writable (by permission bits, even for root), else
+~/.cache/simcse-dist.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
+import heapq
 import json
 import logging
-import multiprocessing
 import os
+import re
+import secrets
 import shutil
 import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, wait
-from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
+from simcse_dist import distributed as du
 from simcse_dist import logs
-from simcse_dist.data.readers import DataError, TrainRows, detect_format
-from simcse_dist.fsutil import publish_dir, write_text_atomic
+from simcse_dist.data.inputs import (
+    UNIT_BYTES,
+    InputFile,
+    Unit,
+    UnitReader,
+    combine,
+    describe,
+    local_anchor,
+    plan_units,
+    resolve_inputs,
+)
+from simcse_dist.data.readers import DataError, chunk_columns
+from simcse_dist.data.shards import ShardWriter, tokenizer_fingerprint, tokenizer_spec
+from simcse_dist.fsutil import atomic_file, publish_dir, write_text_atomic
+from simcse_dist.overrides import ConfigError
 
 if TYPE_CHECKING:
     from simcse_dist.data.corpus import PreparedCorpus
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ENV_CACHE_DIR = "SIMCSE_CACHE_DIR"
-SHARD_ROWS = 1 << 15  # rows per shard: one unit of work (a few MB of text); balances the workers
-_BATCH = 8192  # sentences per tokenizer call: bounds the Rust encodings alive at once
-_SHARD = "shard-{:05d}"
+SHARD_ROWS = 1 << 15  # rows per shard: what one worker tokenizes at a time (a few MB of text)
+_SHARED = (DataError, ConfigError)  # raised on every rank with the message of the rank that had it
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of everything that decides the ids: the fast tokenizer's serialized pipeline with
-    its (mutable, call-dependent) padding/truncation state removed, plus the sides transformers
-    applies and the inputs it returns (`model_input_names`: with or without token_type_ids).
-    Slow tokenizers fall back to the vocabulary and special tokens."""
-    h = hashlib.sha256()
-    h.update(type(tokenizer).__name__.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        spec.pop("padding", None)
-        spec.pop("truncation", None)
-        h.update(json.dumps(spec, sort_keys=True).encode())
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-        h.update(json.dumps(tokenizer.all_special_tokens).encode())
-    h.update(f"{tokenizer.truncation_side}|{tokenizer.padding_side}|{list(tokenizer.model_input_names)}".encode())
-    return h.hexdigest()
-
-
-def default_cache_root(data_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where entries for `data_path` live; see the module docstring for the order."""
+def default_cache_root(data_path: str | os.PathLike | None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where entries for `data_path` (a local path, or None for a URL) live; see the module
+    docstring for the order."""
     if cache_dir:
         return Path(cache_dir).expanduser()
     if os.environ.get(ENV_CACHE_DIR):
         return Path(os.environ[ENV_CACHE_DIR]).expanduser()
-    parent = Path(data_path).expanduser().resolve().parent
-    with contextlib.suppress(OSError):
-        if parent.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH) and os.access(parent, os.W_OK):
-            return parent / ".simcse_cache"
+    if data_path is not None:
+        parent = Path(data_path).expanduser().resolve().parent
+        with contextlib.suppress(OSError):
+            if parent.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH) and os.access(parent, os.W_OK):
+                return parent / ".simcse_cache"
     return Path.home() / ".cache" / "simcse-dist"
 
 
+def default_workers() -> int:
+    """Tokenizing processes per rank when none are set: the cores this process may use, shared
+    by the ranks of its node (LOCAL_WORLD_SIZE, set by torchrun; srun binds each task's cores)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)))
+
+
+def _identity(f: InputFile) -> str:
+    return os.path.realpath(f.url) if f.local else f.url
+
+
 def corpus_key(
-    path: str, fmt: str | None, objective: str, tokenizer, max_seq_len: int, prompts: tuple[str, str] = ("", "")
+    files: Sequence[InputFile], objective: str, tokenizer, max_seq_len: int, prompts: tuple[str, str] = ("", "")
 ) -> tuple[str, dict]:
-    """(sha256 key, its ingredients): from the file's metadata, never its content."""
+    """(sha256 key, its ingredients): from the files' metadata, never their content."""
     if objective not in ("unsup", "sup"):
         raise ValueError(f"objective must be unsup or sup, got {objective!r}")
-    resolved = Path(path).expanduser().resolve()
-    try:
-        st = resolved.stat()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
     parts = {
         "format_version": FORMAT_VERSION,
-        "path": str(resolved),
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "format": fmt or detect_format(path),
+        "inputs": [{"id": _identity(f), "size": f.size, "version": f.version, "format": f.format} for f in files],
         "columns": "first" if objective == "unsup" else "all",
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "max_seq_len": max_seq_len,
@@ -116,272 +125,340 @@ def corpus_key(
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest(), parts
 
 
-def _spec(tokenizer, max_seq_len: int, prompts: list[str] | None = None) -> dict:
-    """What a worker needs to tokenize exactly as `tokenizer(prompt + text, truncation=True,
-    max_length=L)`; prompts: (query, document), for column 0 and the other columns."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    probe = tokenizer("x", truncation=True, max_length=max_seq_len)
-    return {
-        "backend": backend.to_str() if backend is not None else None,
-        "max_seq_len": max_seq_len,
-        "truncation_side": tokenizer.truncation_side,
-        "want_types": "token_type_ids" in probe,
-        "id_dtype": "uint16" if len(tokenizer) <= 65536 else "int32",
-        "prompts": list(prompts or ("", "")),
-    }
+def _entry_name(spec: str | Sequence[str]) -> str:
+    """The input's name: the last path component without a pattern (`+N` for a list of N + 1)."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    parts = [p for p in items[0].replace("://", "/").split("/") if p and not any(c in p for c in "*?[")]
+    name = re.sub(r"[^\w.+-]", "_", parts[-1] if parts else "input")
+    return name + (f"+{len(items) - 1}" if len(items) > 1 else "")
 
 
-class _Encoder:
-    """Texts -> flat ids, lengths, flat token types (or None). Fast tokenizers: a private copy of
-    the Rust backend with truncation set as transformers sets it for `truncation=True,
-    max_length=L` (longest_first, stride 0, the tokenizer's side), no padding, `encode_batch_fast`
-    (no character offsets). Slow tokenizers go through `tokenizer(...)` (in-process only)."""
-
-    def __init__(self, spec: dict, tokenizer=None) -> None:
-        self.spec, self.tokenizer, self.fast = spec, tokenizer, None
-        if spec["backend"] is not None:
-            from tokenizers import Tokenizer
-
-            self.fast = Tokenizer.from_str(spec["backend"])  # never mutate the caller's tokenizer
-            self.fast.no_padding()
-            self.fast.enable_truncation(
-                spec["max_seq_len"], stride=0, strategy="longest_first", direction=spec["truncation_side"]
-            )
-
-    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        want_types, dtype = self.spec["want_types"], np.dtype(self.spec["id_dtype"])
-        lengths = np.empty(len(texts), dtype=np.int64)
-        id_parts, type_parts = [], []
-        for start in range(0, len(texts), _BATCH):
-            chunk = texts[start : start + _BATCH]
-            if self.fast is not None:
-                encs = self.fast.encode_batch_fast(chunk, add_special_tokens=True)
-                ids = [e.ids for e in encs]
-                types = [e.type_ids for e in encs] if want_types else None
-            else:
-                enc = self.tokenizer(chunk, truncation=True, max_length=self.spec["max_seq_len"], padding=False)
-                ids, types = enc["input_ids"], enc.get("token_type_ids") if want_types else None
-            lengths[start : start + len(chunk)] = [len(x) for x in ids]
-            total = int(lengths[start : start + len(chunk)].sum())
-            id_parts.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=total))
-            if types is not None:
-                type_parts.append(np.fromiter(itertools.chain.from_iterable(types), dtype=np.int8, count=total))
-        flat = np.concatenate(id_parts) if id_parts else np.zeros(0, dtype)
-        return flat, lengths, (np.concatenate(type_parts) if type_parts else None)
-
-
-def _write_shard(shards: Path, index: int, columns: list[list[str]], encode: _Encoder) -> dict:
-    """Tokenize and hash one chunk into `shard-XXXXX.tmp-<pid>/`, then rename it complete."""
-    final = shards / _SHARD.format(index)
-    tmp = shards / f"{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    tokens, hashes, blake = [], np.empty((len(columns[0]), len(columns)), dtype=np.int64), hashlib.blake2b
-    prompts = encode.spec["prompts"]
-    for c, texts in enumerate(columns):
-        # tokenized with the prompt, as sentence-transformers tokenizes prompt + text; hashed without
-        prompt = prompts[min(c, 1)]
-        ids, lengths, types = encode([prompt + t for t in texts] if prompt else texts)
-        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        np.save(tmp / f"ids_{c}.npy", ids)
-        np.save(tmp / f"offsets_{c}.npy", offsets)
-        if types is not None and types.any():  # all-zero types are implied, not stored
-            np.save(tmp / f"types_{c}.npy", types)
-        tokens.append(int(ids.size))
-        hashes[:, c] = [int.from_bytes(blake(t.encode(), digest_size=8).digest(), "little") >> 1 for t in texts]
-    np.save(tmp / "hashes.npy", hashes)
-    summary = {"rows": len(columns[0]), "tokens": sum(tokens), "column_tokens": tokens}
-    (tmp / "shard.json").write_text(json.dumps(summary) + "\n")
-    try:
-        tmp.rename(final)
-    except OSError:  # another builder completed the same shard first: same content, keep it
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (final / "shard.json").is_file():
-            raise
-    return summary
-
-
-_ENCODER: _Encoder | None = None  # a pool worker's own tokenizer (set by _start_worker)
-
-
-def _start_worker(spec_file: str) -> None:
-    """A pool worker's initializer: its tokenizer, one core, and no life of its own: it dies with
-    its parent (PR_SET_PDEATHSIG on Linux), and Ctrl-C is the parent's to handle."""
-    import ctypes
-    import signal
-
-    global _ENCODER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker
-    _ENCODER = _Encoder(json.loads(Path(spec_file).read_text()))
-
-
-def _shard_in_worker(shards: str, index: int, columns: list[list[str]]) -> dict:
-    return _write_shard(Path(shards), index, columns, _ENCODER)
+def _assign(weights: Sequence[int], world: int) -> list[int]:
+    """Rank per unit: largest first, each to the rank with the fewest bytes so far (ties: the
+    lower unit, the lower rank). A function of the sizes alone."""
+    owners, heap = [0] * len(weights), [(0, r) for r in range(world)]
+    for u in sorted(range(len(weights)), key=lambda u: (-weights[u], u)):
+        load, r = heapq.heappop(heap)
+        owners[u] = r
+        heapq.heappush(heap, (load + weights[u], r))
+    return owners
 
 
 @contextlib.contextmanager
-def _pool(workers: int, spec: dict, spec_file: Path):
-    """`workers` tokenizing processes (a spawn context: the parent's CUDA state and threads are
-    not forked), or None for in-process tokenization. The tokenizer's spec (its serialized
-    pipeline, ~1 MB) goes through a file: what a starting worker is sent stays smaller than a
-    pipe's buffer, so a worker that dies while it starts cannot block its parent's write."""
-    if workers <= 1:
-        yield None
-        return
-    from concurrent.futures import ProcessPoolExecutor
-
-    write_text_atomic(spec_file, json.dumps(spec))
-    pool = ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(str(spec_file),)
-    )
-    try:
-        yield pool
-    finally:  # on an error, the shards in flight finish (seconds) and nothing new starts
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _build(
-    entry: Path,
-    path: str,
-    parts: dict,
-    key: str,
-    objective: str,
-    tokenizer,
-    workers: int,
-    progress: bool,
-    shard_rows: int,
-    tick: Callable[[], object],
-) -> None:
-    t0, name, partial = time.perf_counter(), Path(path).name, entry.with_name(entry.name + ".partial")
-    shards, state = partial / "shards", json.dumps({"key": key, "shard_rows": shard_rows}) + "\n"
-    with contextlib.suppress(OSError):
-        if (partial / "build.json").read_text() != state:  # another shard size: start over
-            shutil.rmtree(partial)
-    shards.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(partial / "build.json", state)
-    for leftover in shards.glob("*.tmp-*"):  # a killed build's half-written shards
-        shutil.rmtree(leftover, ignore_errors=True)
-    done = {
-        p.name: json.loads((p / "shard.json").read_text())
-        for p in shards.glob("shard-?????")
-        if (p / "shard.json").is_file()
-    }
-    spec = _spec(tokenizer, parts["max_seq_len"], parts.get("prompts"))
-    workers = workers if spec["backend"] is not None else 1  # a slow tokenizer cannot travel
-    cols = "first column" if parts["columns"] == "first" else "all columns"
-    log.info(
-        f"preparing {name}: {parts['format']}, {objective} ({cols}), max_seq_len {parts['max_seq_len']}, "
-        f"{workers} worker(s){f', {len(done)} shard(s) reused' if done else ''} -> {entry}"
-    )
-    bar = logs.progress(progress, desc=f"preparing {name}", unit=" rows")
-    results: dict[int, dict] = {}
-
-    def finished(index: int, summary: dict) -> None:
-        results[index] = summary
-        if bar is not None:
-            bar.update(summary["rows"])
-
-    hasher = hashlib.sha256()
-    reader = TrainRows(path, parts["format"], hasher)
-    try:
-        with _pool(workers, spec, partial / "tokenizer-spec.json") as pool:
-            encode = None if pool else _Encoder(spec, tokenizer)
-            pending: dict = {}  # future -> shard index; at most `workers` chunks in flight
-
-            def collect(until: int) -> None:
-                while len(pending) > until:
-                    tick()
-                    ready, _ = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-                    for future in ready:
-                        index = pending.pop(future)
-                        try:
-                            finished(index, future.result())
-                        except BrokenProcessPool:
-                            raise RuntimeError(
-                                f"a simcse-prepare worker died on shard {index} (a script that "
-                                "prepares needs `if __name__ == '__main__':` around it)"
-                            ) from None
-
-            for index, columns, n in reader.chunks(shard_rows, objective, lambda i: _SHARD.format(i) in done):
-                tick()
-                if columns is None:
-                    if done[_SHARD.format(index)]["rows"] != n:
-                        raise DataError(f"{path}: changed while being prepared; run again")
-                    finished(index, done[_SHARD.format(index)])
-                elif pool is not None:
-                    collect(workers - 1)
-                    pending[pool.submit(_shard_in_worker, str(shards), index, columns)] = index
-                else:
-                    finished(index, _write_shard(shards, index, columns, encode))
-                del columns
-            collect(0)
-        st = os.stat(path)
-        if (st.st_size, st.st_mtime_ns) != (parts["size"], parts["mtime_ns"]):
-            raise DataError(f"{path}: changed while being prepared; run again")
-    except DataError:  # the same file would fail the same way: keep nothing
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    names = [_SHARD.format(i) for i in range(len(results))]
-    for extra in {p.name for p in shards.iterdir()} - set(names):
-        shutil.rmtree(shards / extra, ignore_errors=True)
-    rows, seconds = sum(s["rows"] for s in results.values()), time.perf_counter() - t0
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "key": key,
-        "input": {**{k: parts[k] for k in ("path", "size", "mtime_ns")}, "sha256": hasher.hexdigest()},
-        "format": parts["format"],
-        "objective": objective,
-        "columns": parts["columns"],
-        "layout": reader.layout,
-        "tokenizer": str(tokenizer.name_or_path),
-        "tokenizer_fingerprint": parts["tokenizer_fingerprint"],
-        "max_seq_len": parts["max_seq_len"],
-        "num_columns": len(results[0]["column_tokens"]),
-        "token_type_ids": spec["want_types"],
-        "padding_side": tokenizer.padding_side,
-        "pad_token_type_id": int(getattr(tokenizer, "pad_token_type_id", 0) or 0),
-        "id_dtype": spec["id_dtype"],
-        "shard_rows": shard_rows,
-        "shards": [
-            {"name": n, "rows": results[i]["rows"], "tokens": results[i]["tokens"]} for i, n in enumerate(names)
-        ],
-        "rows": rows,
-        "blank_lines": reader.blank_lines,
-        "total_tokens": sum(s["tokens"] for s in results.values()),
-        "build_seconds": round(seconds, 3),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    (partial / "build.json").unlink()
-    (partial / "tokenizer-spec.json").unlink(missing_ok=True)
-    write_text_atomic(partial / "manifest.json", json.dumps(manifest, indent=1) + "\n")  # last: complete
-    publish_dir(partial, entry, replace=False)
-    log.info(
-        f"preparing {name}: {rows:,} rows, {len(names)} shard(s), {manifest['total_tokens']:,} tokens in "
-        f"{seconds:.1f} s ({rows / max(seconds, 1e-9):,.0f} rows/s)"
-    )
-
-
-@contextlib.contextmanager
-def _locked(entry: Path):
-    """One builder per entry on this file system (flock; a no-op where unsupported)."""
+def _locked(entry: Path, tick: Callable[[], object]):
+    """One build per entry on this file system (flock, polled so that `tick` keeps the other
+    ranks' collectives alive while another job builds; a no-op where unsupported)."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     with open(entry.with_name(entry.name + ".lock"), "a+b") as f:
-        with contextlib.suppress(ImportError, OSError):
+        try:
             import fcntl
-
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        except ImportError:
+            yield
+            return
+        said = False
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not said:
+                    log.info(f"waiting for another preparation of {entry.name} to finish")
+                    said = True
+                tick()
+                time.sleep(0.1)
+            except OSError:  # a file system without locks
+                break
         yield
 
 
+def _marker(partial: Path, u: int) -> Path:
+    return partial / "units" / f"unit-{u:06d}.json"
+
+
+_SHARD_RE = re.compile(r"shard-(\d{6})-\d{5}")
+
+
+def _shard_name(u: int, k: int) -> str:
+    return f"shard-{u:06d}-{k:05d}"
+
+
+def _done_units(partial: Path, units: list[Unit]) -> set[int]:
+    """Units a killed build finished: a marker for the same unit, every shard of it in place."""
+    done = set()
+    for u, unit in enumerate(units):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            m = json.loads(_marker(partial, u).read_text())
+            if m["unit"] == unit.to_json() and all(
+                (partial / "shards" / s["name"] / "shard.json").is_file() for s in m["shards"]
+            ):
+                done.add(u)
+    return done
+
+
+def _begin(
+    spec, fmt, objective, tokenizer, max_seq_len, prompts, cache_dir, shard_rows, unit_bytes, workers, held, tick
+):
+    """Rank 0: the inputs, the key, and the entry: a hit, or a plan (the entry locked in `held`)."""
+    t0 = time.time()
+    files = resolve_inputs(spec, fmt)
+    key, parts = corpus_key(files, objective, tokenizer, max_seq_len, prompts)
+    entry = default_cache_root(local_anchor(spec), cache_dir) / f"{_entry_name(spec)}.{key[:20]}"
+    began = {"entry": str(entry), "key": key, "state": "hit"}
+    if (entry / "manifest.json").is_file():
+        return began
+    held.enter_context(_locked(entry, tick))
+    if (entry / "manifest.json").is_file():  # another process finished it while we waited
+        return began
+    partial = entry.with_name(entry.name + ".partial")
+    state = {"key": key, "shard_rows": shard_rows, "unit_bytes": unit_bytes}
+    with contextlib.suppress(OSError, ValueError):
+        old = json.loads((partial / "plan.json").read_text())
+        if {k: old.get(k) for k in state} != state:  # another shard or unit size: start over
+            shutil.rmtree(partial)
+    (partial / "shards").mkdir(parents=True, exist_ok=True)
+    (partial / "units").mkdir(exist_ok=True)
+    for leftover in [*(partial / "shards").glob("*.tmp-*"), *(partial / "units").glob("*.tmp-*")]:
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    units = plan_units(files, unit_bytes, tick)
+    done = _done_units(partial, units)
+    todo = [u for u in range(len(units)) if u not in done]
+    owners = [-1] * len(units)
+    for u, r in zip(todo, _assign([units[u].bytes or 1 for u in todo], du.world_size()), strict=True):
+        owners[u] = r
+    nonce = secrets.token_hex(8)
+    plan = {
+        **state,
+        "nonce": nonce,
+        "started": t0,
+        "parts": parts,
+        "files": [asdict(f) for f in files],
+        "units": [u.to_json() for u in units],
+        "owners": owners,
+    }
+    write_text_atomic(partial / "plan.json", json.dumps(plan) + "\n")
+    kept = sum(
+        1 for p in (partial / "shards").iterdir() if (m := _SHARD_RE.fullmatch(p.name)) and int(m[1]) not in done
+    )
+    reused = f", {len(done)} unit(s) and {kept} more shard(s) reused" if done or kept else ""
+    w = workers if tokenizer_spec(tokenizer, max_seq_len, prompts)["backend"] is not None else 1
+    formats = sorted({f.format for f in files})
+    log.info(
+        f"preparing {_entry_name(spec)}: {', '.join(formats)}, {objective} "
+        f"({'first column' if parts['columns'] == 'first' else 'all columns'}), max_seq_len {max_seq_len}, "
+        f"{len(files)} file(s) in {len(units)} unit(s), {du.world_size()} rank(s) x {w} worker(s){reused} -> {entry}"
+    )
+    return {**began, "state": "build", "nonce": nonce}
+
+
+def _visible(path: Path, check: Callable[[], object], what: str, seconds: float = 10.0):
+    """`check()` once `path` is there as rank 0 wrote it; a shared file system may show it late."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return check()
+        except (OSError, ValueError, KeyError, AssertionError):
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"data.cache_dir: rank {du.rank()} does not see {path}, which rank 0 wrote ({what}): "
+                    "put data.cache_dir on a file system that every rank mounts"
+                ) from None
+            time.sleep(0.2)
+
+
+def _read_plan(partial: Path, nonce: str) -> dict:
+    def check() -> dict:
+        plan = json.loads((partial / "plan.json").read_text())
+        assert plan["nonce"] == nonce
+        return plan
+
+    return _visible(partial / "plan.json", check, "the plan of this build")
+
+
+def _work(team: du.Team, partial: Path, plan: dict, objective: str, tokenizer, workers: int, progress: bool):
+    """Every rank: its units of the plan, each into its shards and then its marker."""
+    files = [InputFile(**f) for f in plan["files"]]
+    units = [Unit.from_json(u) for u in plan["units"]]
+    shards, me = partial / "shards", du.rank()
+    mine = [u for u, r in enumerate(plan["owners"]) if r == me]
+    max_seq_len, shard_rows, prompts = plan["parts"]["max_seq_len"], plan["shard_rows"], plan["parts"].get("prompts")
+    bar = logs.progress(progress, desc=f"preparing ({du.world_size()} rank(s))", unit=" rows")
+    units_state: dict[int, dict] = {}  # unit -> {"shards": {k: summary}, "count": shards once read, ...}
+
+    def show() -> None:
+        team.tick()
+        if bar is not None:
+            bar.update(team.total - bar.n)
+
+    def finished(u: int, k: int, summary: dict) -> None:
+        st = units_state[u]
+        st["shards"][k] = summary
+        team.add(summary["rows"])
+        if st.get("count") == len(st["shards"]):
+            _write_marker(partial, u, units[u], st)
+            del units_state[u]
+
+    try:
+        spec_file = partial / f"tokenizer-spec-{me}.json"
+        with ShardWriter(shards, tokenizer, max_seq_len, workers, spec_file, prompts) as writer:
+            pending: dict = {}  # future -> (unit, shard); at most `workers` chunks in flight
+
+            def collect(until: int) -> None:
+                while len(pending) > until:
+                    show()
+                    ready, _ = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                    for future in ready:
+                        u, k = pending.pop(future)
+                        finished(u, k, writer.result(future, _shard_name(u, k)))
+
+            for u in mine:
+                file = files[units[u].file]
+                reader = UnitReader(file, units[u])
+                st = units_state[u] = {"shards": {}, "reader": reader}
+                count = 0
+                skip = lambda k, u=u: (shards / _shard_name(u, k) / "shard.json").is_file()  # noqa: E731
+                for k, columns, n in chunk_columns(iter(reader), shard_rows, objective, file.name, skip):
+                    show()
+                    count = k + 1
+                    if columns is None:  # complete before a kill: kept, read past
+                        summary = json.loads((shards / _shard_name(u, k) / "shard.json").read_text())
+                        if summary["rows"] != n:
+                            raise DataError(f"{file.name}: changed while being prepared; run again")
+                        finished(u, k, summary)
+                    else:
+                        collect(writer.workers - 1)
+                        pending[writer.submit(_shard_name(u, k), columns)] = (u, k)
+                    del columns
+                st["count"] = count
+                if count == len(st["shards"]):
+                    _write_marker(partial, u, units[u], st)
+                    del units_state[u]
+            collect(0)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _write_marker(partial: Path, u: int, unit: Unit, st: dict) -> None:
+    reader = st["reader"]
+    summaries = [st["shards"][k] for k in range(st["count"])]
+    marker = {
+        "unit": unit.to_json(),
+        "rows": sum(s["rows"] for s in summaries),
+        "blank_lines": reader.blank_lines,
+        "layout": list(reader.layout) if reader.layout else None,
+        "num_columns": len(summaries[0]["column_tokens"]) if summaries else None,
+        "digests": reader.digests,
+        "shards": [
+            {"name": _shard_name(u, k), "rows": s["rows"], "tokens": s["tokens"]} for k, s in enumerate(summaries)
+        ],
+    }
+    with atomic_file(_marker(partial, u)) as f:
+        f.write(json.dumps(marker) + "\n")
+
+
+def _publish(spec, fmt, entry: Path, plan: dict, objective: str, tokenizer, workers: int, tick) -> None:
+    """Rank 0, once every rank is done: check the units and the files, write the manifest and
+    build.json, and publish the entry in one rename."""
+    partial = entry.with_name(entry.name + ".partial")
+    files = [InputFile(**f) for f in plan["files"]]
+    units = [Unit.from_json(u) for u in plan["units"]]
+    try:
+        markers = []
+        for u in range(len(units)):
+            tick()
+            markers.append(
+                _visible(_marker(partial, u), lambda u=u: json.loads(_marker(partial, u).read_text()), "a unit done")
+            )
+        rows = sum(m["rows"] for m in markers)
+        if rows == 0:
+            raise DataError(f"{describe(spec)}: no examples")
+        by_columns = {}
+        for m in markers:
+            if m["num_columns"] is not None:
+                by_columns.setdefault(m["num_columns"], files[m["unit"]["file"]].name)
+        if len(by_columns) > 1:
+            (a, fa), (b, fb) = sorted(by_columns.items())[:2]
+            raise DataError(f"{fb}: {b} columns, but {fa} has {a}: the files of one source need the same columns")
+        now = {f.url: f for f in resolve_inputs(spec, fmt)}
+        for f in files:
+            if f.url not in now or (now[f.url].size, now[f.url].version) != (f.size, f.version):
+                raise DataError(f"{f.name}: changed while being prepared; run again")
+        digests: list[list[str]] = [[] for _ in files]
+        for m in markers:
+            digests[m["unit"]["file"]] += m["digests"]
+        file_sha = [combine(d) for d in digests]
+        manifest = _manifest(spec, plan, files, file_sha, markers, objective, tokenizer)
+    except DataError:  # the same input would fail the same way: keep nothing
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    seconds = time.time() - plan["started"]
+    write_text_atomic(partial / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    record = {
+        "seconds": round(seconds, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "ranks": du.world_size(),
+        "workers": workers,
+    }
+    write_text_atomic(partial / "build.json", json.dumps(record) + "\n")
+    for temporary in ["plan.json", *(p.name for p in partial.glob("tokenizer-spec-*.json"))]:
+        (partial / temporary).unlink(missing_ok=True)
+    shutil.rmtree(partial / "units", ignore_errors=True)
+    publish_dir(partial, entry, replace=False)
+    log.info(
+        f"preparing {_entry_name(spec)}: {rows:,} rows, {len(manifest['shards'])} shard(s), "
+        f"{manifest['total_tokens']:,} tokens in {seconds:.1f} s ({rows / max(seconds, 1e-9):,.0f} rows/s)"
+    )
+
+
+def _manifest(spec, plan, files, file_sha, markers, objective, tokenizer) -> dict:
+    parts = plan["parts"]
+    spec_ = tokenizer_spec(tokenizer, parts["max_seq_len"])
+    formats = sorted({f.format for f in files})
+    shards = [s for m in markers for s in m["shards"]]
+    one = len(files) == 1
+    return {
+        "format_version": FORMAT_VERSION,
+        "key": plan["key"],
+        "input": {
+            "path": _identity(files[0]) if one else describe(spec),
+            "size": sum(f.size for f in files),
+            "sha256": combine(file_sha),
+            "files": [
+                {"path": f.name, "id": _identity(f), "size": f.size, "version": f.version, "format": f.format}
+                | {"sha256": sha}
+                for f, sha in zip(files, file_sha, strict=True)
+            ],
+        },
+        "format": formats[0] if len(formats) == 1 else "mixed",
+        "objective": objective,
+        "columns": parts["columns"],
+        "layout": next((m["layout"] for m in markers if m["layout"]), None),
+        "tokenizer": str(tokenizer.name_or_path),
+        "tokenizer_fingerprint": parts["tokenizer_fingerprint"],
+        "max_seq_len": parts["max_seq_len"],
+        "num_columns": next(m["num_columns"] for m in markers if m["num_columns"] is not None),
+        "token_type_ids": spec_["want_types"],
+        "padding_side": tokenizer.padding_side,
+        "pad_token_type_id": int(getattr(tokenizer, "pad_token_type_id", 0) or 0),
+        "id_dtype": spec_["id_dtype"],
+        "shard_rows": plan["shard_rows"],
+        "unit_bytes": plan["unit_bytes"],
+        "units": len(markers),
+        "shards": shards,
+        "rows": sum(m["rows"] for m in markers),
+        "blank_lines": sum(m["blank_lines"] for m in markers),
+        "total_tokens": sum(s["tokens"] for s in shards),
+    }
+
+
+def _open(entry: Path) -> PreparedCorpus:
+    from simcse_dist.data.corpus import PreparedCorpus
+
+    return _visible(entry / "manifest.json", lambda: PreparedCorpus(entry), "the prepared corpus")
+
+
 def open_or_prepare(
-    path: str,
+    path: str | Sequence[str],
     fmt: str | None,
     objective: str,
     tokenizer,
@@ -390,39 +467,53 @@ def open_or_prepare(
     cache_dir: str | os.PathLike | None = None,
     workers: int = 1,
     progress: bool = False,
-    shard_rows: int = SHARD_ROWS,
-    tick: Callable[[], object] = lambda: None,
     prompts: tuple[str, str] = ("", ""),
+    shard_rows: int = SHARD_ROWS,
+    unit_bytes: int = UNIT_BYTES,
+    every_s: float = 2.0,
 ) -> PreparedCorpus:
-    """The prepared corpus of a local file `path` for `objective` (unsup: the first column of any
-    layout; sup: all columns, DataError on a one-column file), built first if missing.
+    """The prepared corpus of the input `path` (a file, directory, glob or URL, or a list:
+    data/inputs.py) for `objective` (unsup: the first column of any layout; sup: all columns,
+    DataError on a one-column file), built first if missing, by every rank of the process group.
 
-    `workers` > 1 tokenizes in that many processes; `progress` shows a bar of rows (logs.progress);
-    a build logs a line at its start and its end; `prompts` (query, document) are prepended to
-    column 0 and to the other columns before tokenizing; `tick` is called at least once per shard
-    (distributed.main_first's keep-alive). Processes that build the same entry at once take
+    collective: every rank calls this with the same arguments (without a process group, this
+    process is the only rank). `workers` > 1 tokenizes in that many processes per rank;
+    `progress` shows rank 0 a bar of every rank's rows (logs.progress); a build logs a line at
+    its start and its end; `prompts` (query, document) are prepended to column 0 and to the
+    other columns before tokenizing. No collective waits longer than about `every_s` for a peer (keep it
+    well under the process group's timeout). Processes that build the same entry at once take
     turns (a file lock): the second finds it built. The result's `built` tells whether this
     call built it.
     """
-    from simcse_dist.data.corpus import PreparedCorpus
-
-    key, parts = corpus_key(path, fmt, objective, tokenizer, max_seq_len, prompts)
-    entry = default_cache_root(path, cache_dir) / f"{Path(path).name}.{key[:20]}"
-    manifest, built = entry / "manifest.json", False
-    if not manifest.is_file():
-        if workers > 1 and sys.modules.get("__mp_main__") is not sys.modules.get("__main__"):
-            # a spawned process re-running a script's top level (spawn runs the parent's __main__
-            # again as __mp_main__; elsewhere multiprocessing makes the two one module): it would
-            # wait for the lock its parent holds, and the parent for it. tests/data/test_prepare.py
-            # pins this
-            raise RuntimeError(
-                f"{path}: preparation started inside a worker process: the script that prepares "
-                "(or trains) must do so under `if __name__ == '__main__':`"
-            )
-        with _locked(entry):
-            if not manifest.is_file():  # else another process finished it while we waited
-                _build(entry, path, parts, key, objective, tokenizer, max(1, workers), progress, shard_rows, tick)
-                built = True
-    corpus = PreparedCorpus(entry)
-    corpus.built = built
+    if workers > 1 and sys.modules.get("__mp_main__") is not sys.modules.get("__main__"):
+        # a spawned process re-running a script's top level (spawn runs the parent's __main__
+        # again as __mp_main__; elsewhere multiprocessing makes the two one module): it would
+        # wait for the lock its parent holds, and the parent for it. tests/data/test_prepare.py
+        # pins this
+        raise RuntimeError(
+            f"{describe(path)}: preparation started inside a worker process: the script that prepares "
+            "(or trains) must do so under `if __name__ == '__main__':`"
+        )
+    workers = max(1, workers)
+    with contextlib.ExitStack() as held:
+        args = (path, fmt, objective, tokenizer, max_seq_len, prompts, cache_dir, shard_rows, unit_bytes, workers, held)
+        began = du.broadcast_from_main(du.main_first(lambda tick: _begin(*args, tick), every_s))
+        entry = Path(began["entry"])
+        if began["state"] == "build":
+            partial = entry.with_name(entry.name + ".partial")
+            plan = du.agreed(lambda: _read_plan(partial, began["nonce"]), shared=_SHARED)
+            try:
+                du.together(
+                    lambda team: _work(team, partial, plan, objective, tokenizer, workers, progress),
+                    every_s,
+                    shared=_SHARED,
+                )
+            except DataError:
+                du.agreed(lambda: None)  # every rank's workers have stopped writing
+                if du.rank() == 0:  # the same input would fail the same way: keep nothing
+                    shutil.rmtree(partial, ignore_errors=True)
+                raise
+            du.main_first(lambda tick: _publish(path, fmt, entry, plan, objective, tokenizer, workers, tick), every_s)
+        corpus = du.agreed(lambda: _open(entry), shared=_SHARED)
+    corpus.built = began["state"] == "build"
     return corpus

@@ -131,11 +131,13 @@ class _HashingRaw(io.RawIOBase):
             self._hasher.update(chunk)
 
 
-def read_lines(path: str, hasher=None) -> Iterator[tuple[int, str]]:
+def read_lines(path: str, hasher=None, opened=None) -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, line incl. newline) of a UTF-8 file (BOM tolerated; .gz read
-    through gzip). With `hasher`, the file's bytes as stored (compressed for .gz) are fed to it."""
+    through gzip). With `hasher`, the file's bytes as stored (compressed for .gz) are fed to it.
+    `opened`: a binary file object already open on `path` (e.g. an fsspec stream; closed here),
+    else `path` is opened as a local file."""
     try:
-        with open(path, "rb") as raw:
+        with opened if opened is not None else open(path, "rb") as raw:
             hashing = _HashingRaw(raw, hasher) if hasher is not None else None
             f = io.BufferedReader(hashing, 1 << 20) if hashing is not None else raw
             if str(path).endswith(".gz"):
@@ -175,22 +177,57 @@ def _describe(layouts: tuple[tuple[str, ...], ...]) -> str:
     return " | ".join(",".join(layout) for layout in layouts)
 
 
-def _csv_rows(path: str, hasher=None) -> Iterator[tuple[int, list[str]]]:
+def _csv_rows(lines: Iterator[tuple[int, str]], where: Callable[[int], str]) -> Iterator[tuple[int, list[str]]]:
     """(first line number, fields) per CSV record; quoted fields may span lines."""
-    reader = csv.reader(line for _, line in read_lines(path, hasher))
+    reader = csv.reader(line for _, line in lines)
     start = 1
     try:
         for row in reader:
             yield start, row
             start = reader.line_num + 1
     except csv.Error as e:
-        raise DataError(f"{path}:{start}: {e}") from None
+        raise DataError(f"{where(start)}: {e}") from None
 
 
-def _tsv_rows(path: str, hasher=None) -> Iterator[tuple[int, list[str]]]:
+def _tsv_rows(lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) per line, split on TAB with no quoting."""
-    for n, line in read_lines(path, hasher):
+    for n, line in lines:
         yield n, line.rstrip("\r\n").split("\t")
+
+
+def chunk_columns(
+    rows: Iterator[tuple[int, tuple[str, ...]]],
+    size: int,
+    objective: str,
+    name: str,
+    skip: Callable[[int], bool] = lambda i: False,
+) -> Iterator[tuple[int, list[list[str]] | None, int]]:
+    """(index, columns, rows) per chunk of `size` examples of `rows`, columns = [texts of column
+    c]: the first column for unsup, all for sup (DataError naming `name` at the first row of a
+    one-column input); columns is None for a chunk where `skip(index)` (read past, not kept).
+    Nothing for no rows."""
+    first = next(rows, None)
+    if first is None:
+        return
+    if objective == "sup" and len(first[1]) < 2:
+        raise DataError(
+            f"{name}: train.objective=sup needs sent0,sent1[,hard_neg] columns, but the file has one column"
+        )
+    rows = itertools.chain([first], rows)
+    for index in itertools.count():
+        part = itertools.islice(rows, size)
+        if skip(index):
+            columns, n = None, sum(1 for _ in part)
+        elif objective == "unsup":
+            columns = [[fields[0] for _, fields in part]]
+            n = len(columns[0])
+        else:
+            columns = [list(c) for c in zip(*(fields for _, fields in part), strict=True)]
+            n = len(columns[0]) if columns else 0
+        if n:
+            yield index, columns, n
+        if n < size:
+            return
 
 
 class TrainRows:
@@ -203,6 +240,7 @@ class TrainRows:
     first row on), `blank_lines` (skipped so far). `hasher` (e.g. hashlib.sha256()) is fed the
     file's bytes as stored (compressed for .gz) and has seen all of them once iteration ended.
     The format (`fmt`, one of FORMATS, else from the extension) is checked on construction.
+    `parse` and `parquet_rows` read part of a file the same way (data/inputs.py's work units).
     """
 
     def __init__(self, path: str, fmt: str | None = None, hasher=None) -> None:
@@ -214,16 +252,28 @@ class TrainRows:
         self.blank_lines = 0
 
     def __iter__(self) -> Iterator[tuple[int, tuple[str, ...]]]:
-        self.blank_lines = 0
-        if self.format == "txt":
-            return self._txt()
-        if self.format == "jsonl":
-            return self._jsonl()
         if self.format == "parquet":
             return self._parquet()
-        return self._table(
-            _csv_rows(self.path, self.hasher) if self.format == "csv" else _tsv_rows(self.path, self.hasher)
-        )
+        return self.parse(read_lines(self.path, self.hasher), lambda n: f"{self.path}:{n}")
+
+    def parse(
+        self,
+        lines: Iterator[tuple[int, str]],
+        where: Callable[[int], str],
+        head: tuple[str, str] | None = None,
+    ) -> Iterator[tuple[int, tuple[str, ...]]]:
+        """The examples of `lines` ((number, text) pairs of a text format); `where(n)` names line n
+        in an error. `head`: (its name, its text) of the file's first non-blank line (the header
+        of csv/tsv, the line that fixes jsonl's keys) when `lines` begin after it."""
+        self.blank_lines = 0
+        if self.format == "txt":
+            return self._txt(lines)
+        if self.format == "jsonl":
+            return self._jsonl(lines, where, head)
+        split = (lambda ls: _csv_rows(ls, where)) if self.format == "csv" else _tsv_rows
+        if head is not None:
+            head = (head[0], next(split(iter([(1, head[1])])))[1])
+        return self._table(split(lines), where, head)
 
     def chunks(
         self,
@@ -231,86 +281,78 @@ class TrainRows:
         objective: str,
         skip: Callable[[int], bool] = lambda i: False,
     ) -> Iterator[tuple[int, list[list[str]] | None, int]]:
-        """(index, columns, rows) per chunk of `size` examples, columns = [texts of column c]:
-        the first column for unsup, all for sup (DataError at the first row of a one-column file);
-        columns is None for a chunk where `skip(index)` (read past, not kept)."""
+        """`chunk_columns` over the whole file; DataError when it has no examples."""
         rows = iter(self)
         first = next(rows, None)
         if first is None:
             raise DataError(f"{self.path}: no examples")
-        if objective == "sup" and len(first[1]) < 2:
-            raise DataError(
-                f"{self.path}: train.objective=sup needs sent0,sent1[,hard_neg] columns, but the file has one column"
-            )
-        rows = itertools.chain([first], rows)
-        for index in itertools.count():
-            part = itertools.islice(rows, size)
-            if skip(index):
-                columns, n = None, sum(1 for _ in part)
-            elif objective == "unsup":
-                columns = [[fields[0] for _, fields in part]]
-                n = len(columns[0])
-            else:
-                columns = [list(c) for c in zip(*(fields for _, fields in part), strict=True)]
-                n = len(columns[0]) if columns else 0
-            if n:
-                yield index, columns, n
-            if n < size:
-                return
+        return chunk_columns(itertools.chain([first], rows), size, objective, self.path, skip)
 
-    def _txt(self) -> Iterator[tuple[int, tuple[str, ...]]]:
+    def _txt(self, lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, tuple[str, ...]]]:
         self.layout = ("text",)
-        for n, line in read_lines(self.path, self.hasher):
+        for n, line in lines:
             if sentence := line.strip():
                 yield n, (sentence,)
             else:
                 self.blank_lines += 1
 
-    def _table(self, rows: Iterator[tuple[int, list[str]]]) -> Iterator[tuple[int, tuple[str, ...]]]:
-        path, header, layout, order = self.path, None, (), []
+    def _header(self, where: str, fields: list[str]) -> tuple[tuple[str, ...], list[int]]:
+        header = tuple(f.strip().lower() for f in fields)
+        layout = _match_layout(header, _TABLE_LAYOUTS) or _mined_layout(header)
+        if layout is None:
+            raise DataError(
+                f"{where}: unrecognised header {','.join(header)!r}; "
+                f"accepted layouts: {_describe(_TABLE_LAYOUTS)} | sent0,sent1,hard_neg_1..hard_neg_K"
+            )
+        self.layout = layout
+        return header, [header.index(name) for name in layout]
+
+    def _table(self, rows, where, head) -> Iterator[tuple[int, tuple[str, ...]]]:
+        header, order = self._header(*head) if head is not None else (None, [])
+        layout = self.layout
         for n, fields in rows:
             if not fields or (len(fields) == 1 and not fields[0].strip()):
                 self.blank_lines += 1
                 continue
             if header is None:
-                header = tuple(f.strip().lower() for f in fields)
-                layout = _match_layout(header, _TABLE_LAYOUTS) or _mined_layout(header)
-                if layout is None:
-                    raise DataError(
-                        f"{path}:{n}: unrecognised header {','.join(header)!r}; "
-                        f"accepted layouts: {_describe(_TABLE_LAYOUTS)} | sent0,sent1,hard_neg_1..hard_neg_K"
-                    )
-                self.layout, order = layout, [header.index(name) for name in layout]
+                header, order = self._header(where(n), fields)
+                layout = self.layout
                 continue
             if len(fields) != len(header):
-                raise DataError(f"{path}:{n}: expected {len(header)} fields ({', '.join(header)}), got {len(fields)}")
+                raise DataError(f"{where(n)}: expected {len(header)} fields ({', '.join(header)}), got {len(fields)}")
             example = tuple(fields[i].strip() for i in order)
             for name, value in zip(layout, example, strict=True):
                 if not value:
-                    raise DataError(f"{path}:{n}: empty field {name!r}")
+                    raise DataError(f"{where(n)}: empty field {name!r}")
             yield n, example
 
-    def _jsonl(self) -> Iterator[tuple[int, tuple[str, ...]]]:
-        path, layout = self.path, None
-        for n, line in read_lines(path, self.hasher):
+    def _json(self, where: str, line: str) -> dict:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        return obj
+
+    def _json_layout(self, where: str, obj: dict) -> tuple[str, ...]:
+        layout = self.layout = _match_layout(tuple(obj), _JSON_LAYOUTS)
+        if layout is None:
+            raise DataError(f"{where}: unrecognised keys {sorted(obj)}; accepted: {_describe(_JSON_LAYOUTS)}")
+        return layout
+
+    def _jsonl(self, lines, where, head) -> Iterator[tuple[int, tuple[str, ...]]]:
+        layout = self._json_layout(head[0], self._json(*head)) if head is not None else None
+        for n, line in lines:
             if not line.strip():
                 self.blank_lines += 1
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: invalid JSON: {e}") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            obj = self._json(where(n), line)
             if layout is None:
-                layout = self.layout = _match_layout(tuple(obj), _JSON_LAYOUTS)
-                if layout is None:
-                    raise DataError(
-                        f"{path}:{n}: unrecognised keys {sorted(obj)}; accepted: {_describe(_JSON_LAYOUTS)}"
-                    )
+                layout = self._json_layout(where(n), obj)
             elif set(obj) != set(layout):
-                raise DataError(f"{path}:{n}: keys {sorted(obj)} differ from the first line's {sorted(layout)}")
-            yield n, _checked(path, n, layout, [obj[key] for key in layout])
+                raise DataError(f"{where(n)}: keys {sorted(obj)} differ from the first line's {sorted(layout)}")
+            yield n, _checked(where, n, layout, [obj[key] for key in layout])
 
     def _parquet(self) -> Iterator[tuple[int, tuple[str, ...]]]:
         path = self.path
@@ -328,22 +370,43 @@ class TrainRows:
             raise DataError(f"{path}: file not found") from None
         except Exception as e:  # OSError, pyarrow.ArrowInvalid (not a parquet file), ...
             raise DataError(f"{path}: cannot read as parquet: {e}") from None
+        return self.parquet_rows(pf)
+
+    def parquet_rows(self, pf, groups: tuple[int, int] | None = None, first_row: int = 1):
+        """The examples of a `pyarrow.parquet.ParquetFile`, or of its row groups [a, b) whose
+        first row is the file's row `first_row` (1-based; what errors name)."""
+        path = self.path
         names = tuple(pf.schema_arrow.names)
         layout = self.layout = _match_layout(names, _JSON_LAYOUTS)
         if layout is None:
             raise DataError(f"{path}: unrecognised columns {sorted(names)}; accepted: {_describe(_JSON_LAYOUTS)}")
-        n = 0
-        for batch in pf.iter_batches(batch_size=8192, columns=list(layout)):
+        self.blank_lines = 0
+        return self._parquet_values(pf, layout, groups, first_row)
+
+    def _parquet_values(self, pf, layout, groups, first_row) -> Iterator[tuple[int, tuple[str, ...]]]:
+        import pyarrow as pa
+
+        where = lambda n: f"{self.path}:{n}"  # noqa: E731
+        n = first_row - 1
+        kwargs = {} if groups is None else {"row_groups": list(range(*groups))}
+        batches = pf.iter_batches(batch_size=8192, columns=list(layout), **kwargs)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (OSError, pa.ArrowException) as e:  # a corrupt or truncated file
+                raise DataError(f"{self.path}: cannot read as parquet: {e}") from None
+            if batch is None:
+                return
             for values in zip(*(batch.column(i).to_pylist() for i in range(len(layout))), strict=True):
                 n += 1
-                yield n, _checked(path, n, layout, values)
+                yield n, _checked(where, n, layout, values)
 
 
-def _checked(path: str, n: int, layout: tuple[str, ...], values) -> tuple[str, ...]:
+def _checked(where: Callable[[int], str], n: int, layout: tuple[str, ...], values) -> tuple[str, ...]:
     """jsonl / parquet values, stripped; each must be a non-empty string."""
     for key, value in zip(layout, values, strict=True):
         if not isinstance(value, str) or not value.strip():
-            raise DataError(f"{path}:{n}: {key!r} must be a non-empty string, got {value!r}")
+            raise DataError(f"{where(n)}: {key!r} must be a non-empty string, got {value!r}")
     return tuple(value.strip() for value in values)
 
 

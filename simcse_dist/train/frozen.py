@@ -27,7 +27,7 @@ class FrozenModels:
     def __init__(self, cfg: Config, student_tokenizer) -> None:
         """Loads the models (no collective)."""
         from simcse_dist.config import ConfigError
-        from simcse_dist.data.prepare import tokenizer_fingerprint
+        from simcse_dist.data.shards import tokenizer_fingerprint
         from simcse_dist.model.encoder import quiet_transformers
         from simcse_dist.model.format import ExportError
         from simcse_dist.model.load import load_encoder

@@ -27,6 +27,7 @@ from simcse_dist.config import resolve_model_path
 from simcse_dist.data import prepare
 from simcse_dist.data.collate import Collator, CorpusCollator
 from simcse_dist.data.corpus import PreparedCorpus
+from simcse_dist.data.inputs import resolve_inputs
 from simcse_dist.data.prepare import corpus_key, default_cache_root, open_or_prepare
 from simcse_dist.data.readers import DataError, read_train_examples
 
@@ -94,18 +95,12 @@ def assert_batches_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 def tree_bytes(directory: Path) -> dict[str, bytes]:
-    """Every file of an entry, the manifest without its timing fields."""
-    out = {}
-    for p in sorted(directory.rglob("*")):
-        if p.is_file():
-            data = p.read_bytes()
-            if p.name == "manifest.json":
-                m = json.loads(data)
-                for k in ("build_seconds", "created"):
-                    m.pop(k)
-                data = json.dumps(m, sort_keys=True).encode()
-            out[str(p.relative_to(directory))] = data
-    return out
+    """Every file of an entry but build.json (its timing)."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != "build.json"
+    }
 
 
 def test_real_wiki_ids_and_batches_across_shards(tmp_path, minilm, tiny_bert, shared_data):
@@ -175,7 +170,7 @@ def test_batches_equal_collator_for_tokenizer_settings(tmp_path, minilm, variant
     for objective in ("unsup", "sup"):
         corpus = prep(path, objective, tok, tmp_path, shard_rows=8)
         if variant == "nonzero-types":
-            assert (corpus.directory / "shards" / "shard-00001" / "types_0.npy").is_file()
+            assert (corpus.directory / "shards" / "shard-000000-00001" / "types_0.npy").is_file()
         exs = examples if objective == "sup" else [(e[0],) for e in examples]
         ref, fast = Collator(tok, MAX_LEN, objective), CorpusCollator(corpus, tok.pad_token_id, objective)
         for indices in ([3], [0, 7, 7, 29], list(range(30)), [29, 8, 16, 0, 15]):
@@ -204,6 +199,7 @@ def test_two_workers_write_identical_bytes(tmp_path, minilm, shared_data, caplog
     assert "2 worker(s)" in said[0] and said[-1].startswith("preparing wiki.txt: 3,000 rows, 6 shard(s)")
     assert tree_bytes(one.directory) == tree_bytes(two.directory)
     assert len(tree_bytes(one.directory)) == 1 + 6 * 4  # manifest; ids, offsets, hashes, shard.json
+    assert one.build_seconds > 0 and json.loads((two.directory / "build.json").read_text())["workers"] == 2
 
 
 def test_key_from_metadata_and_hits_do_not_read(tmp_path, minilm, monkeypatch):
@@ -224,7 +220,7 @@ def test_key_from_metadata_and_hits_do_not_read(tmp_path, minilm, monkeypatch):
     st = path.stat()
     path.write_text(path.read_text("utf-8").replace("Short one.", "Short two."), encoding="utf-8")
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    monkeypatch.setattr(prepare, "TrainRows", None)  # any read would fail
+    monkeypatch.setattr(prepare, "UnitReader", None)  # any read would fail
     hit = prep(path, "unsup", minilm, tmp_path)
     assert not hit.built and hit.directory == base.directory
     monkeypatch.undo()
@@ -234,7 +230,7 @@ def test_key_from_metadata_and_hits_do_not_read(tmp_path, minilm, monkeypatch):
     assert changed.ids(0, 9).tolist() == minilm("Short two.", truncation=True, max_length=MAX_LEN)["input_ids"]
     with path.open("a") as f:
         f.write("one more\n")
-    assert corpus_key(str(path), None, "unsup", minilm, MAX_LEN)[0] != changed.manifest["key"]
+    assert corpus_key(resolve_inputs(str(path)), "unsup", minilm, MAX_LEN)[0] != changed.manifest["key"]
 
 
 def test_gzip_and_parquet(tmp_path, minilm):
@@ -251,7 +247,15 @@ def test_gzip_and_parquet(tmp_path, minilm):
     table = pa.table({"hard_neg": [r[2] for r in rows], "sent0": [r[0] for r in rows], "sent1": [r[1] for r in rows]})
     pq.write_table(table, tmp_path / "d.parquet", row_group_size=7)
     c = prep(tmp_path / "d.parquet", "sup", minilm, tmp_path, shard_rows=10)
-    assert c.fingerprint["sha256"] == hashlib.sha256((tmp_path / "d.parquet").read_bytes()).hexdigest()
+    # parquet is hashed per row group: the bytes from each group's first page to the next group's
+    data, meta = (tmp_path / "d.parquet").read_bytes(), pq.read_metadata(tmp_path / "d.parquet")
+    starts = [
+        min(min(col.data_page_offset, col.dictionary_page_offset or col.data_page_offset) for col in cols)
+        for cols in ([meta.row_group(g).column(i) for i in range(3)] for g in range(1, meta.num_row_groups))
+    ]
+    bounds = [0, *starts, len(data)]
+    parts = [hashlib.sha256(data[a:b]).hexdigest() for a, b in zip(bounds, bounds[1:], strict=False)]
+    assert len(parts) == 4 and c.fingerprint["sha256"] == hashlib.sha256("\n".join(parts).encode()).hexdigest()
     assert {k: v for k, v in tree_bytes(a.directory).items() if k != "manifest.json"} == {
         k: v for k, v in tree_bytes(c.directory).items() if k != "manifest.json"
     }
@@ -299,8 +303,8 @@ def test_builders_of_one_entry_take_turns(tmp_path, minilm, monkeypatch):
 
     path = write_lines(tmp_path / "s.txt", SENTENCES)
     builds, start, results, errors = [], threading.Barrier(3, timeout=60), {}, []
-    real = prepare._build
-    monkeypatch.setattr(prepare, "_build", lambda *a, **k: builds.append(1) or time.sleep(0.5) or real(*a, **k))
+    real = prepare._work
+    monkeypatch.setattr(prepare, "_work", lambda *a, **k: builds.append(1) or time.sleep(0.5) or real(*a, **k))
 
     def rank(r: int) -> None:
         try:
@@ -344,7 +348,7 @@ def test_sigkill_mid_build_then_rerun_equals_a_clean_build(tmp_path, minilm, sha
     )
     assert proc.stdout.readline() == "go\n"
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(cache.glob("*.partial/shards/shard-0000?"))) < 3:
+    while time.time() < deadline and len(list(cache.glob("*.partial/shards/shard-000000-0000?"))) < 3:
         time.sleep(0.01)
     children = psutil.Process(proc.pid).children()  # the 2 pool workers and multiprocessing's resource tracker
     workers = [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
@@ -352,14 +356,14 @@ def test_sigkill_mid_build_then_rerun_equals_a_clean_build(tmp_path, minilm, sha
     proc.wait()
     assert len(workers) == 2 and psutil.wait_procs(children, timeout=10)[1] == []  # they died with it
     partial = next(cache.glob("*.partial"))
-    complete = {p.name for p in (partial / "shards").glob("shard-?????")}
+    complete = {p.name for p in (partial / "shards").glob("shard-000000-?????")}
     assert 3 <= len(complete) < 40 and not list(cache.glob("*/manifest.json"))
-    junk = partial / "shards" / "shard-00039.tmp-99999"  # a half-written shard of another build
+    junk = partial / "shards" / "shard-000000-00039.tmp-99999"  # a half-written shard of another build
     junk.mkdir()
     (junk / "ids_0.npy").write_bytes(b"garbage")
     with caplog.at_level(logging.INFO, logger="simcse_dist"):
         rerun = prep(path, "unsup", minilm, tmp_path, max_len=32, cache="killed", shard_rows=1000)
-    assert f"{len(complete)} shard(s) reused" in caplog.messages[0]
+    assert f"0 unit(s) and {len(complete)} more shard(s) reused" in caplog.messages[0]
     clean = prep(path, "unsup", minilm, tmp_path, max_len=32, cache="clean", shard_rows=1000)
     assert tree_bytes(rerun.directory) == tree_bytes(clean.directory)
     assert not list(cache.glob("*.partial")) and rerun.num_rows == 40_000
@@ -424,7 +428,7 @@ threading.Thread(target=sample, daemon=True).start()
 corpus = open_or_prepare(sys.argv[1], None, "unsup", tok, 32, cache_dir=sys.argv[2], workers=2)
 done.set()
 print(corpus.num_rows, len(corpus.manifest["shards"]), peak["self"] - base, peak["workers"],
-      corpus.hashes(np.array([corpus.num_rows - 1]))[0, 0], corpus.manifest["build_seconds"])
+      corpus.hashes(np.array([corpus.num_rows - 1]))[0, 0], corpus.build_seconds)
 """
 
 
