@@ -3,7 +3,7 @@
 Each configuration runs `simcse-train` for `--steps` optimizer steps in a fresh single process
 (the bundled all-MiniLM-L6-v2, fp32, CPU) and reports the peak resident set size of that process
 (ru_maxrss of the child), so the numbers include the model, optimizer and Python overheads.
-With grad_cache the micro-batch (chunk) is fixed and grad_accum = global / chunk.
+With grad_cache the micro-batch (chunk) is fixed and grad_accum = global / (chunk x ranks).
 
     python -m bench.memory --globals 64,256,1024 --chunk 32 --output bench/memory.json
     python -m bench.memory --globals 4096 --chunk 64 --modes cache     # the 4096 check (slow)
@@ -29,13 +29,19 @@ from pathlib import Path
 from bench.common import DEFAULT_DATA, REPO, start_result, write_result
 
 
-def run_one(global_batch: int, chunk: int, cache: bool, steps: int, data: Path, overrides: list[str]) -> dict:
-    accum = global_batch // chunk if cache else 1
+def run_one(
+    global_batch: int, chunk: int, cache: bool, steps: int, data: Path, overrides: list[str], nproc: int = 1
+) -> dict:
+    """ru_maxrss of the children covers every rank the launcher waited for: with nproc > 1 the
+    peak is that of the largest rank (the per-rank peak)."""
+    nproc = max(1, nproc)
+    accum = global_batch // (chunk * nproc) if cache else 1
     with tempfile.TemporaryDirectory() as out:
         args = [
             sys.executable,
             "-m",
             "simcse_dist.cli",
+            *(["--nproc", str(nproc)] if nproc > 1 else []),
             "--config",
             str(REPO / "configs" / "demo.yaml"),
             f"data.train_file={data}",
@@ -69,13 +75,14 @@ def run_one(global_batch: int, chunk: int, cache: bool, steps: int, data: Path, 
         print("note: ru_maxrss of children is a running maximum; run configs in increasing size", file=sys.stderr)
     return {
         "global_batch": global_batch,
+        "ranks": nproc,
         "mode": "grad_cache" if cache else "one micro-batch",
-        "chunk": chunk if cache else global_batch,
+        "chunk": chunk if cache else global_batch // nproc,
         "grad_accum": accum,
         "steps": steps,
         "peak_rss_gib": round(peak_kib / 2**20, 2),
         "seconds": round(elapsed, 1),
-        "loss": rows[-1]["train/loss"],
+        "loss": next(r["train/loss"] for r in reversed(rows) if "train/loss" in r),
         "overrides": overrides,
     }
 
@@ -89,6 +96,7 @@ def main() -> None:
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--output", help="write the results as JSON here")
     p.add_argument("--overrides", nargs="*", default=[], help="section.key=value for every run (e.g. model.lora.r=8)")
+    p.add_argument("--nproc", type=int, default=1, help="ranks (simcse-train --nproc); the peak is per rank")
     args = p.parse_args()
     result = start_result(args, libraries=("torch", "transformers", "deepspeed"))
     results = []
@@ -96,7 +104,7 @@ def main() -> None:
     # interpreter processes, so every reported peak belongs to its own configuration.
     for mode in args.modes.split(","):
         for g in map(int, args.globals.split(",")):
-            one = json.dumps([g, args.chunk, mode == "cache", args.steps, args.data, args.overrides])
+            one = json.dumps([g, args.chunk, mode == "cache", args.steps, args.data, args.overrides, args.nproc])
             r = subprocess.run(
                 [sys.executable, "-m", "bench.memory", "--_one", one], capture_output=True, text=True, cwd=REPO
             )
@@ -115,7 +123,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--_one":
-        g, chunk, cache, steps, data, overrides = json.loads(sys.argv[2])
-        print(json.dumps(run_one(g, chunk, cache, steps, Path(data), overrides)))
+        g, chunk, cache, steps, data, overrides, nproc = json.loads(sys.argv[2])
+        print(json.dumps(run_one(g, chunk, cache, steps, Path(data), overrides, nproc)))
     else:
         main()

@@ -208,7 +208,7 @@ def test_loss_and_grad_cache_make_no_cpu_tensor_for_a_collective(monkeypatch, pa
     def encode(inputs):  # [b, k, L] -> [b, k, d], on the inputs' device
         return inputs["input_ids"].float() @ weight
 
-    loss_fn = Objective(ObjectiveSpec(0.05, mask_duplicates=with_ids, rank=1, world_size=2))
+    loss_fn = Objective(ObjectiveSpec(0.05, mask_duplicates=with_ids), rank=1, world_size=2)
     for run in (accumulate, grad_cache):
         # a padded chunk and an unpadded one: grad_cache fills the missing masks itself
         batches = [_meta_batch(3, 3, padded, with_ids), _meta_batch(3, 3, False, False)]
