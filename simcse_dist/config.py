@@ -166,6 +166,12 @@ def _prompts(prompt: str | dict[str, str] | None, field: str, objective: str) ->
     unknown = sorted(set(prompt) - {"query", "document"})
     _require(not unknown, field, f"unknown key {', '.join(unknown)}: expected query and/or document")
     for key, value in prompt.items():
+        _require(
+            value is not None,
+            field,
+            f"read as the mapping {{{key}: null}}: YAML takes a text ending in ': ' for a key, so quote it "
+            f"(on the command line: {field}='\"{key}: \"')",
+        )
         _require(isinstance(value, str), f"{field}.{key}", f"expected a string, got {value!r}")
     pair = (prompt.get("query", ""), prompt.get("document", ""))
     _require(

@@ -125,6 +125,7 @@ def test_export_in_fresh_sentence_transformers_equals_simcse_eval_at_64_dims_wit
         (['data.prompt={query: "q: ", document: "d: "}'], "data.prompt: unsup trains two dropout views"),
         (["data.prompt={question: 'q: '}", "train.objective=sup"], "data.prompt: unknown key question"),
         (["model.include_prompt=false", "model.pooler=cls"], "model.include_prompt: false needs model.pooler avg"),
+        (["data.prompt=query: "], "data.prompt: read as the mapping {query: null}"),  # unquoted YAML
     ],
 )
 def test_bad_prompt_configs_name_the_field(overrides, message, tmp_path):
