@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(e))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = env.world_size > 1 and not du.is_initialized()
+    finished = False  # every rank got through: leaving together is safe
     if started:
         du.init_distributed(env, timeout_s=1800)
     problems: list[str] = []
@@ -347,9 +348,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.output_json and scores:
                 Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.output_json).write_text(json.dumps(scores, indent=2) + "\n")
+        finished = True
     finally:
         if started:  # a group this process already had (e.g. a caller's) is the caller's to end
-            du.teardown()
+            du.teardown(together=finished)
     for problem in problems:  # after the results of the tasks that could run
         fail(problem)
     return 2 if problems else 0

@@ -127,17 +127,21 @@ def main(argv: list[str] | None = None) -> int:
     started = env.world_size > 1 and not du.is_initialized()
     if started:
         du.init_distributed(env, timeout_s=1800)
+    agreed = False  # every rank reached the last collective: leaving together is safe
     try:
         mine(job, opts, pairs, pool, env)
+        agreed = True
     except (ExportError, ConfigError, OSError) as e:  # the model: every rank fails the same way
         return fail(str(e))
-    except WriteFailure as e:
+    except WriteFailure as e:  # raised after the ranks agreed on the write's outcome
+        agreed = True
         return fail(str(e), EXIT_WRITE_FAILURE)
     except du.PeerFailed:  # rank 0 reports why
+        agreed = True
         return 0
     finally:
         if started:  # a group this process already had (e.g. a caller's) is the caller's to end
-            du.teardown()
+            du.teardown(together=agreed)
     return 0
 
 
