@@ -23,6 +23,11 @@ throughput   bench.throughput's own implementations (simcse-z0/z2/z3, simcse-z0-
              sentences/s at ZeRO 0 and 2; ZeRO-3 >= half of ZeRO-0 at b512.
 pipeline     data.num_workers=2: DataLoader workers with pinned memory (batches pinned), and
              torch.distributed.get_backend() (nccl on the GPU).
+objectives   plain, Matryoshka, guide and distillation runs: they train; the frozen models' cost.
+lora         a Qwen2-0.5B-shaped decoder with LoRA at ZeRO-3, gradient caching and activation
+             checkpointing: throughput and peak memory.
+packing      supervised NLI at max_seq_len 32, padded then packed (SDPA, block mask), batch 64
+             and 512, one run at a time: sentences/s; target at 512: packed >= 1.5x padded.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import math
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -597,6 +603,53 @@ def lora_check(plan: dict, r: dict) -> dict:
     return check(name, all(math.isfinite(x) for x in r["losses"]), criterion, nums)
 
 
+def packing_runs(plan: dict) -> dict:
+    """Supervised NLI at max_seq_len 32, padded then packed (SDPA with the block mask), at batch
+    64 and 512, one run at a time (timings): name -> run result."""
+    nli = find_data("nli-sample.tsv") or str(REPO / "data" / "demo" / "nli-demo.tsv")
+    precision = "bf16" if plan["device"] == "cuda" else "fp32"
+    runs = {}
+    for batch in (8,) if plan["dry"] else (64, 512):
+        for packed in (False, True):
+            name = f"pack-b{batch}-{'packed' if packed else 'padded'}"
+            runs[name] = train_run(
+                plan,
+                name,
+                [
+                    f"data.train_file={nli}",
+                    "train.objective=sup",
+                    f"train.global_batch_size={batch}",
+                    f"train.max_steps={plan['steps'] if batch <= 64 else 10}",
+                    f"data.packing={str(packed).lower()}",
+                    "model.attn_implementation=sdpa",
+                    f"engine.precision={precision}",
+                ],
+            )
+    return runs
+
+
+def packing_checks(plan: dict, runs: dict) -> list[dict]:
+    """sentences/s (median of the second half of the logged steps) packed vs padded per batch;
+    the target at batch 512: packed >= 1.5x padded."""
+    checks = []
+    for batch in sorted({int(n.split("-")[1][1:]) for n in runs}):
+        speeds, bad = {}, None
+        for mode in ("padded", "packed"):
+            r = runs[f"pack-b{batch}-{mode}"]
+            steps = plan["steps"] if batch <= 64 else 10
+            bad = bad or ran(r, steps)
+            rows = read_jsonl(Path(r["dir"]) / "metrics.jsonl")
+            speed = [x["train/sentences_per_s"] for x in rows if "train/sentences_per_s" in x]
+            speeds[mode] = statistics.median(speed[len(speed) // 2 :]) if speed else None
+        ratio = speeds["packed"] / speeds["padded"] if speeds["packed"] and speeds["padded"] else None
+        target = batch >= 512 and not plan["dry"]
+        ok = bad is None and ratio is not None and (ratio >= 1.5 if target else True)
+        criterion = "packed >= 1.5x padded (sentences/s)" if target else "both train; the ratio is recorded"
+        nums = {"sentences_per_s": speeds, "packed_over_padded": round(ratio, 3) if ratio else None}
+        checks.append(check(f"sup NLI 32, batch {batch}: packed vs padded", ok, criterion, nums, bad or ""))
+    return checks
+
+
 def throughput_job(plan: dict) -> tuple[int, str, list[dict], dict]:
     out = Path(plan["out"])
     cmd = [
@@ -709,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
     result["sections"]["pipeline"] = {"checks": [pipeline_check(plan, runs["pipeline"])]}
     result["sections"]["objectives"] = {"checks": [objective_check(plan, runs[f"obj-{n}"], n) for n in OBJECTIVES]}
     result["sections"]["lora"] = {"checks": [lora_check(plan, runs["lora-decoder-z3"])]}
+    packing = packing_runs(plan)  # one run at a time, after the concurrent correctness runs: timings
+    result["sections"]["packing"] = {"checks": packing_checks(plan, packing)}
     # the throughput runs alone, after everything else (timings); what is done is written first
     result["sections"]["throughput"] = {
         "checks": [

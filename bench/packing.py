@@ -57,7 +57,7 @@ CASES = {
     "unsup-wiki-64": ("unsup", DATA / "wiki1m-sample.txt", 64),
     "sup-nli-32": ("sup", DATA / "nli-sample.tsv", 32),
 }
-TRAINER_ROWS = {"simcse-padded": (), "simcse-packed": ("data.packing=true",)}
+TRAINER_ROWS = {"simcse-padded": ("data.packing=false",), "simcse-packed": ("data.packing=true",)}
 TRAINER_ROWS["simcse-balanced"] = (*TRAINER_ROWS["simcse-packed"], "data.balance_tokens=true")
 
 

@@ -1,15 +1,18 @@
-"""Packed forward: data/packing.py's rows of several sentences through a Hugging Face encoder,
-each sentence attending only to itself, then pooled per sentence into [b, k, d].
+"""Packed forward: data/packing.py's rows of several sentences through a Hugging Face encoder or
+decoder, each sentence attending only to itself, then pooled per sentence into [b, k, d].
 
 How it reaches the model, through transformers' public inputs: `position_ids` (restarting at
 every sentence) and a ready 4-D additive mask [R, 1, W, W] as `attention_mask`, which
-transformers 5's `masking_utils.create_bidirectional_mask` returns as it is and both the eager
-and the SDPA attention add to the scores (tests/model/test_packed_encoder.py pins this: packed equals
-padded, and a mask that leaks is caught). Which models: encoders whose position embeddings are
-absolute and indexed by `position_ids` (BERT; RoBERTa and XLM-R with their padding_idx + 1
-offset). Everything else runs padded with one line saying why (`unsupported`): decoders (a
-causal block mask is not built here), flash-attention (it ignores a 4-D mask; its varlen path
-is not wired), relative or rotary positions.
+transformers 5's `masking_utils` (`create_bidirectional_mask` for encoders, `create_causal_mask`
+for decoders) returns as it is, and both the eager and the SDPA attention add to the scores
+(tests/model/test_packed_encoder.py pins this: packed equals padded, and a mask that leaks is
+caught). Encoders get a block-diagonal mask, decoders a block-diagonal causal one; rotary
+positions read the restarting `position_ids`, as the padded decoder forward numbers real tokens
+from 0. Which models: encoders with absolute position embeddings indexed by `position_ids` (BERT;
+RoBERTa and XLM-R with their padding_idx + 1 offset) and the rotary decoders Qwen2, Qwen3,
+Llama and Mistral. Everything else runs padded with one line saying why (`unsupported`):
+flash-attention (it ignores a 4-D mask; its varlen path is not wired), relative positions,
+Gemma's sliding windows and soft-capping, other decoders.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import torch
 
 # model_type -> how position ids start: 0, or "pad" (padding_idx + 1, as RoBERTa numbers them)
 _POSITIONS = {"bert": 0, "roberta": "pad", "xlm-roberta": "pad", "camembert": "pad"}
+# causal decoders whose positions are rotary, read from position_ids, and whose layers take a 4-D mask
+_DECODERS = ("qwen2", "qwen3", "llama", "mistral")
 
 
-POOLERS = ("cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2", "pooler_output")
+POOLERS = ("cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2", "pooler_output", "last_token")
 
 
 def unsupported(backbone: torch.nn.Module, pooler: str = "cls") -> str | None:
@@ -29,9 +34,11 @@ def unsupported(backbone: torch.nn.Module, pooler: str = "cls") -> str | None:
         return f"the {pooler} pooler is not packed (packing pools {', '.join(POOLERS)})"
     cfg = backbone.config
     kind = getattr(cfg, "model_type", "?")
-    if kind not in _POSITIONS:
-        return f"{kind} models are not packed (packing covers {', '.join(sorted(_POSITIONS))})"
-    if getattr(cfg, "is_decoder", False):
+    if kind not in _POSITIONS and kind not in _DECODERS:
+        return f"{kind} models are not packed (packing covers {', '.join(sorted([*_POSITIONS, *_DECODERS]))})"
+    if kind in _DECODERS and pooler in ("cls", "cls_before_pooler", "pooler_output"):
+        return f"{kind} is causal: its first token sees nothing else; pool with last_token or avg"
+    if kind not in _DECODERS and getattr(cfg, "is_decoder", False):
         return f"{kind} is configured as a decoder (causal attention); packing needs bidirectional attention"
     if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
         return f"{kind} has {cfg.position_embedding_type} position embeddings; packing needs absolute ones"
@@ -47,10 +54,18 @@ def position_offset(backbone: torch.nn.Module) -> int:
     return backbone.config.pad_token_id + 1 if start == "pad" else 0
 
 
-def block_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[R, W] segment ids -> [R, 1, W, W] additive mask: 0 within a segment, the dtype's minimum
-    across segments (every query has its own segment, so no row of the softmax is empty)."""
+def is_causal(backbone: torch.nn.Module) -> bool:
+    return getattr(backbone.config, "model_type", "") in _DECODERS
+
+
+def block_mask(segments: torch.Tensor, dtype: torch.dtype, causal: bool = False) -> torch.Tensor:
+    """[R, W] segment ids -> [R, 1, W, W] additive mask: 0 within a segment (and, `causal`, only
+    for keys at or before the query), the dtype's minimum elsewhere (every query sees at least
+    itself, so no row of the softmax is empty)."""
     same = segments[:, :, None] == segments[:, None, :]
+    if causal:
+        width = segments.shape[1]
+        same &= torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
     mask = torch.zeros(same.shape, dtype=dtype, device=segments.device)
     return mask.masked_fill_(~same, torch.finfo(dtype).min).unsqueeze(1)
 
@@ -66,18 +81,25 @@ def packed_embeddings(
     pack_lengths: torch.Tensor,
 ) -> torch.Tensor:
     """Packed rows [R, W] -> [b, k, d] sentence embeddings before any MLP head, equal to the
-    padded forward's (encoder.pool) for cls, cls_before_pooler, avg, avg_first_last, avg_top2
-    and pooler_output."""
+    padded forward's (encoder.pool) for every pooler of POOLERS."""
     dtype = backbone.get_input_embeddings().weight.dtype
     offset = position_offset(backbone)
     positions = position_ids + offset if offset else position_ids
-    kwargs = {"input_ids": input_ids, "position_ids": positions, "attention_mask": block_mask(pack_segments, dtype)}
+    causal = is_causal(backbone)
+    mask = block_mask(pack_segments, dtype, causal)
+    kwargs = {"input_ids": input_ids, "position_ids": positions, "attention_mask": mask}
     if token_type_ids is not None:
         kwargs["token_type_ids"] = token_type_ids
+    if causal:
+        kwargs["use_cache"] = False
     need_all = pooler in ("avg_first_last", "avg_top2")
     out = backbone(**kwargs, output_hidden_states=need_all, return_dict=True)
     lead = pack_lengths.shape
     starts = pack_starts.reshape(-1)
+    if pooler == "last_token":  # a sentence's last token (the EOS the tokenizer appended)
+        d = out.last_hidden_state.shape[-1]
+        last = starts + pack_lengths.reshape(-1) - 1
+        return out.last_hidden_state.reshape(-1, d)[last].reshape(*lead, d)
     if pooler in ("cls", "cls_before_pooler", "pooler_output"):
         d = out.last_hidden_state.shape[-1]
         first = out.last_hidden_state.reshape(-1, d)[starts]  # [n, d]

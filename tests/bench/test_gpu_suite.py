@@ -51,13 +51,15 @@ def test_gpu_suite_dry_run_runs_every_section(tmp_path):
     ]
     assert not failed, failed
     assert proc.returncode == 0 and result["passed"] and result["dry_run"], proc.stdout[-2000:]
-    assert set(result["sections"]) == {"correctness", "throughput", "pipeline", "objectives", "lora"}
+    assert set(result["sections"]) == {"correctness", "throughput", "pipeline", "objectives", "lora", "packing"}
     checks = {s: {c["name"]: c for c in sec["checks"]} for s, sec in result["sections"].items()}
     assert set(checks["correctness"]) == CORRECTNESS
     assert all(c["status"] == "pass" for c in checks["correctness"].values())
     # numbers were recorded, not just statuses
     assert checks["correctness"]["fp32 dropout 0: GPU vs CPU losses"]["numbers"]["max_rel_diff"] <= 1e-3
     assert checks["correctness"]["grad cache (accum 2) vs accum 1"]["numbers"]["max_rel_diff"] <= 1e-3
+    (packed,) = checks["packing"].values()  # the dry run: batch 8, both train, the ratio recorded
+    assert packed["status"] == "pass" and packed["numbers"]["packed_over_padded"] > 0, packed
     (lora,) = checks["lora"].values()
     assert lora["status"] == "pass" and lora["numbers"]["sentences_per_s"] > 0 and lora["numbers"]["peak_rss_bytes"] > 0
     spearman = checks["correctness"]["export + simcse-eval (STS-B dev)"]["numbers"]["stsb_dev_spearman"]

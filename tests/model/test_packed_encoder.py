@@ -1,12 +1,13 @@
 """Packed encoding (data/packing.py + model/packing.py) against the padded forward, the
-reference: embeddings and one step's gradients to 1e-5 in fp32 for every pooler, and a block
-mask that leaks across sentences is caught."""
+reference: embeddings and one step's gradients to 1e-5 in fp32 for every pooler, BERT and tiny
+decoders (Qwen2, Llama), and a block mask that leaks across sentences (or, in a decoder, to later
+tokens) is caught."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_tiny_bert
+from helpers import make_tiny_bert, make_tiny_decoder
 
 import simcse_dist.model.packing as model_packing
 from simcse_dist.config import ModelConfig
@@ -77,7 +78,9 @@ def test_a_leaking_mask_is_caught(tmp_path, monkeypatch):
     see every other (the mask of plain concatenation) fails by far."""
     enc = encoder(tmp_path, "avg")
     batch = padded_batch()
-    monkeypatch.setattr(model_packing, "block_mask", lambda seg, dtype: torch.zeros(seg.shape[0], 1, 1, seg.shape[1]))
+    monkeypatch.setattr(
+        model_packing, "block_mask", lambda seg, dtype, causal=False: torch.zeros(seg.shape[0], 1, 1, seg.shape[1])
+    )
     dz, _ = max_diff(enc, batch, 40)
     assert dz > 1e-2
 
@@ -117,7 +120,7 @@ def test_unpackable_models_are_named():
         assert reason is not None and word in reason, (word, reason)
     bert.config._attn_implementation = "flash_attention_2"  # as from_pretrained(attn_implementation=...) sets it
     assert "flash_attention_2" in unsupported(bert)
-    assert "last_token" in unsupported(BertModel(BertConfig(**tiny)), "last_token")
+    assert "pooler" in unsupported(BertModel(BertConfig(**tiny)), "first_last_avg_typo")
 
 
 def test_roberta_positions_start_after_its_padding_index():
@@ -136,3 +139,49 @@ def test_roberta_positions_start_after_its_padding_index():
     del batch["token_type_ids"]  # RoBERTa has one token type
     dz, dg = max_diff(enc, batch, 30)
     assert dz < 1e-5 and dg < 1e-5
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def decoder(request, tmp_path_factory):
+    return make_tiny_decoder(tmp_path_factory.mktemp(f"packed-{request.param}"), arch=request.param)
+
+
+def decoder_batch(left: bool, seed: int = 4) -> dict:
+    batch = padded_batch(b=5, k=2, seq=12, seed=seed, left=left)
+    batch["input_ids"] = batch["input_ids"] % 400 + 50 * batch["attention_mask"]  # inside the 512-token vocabulary
+    del batch["token_type_ids"]
+    return batch
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("pooler", ["last_token", "avg"])
+def test_packed_decoder_equals_padded_under_either_padding_side(decoder, pooler, attn):
+    """Rotary positions restart per sentence and the block mask is causal: the packed embeddings
+    and gradients equal the padded forward's, whose positions count real tokens from 0."""
+    torch.manual_seed(0)
+    enc = Encoder.from_config(
+        ModelConfig(name_or_path=str(decoder), pooler=pooler, dropout=0.0, attn_implementation=attn)
+    )
+    enc.train()
+    assert unsupported(enc.backbone, pooler) is None
+    for left in (False, True):
+        dz, dg = max_diff(enc, decoder_batch(left), 30)
+        assert dz < 1e-5 and dg < 1e-5, (left, dz, dg)
+
+
+def test_a_decoder_mask_that_sees_later_tokens_is_caught(decoder, monkeypatch):
+    """Packed with a block mask that is not causal, the decoder's embeddings differ by far: the
+    comparison does see causality."""
+    torch.manual_seed(0)
+    enc = Encoder.from_config(ModelConfig(name_or_path=str(decoder), pooler="avg", dropout=0.0)).train()
+    real = model_packing.block_mask
+    monkeypatch.setattr(model_packing, "block_mask", lambda seg, dtype, causal=False: real(seg, dtype, False))
+    dz, _ = max_diff(enc, decoder_batch(False), 30)
+    assert dz > 1e-2
+
+
+def test_a_causal_first_token_is_not_pooled_packed(decoder):
+    from transformers import AutoModel
+
+    reason = unsupported(AutoModel.from_pretrained(decoder), "cls")
+    assert reason is not None and "last_token" in reason
