@@ -8,7 +8,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import spearmanr
 
 
 def alignment(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
@@ -28,6 +27,8 @@ def cosine_scores(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
 
 
 def spearman(pred: Sequence[float], gold: Sequence[float]) -> float:
+    from scipy.stats import spearmanr  # here, not at import: scipy.stats costs every rank ~1 s at start-up
+
     return float(spearmanr(pred, gold).statistic)
 
 
