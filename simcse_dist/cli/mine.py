@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="truncation in tokens (default: the model's max_seq_length)")
     p.add_argument("--chunk-size", type=int, help="anchors scored at once (default: a 256 MiB score matrix)")
     p.add_argument("--faiss", action="store_true", help="search with faiss IndexFlatIP (exact; needs faiss installed)")
+    p.add_argument(
+        "--pack-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pack each batch's sentences into rows of N tokens (no padding computed; the same negatives)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they show on a terminal only)")
     p.add_argument("--quiet", action="store_true", help="warnings and errors only")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -71,6 +78,8 @@ def _check_options(args: argparse.Namespace) -> MineOptions:
         )
     if args.batch_size < 1 or (args.chunk_size is not None and args.chunk_size < 1):
         raise ValueError("--batch-size and --chunk-size must be at least 1")
+    if args.pack_tokens is not None and args.pack_tokens < 2:
+        raise ValueError(f"--pack-tokens must be at least 2, got {args.pack_tokens}")
     if Path(args.output).suffix.lower() != ".tsv":
         raise ValueError(f"--output {args.output}: must end in .tsv (the trainer picks the format from the extension)")
     if Path(args.output).resolve() == Path(args.input).resolve():
@@ -117,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             args.chunk_size,
             args.faiss,
             not args.no_progress,
+            args.pack_tokens,
         )
         pairs, pool, note = read_inputs(job, opts)
     except (ValueError, DataError) as e:  # DataError is a ValueError; both name the file or option

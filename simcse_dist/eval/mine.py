@@ -33,6 +33,7 @@ from simcse_dist.eval.encode import encode
 from simcse_dist.fsutil import WriteFailure, atomic_file, explain
 from simcse_dist.model.encoder import quiet_transformers
 from simcse_dist.model.load import load_encoder
+from simcse_dist.model.packing import unsupported
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,7 @@ class MineJob:
     chunk_size: int | None = None  # anchors scored at once; None: a 256 MiB score matrix
     use_faiss: bool = False
     progress: bool = True
+    pack_tokens: int | None = None  # pack each batch into rows of this many tokens (no padding computed)
 
 
 def read_inputs(job: MineJob, opts: MineOptions) -> tuple[list[tuple[str, str]], Pool, str]:
@@ -296,7 +298,12 @@ def mine(job: MineJob, opts: MineOptions, pairs: list[tuple[str, str]], pool: Po
     texts = list(dict.fromkeys([*pool.anchors, *pool.candidates]))
     row = {t: i for i, t in enumerate(texts)}
     # collective: every rank encodes a share; every rank gets all embeddings back
-    emb = F.normalize(encode(encoder, tokenizer, texts, device, job.batch_size, max_length, progress), dim=-1)
+    pack_tokens = job.pack_tokens
+    if pack_tokens and (reason := unsupported(encoder.backbone, encoder.pooler)):
+        log.info(f"--pack-tokens: {reason}; encoding padded")
+        pack_tokens = None
+    emb = encode(encoder, tokenizer, texts, device, job.batch_size, max_length, progress, pack_tokens)
+    emb = F.normalize(emb, dim=-1)
     queries, cands = emb[[row[a] for a in pool.anchors]], emb[[row[c] for c in pool.candidates]]
     t1 = time.perf_counter()
     range_max = opts.resolved_range_max(pool.max_rows)

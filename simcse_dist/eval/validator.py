@@ -15,6 +15,7 @@ class StsValidator:
         self.pairs, self.every_steps, self.batch_size, self.prompt = pairs, every_steps, batch_size, prompt
         self.best_score: float | None = None
         self.best_step: int | None = None
+        self.pack_tokens: int | None = None  # set when the trainer packs: the dev set is encoded packed too
 
     def due(self, step: int, total_steps: int) -> bool:
         return step % self.every_steps == 0 or step == total_steps
@@ -23,7 +24,9 @@ class StsValidator:
         """(eval/* metrics, whether this is a new best). collective: every rank."""
         engine.eval()
         s1, s2, gold = self.pairs.sentences1, self.pairs.sentences2, self.pairs.scores
-        e1, e2 = pair_embeddings(engine, tokenizer, s1, s2, engine.device, self.batch_size, prompt=self.prompt)
+        e1, e2 = pair_embeddings(
+            engine, tokenizer, s1, s2, engine.device, self.batch_size, pack_tokens=self.pack_tokens, prompt=self.prompt
+        )
         engine.train()
         score = sts_correlation(e1, e2, gold)
         metrics = {"eval/stsb_spearman": score}

@@ -137,6 +137,8 @@ class Trainer:
                 reason = "model.include_prompt false leaves prompt tokens out of a padded mean only"
             if reason is None:
                 self.data.enable_packing()
+                if self.validator is not None:
+                    self.validator.pack_tokens = cfg.data.pack_row_tokens or cfg.data.max_seq_len
             else:
                 log.info(f"data.packing: {reason}; training padded")
 

@@ -140,6 +140,22 @@ def test_top_equals_sentence_transformers(case, model_dir, st_model, data, tmp_p
     assert (f"{short} rows have fewer than {K} negatives" in out) == (K > 1)
 
 
+def test_packed_encoding_picks_what_sentence_transformers_picks(
+    model_dir, st_model, data, tmp_path, capsys, monkeypatch
+):
+    """--pack-tokens: the batches are packed (no padding computed) and the picks stay the peer's."""
+    import simcse_dist.eval.encode as encode_module
+
+    packed_batches = []
+    real_pack = encode_module.pack
+    monkeypatch.setattr(encode_module, "pack", lambda *a: packed_batches.append(1) or real_pack(*a))
+    options, st_options, corpus = CASES["top3-range-max-score"]
+    expected = reference(st_model, data, corpus=corpus, sampling_strategy="top", **st_options)
+    assert run_mine(model_dir, data, tmp_path / "out.tsv", *options, "--pack-tokens", "64") == 0
+    assert packed_batches and "--pack-tokens" not in capsys.readouterr().out  # packed, not the padded fallback
+    assert mined(tmp_path / "out.tsv") == expected
+
+
 def test_faiss_search_equals_sentence_transformers_with_faiss(model_dir, st_model, data, tmp_path):
     pytest.importorskip("faiss")
     expected = reference(

@@ -451,3 +451,30 @@ def test_eval_cli_packed_gives_the_same_scores(tmp_path, tiny_bert):
     padded = encode(encoder.eval(), tok, texts, torch.device("cpu"), batch_size=7)
     packed = encode(encoder, tok, texts, torch.device("cpu"), batch_size=7, pack_tokens=48)
     assert float((padded - packed).abs().max()) < 1e-5
+
+
+def test_the_training_validator_encodes_packed_as_the_written_out_score(tmp_path, tiny_bert, monkeypatch):
+    """The in-training STS evaluation of a packing run (validator.pack_tokens, set by the trainer)
+    gives the written-out reference's Spearman, with the batches really packed."""
+    from transformers import AutoTokenizer
+
+    import simcse_dist.eval.encode as encode_module
+    from simcse_dist.eval.sts import StsData
+    from simcse_dist.eval.validator import StsValidator
+    from simcse_dist.model.load import load_encoder
+
+    rows = _tiny_sts_dir(tmp_path)
+    texts = [r[0] for r in rows] + [r[1] for r in rows]
+    emb = documented_embeddings(tiny_bert, texts, pooler="avg")
+    expected = spearman_by_hand(cosine(emb[: len(rows)], emb[len(rows) :]), [r[2] for r in rows])
+    encoder, _, _ = load_encoder(str(tiny_bert), "avg")
+    encoder.device = torch.device("cpu")  # what the validator reads from a DeepSpeed engine
+    pairs = StsData([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], None, "tiny")
+    validator = StsValidator(pairs, every_steps=1, batch_size=7)
+    validator.pack_tokens = 48
+    calls = []
+    real_pack = encode_module.pack
+    monkeypatch.setattr(encode_module, "pack", lambda *a: calls.append(1) or real_pack(*a))
+    metrics, improved = validator.run(encoder, AutoTokenizer.from_pretrained(tiny_bert), step=1)
+    assert calls and improved
+    assert metrics["eval/stsb_spearman"] == pytest.approx(expected, abs=1e-8)
