@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 pairs.sentences2,
                 device,
                 args.batch_size,
-                max_length,
+                max_length=max_length,
                 show_progress=progress,
                 pack_tokens=pack_tokens,
                 prompt=query_prompt,

@@ -78,15 +78,12 @@ def pair_embeddings(
     sentences2: Sequence[str],
     device: torch.device,
     batch_size: int = 128,
-    max_length: int = 512,
-    show_progress: bool = False,
-    pack_tokens: int | None = None,
-    prompt: str = "",
+    **options,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings [n, d] of both sides of n pairs. Each distinct sentence is encoded once (STS
-    sets repeat many), so the cost is that of the unique sentences.
+    sets repeat many), so the cost is that of the unique sentences. `options`: encode's.
     collective: every rank calls this with the same sentences."""
     unique = list(dict.fromkeys([*sentences1, *sentences2]))
     row = {s: i for i, s in enumerate(unique)}
-    emb = encode(forward, tokenizer, unique, device, batch_size, max_length, show_progress, pack_tokens, prompt)
+    emb = encode(forward, tokenizer, unique, device, batch_size, **options)
     return emb[[row[s] for s in sentences1]], emb[[row[s] for s in sentences2]]

@@ -125,30 +125,16 @@ def _detect(first: str, path: str) -> _Layout:
     if "||" in first:
         return _Layout("||", 4, 1, 2, 3, describe="id||sentence1||sentence2||score")
     cols = [c.strip().lower() for c in first.split("\t")]
-    if {"sentence1", "sentence2", "score"} <= set(cols):
-        subset = cols.index("subset") if "subset" in cols else None
-        return _Layout(
-            "\t",
-            len(cols),
-            cols.index("sentence1"),
-            cols.index("sentence2"),
-            cols.index("score"),
-            subset=subset,
-            header=True,
-            describe=", ".join(cols),
-        )
-    if {"sentence_a", "sentence_b", "relatedness_score"} <= set(cols):
-        split_col = cols.index("semeval_set") if "semeval_set" in cols else None
-        return _Layout(
-            "\t",
-            len(cols),
-            cols.index("sentence_a"),
-            cols.index("sentence_b"),
-            cols.index("relatedness_score"),
-            semeval_set=split_col,
-            header=True,
-            describe=", ".join(cols),
-        )
+    # headed TSVs: (sentence, sentence, score) column names, and the optional column of subsets
+    # (STS-B's "subset") or of splits (SICK's "semeval_set")
+    for names, extra in (
+        (("sentence1", "sentence2", "score"), "subset"),
+        (("sentence_a", "sentence_b", "relatedness_score"), "semeval_set"),
+    ):
+        if set(names) <= set(cols):
+            a, b, score = (cols.index(n) for n in names)
+            optional = {extra: cols.index(extra) if extra in cols else None}
+            return _Layout("\t", len(cols), a, b, score, **optional, header=True, describe=", ".join(cols))
     if len(cols) >= 7:
         return _Layout("\t", None, 5, 6, 4, min_fields=7, describe="genre, file, year, id, score, sentence1, sentence2")
     raise DataError(
