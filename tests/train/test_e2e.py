@@ -36,7 +36,7 @@ def test_two_ranks_train_minilm_on_wiki_sample(shared_data, tmp_path):
             nproc=2,
         )
     )
-    # Prepared once by rank 0 while rank 1 waited: one complete entry, no partial build left over.
+    # Prepared once (both ranks taking units, rank 0 reporting): one complete entry, no partial build left over.
     assert proc.stdout.count("preparing wiki1m-sample.txt:") == 2, proc.stdout  # its start and end lines
     (entry,) = [p for p in cache.iterdir() if p.is_dir()]
     assert entry.name.startswith("wiki1m-sample.txt.") and (entry / "manifest.json").is_file()

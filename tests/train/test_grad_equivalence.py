@@ -162,13 +162,18 @@ def test_grad_cache_equals_whole_global_batch(tiny_bert, tmp_path, world):
             check(tmp_path, objective, "0,1,2,3", accum, ref, f"grad_cache world {world}")
 
 
+DROPOUT_PADDED = ("model.dropout=0.1", "data.packing=false")
+
+
 def reference_grads_dropout(
     model: Path, objective: str, data: Path, idx: list[int], world: int, accum: int, extra: tuple = ()
 ) -> dict[str, torch.Tensor]:
     """Dropout on: the written-out loss over the whole global batch, each rank's rows encoded
     chunk by chunk from that rank's seed (train.seed + rank) in the trainer's order, so the
-    dropout masks are the ones the ranks draw. No activation checkpointing here. `extra`: model
-    overrides (LoRA: its B factors drawn as the worker's --random-lora-b does)."""
+    dropout masks are the ones the ranks draw. Masks are drawn over the padded [rows, length]
+    layout, so the runs compared with it train padded (DROPOUT_PADDED). No activation
+    checkpointing here. `extra`: model overrides (LoRA: its B factors drawn as the worker's
+    --random-lora-b does)."""
     cfg = load_config(None, overrides(model, 8, "model.dropout=0.1", *extra))
     torch.manual_seed(SEED)
     enc = Encoder.from_config(cfg.model).train()
@@ -195,9 +200,7 @@ def reference_grads_dropout(
 @pytest.mark.slow
 def test_grad_cache_with_dropout_equals_whole_global_batch(tiny_bert, tmp_path):
     """Dropout on (the augmentation): 2 ranks x 2 chunks re-encode with each chunk's own masks."""
-    run_worker(
-        tmp_path, 2, tiny_bert, 24, accums="2", stages="0,3", extra=("train.grad_cache=true", "model.dropout=0.1")
-    )
+    run_worker(tmp_path, 2, tiny_bert, 24, accums="2", stages="0,3", extra=("train.grad_cache=true", *DROPOUT_PADDED))
     for objective in ("unsup", "sup"):
         idx = global_batch_indices(n_examples(DATA[objective]), 24, SEED)
         ref = reference_grads_dropout(tiny_bert, objective, DATA[objective], idx, 2, 2)
@@ -359,7 +362,7 @@ def test_grad_cache_with_activation_checkpointing_and_dropout(tiny_bert, tmp_pat
             "--hard-negative-weight",
             str(HNW),
             *worker_extra,
-            *overrides(model, 24, "train.grad_cache=true", "model.dropout=0.1", "engine.activation_checkpointing=true"),
+            *overrides(model, 24, "train.grad_cache=true", *DROPOUT_PADDED, "engine.activation_checkpointing=true"),
             *extra,
         ],
         timeout=900,
