@@ -140,10 +140,11 @@ def init_distributed(env: DistEnv, timeout_s: int) -> None:
 
 
 def teardown(together: bool = False) -> None:
-    """Leave the process group. `together` (after a run that ended well on every rank): meet in a
-    barrier first, so no rank closes its connections while a peer still uses them (gloo can then
-    abort the peer with `terminate called without an active exception`). Never after a failure:
-    a dead peer would keep the barrier waiting for the whole timeout."""
+    """Leave the process group. `together` (every rank alive and past the same agreement: a run
+    that ended well, or a failure all ranks agreed on): meet in a barrier first, so no rank closes
+    its connections while a peer still uses them (gloo can then abort the peer with `terminate
+    called without an active exception`). Never after a failure a peer may not have seen: a dead
+    peer would keep the barrier waiting for the whole timeout."""
     if dist.is_available() and dist.is_initialized():
         if together and world_size() > 1:
             dist.barrier()
