@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build, on a machine with PyPI access, what bench/gpu_suite.sh needs on a GPU machine that has
-# torch and transformers but no deepspeed and no network (this workplace's CUDA image: Python 3.12).
+# torch and transformers but no deepspeed and no network (for example a CUDA image with Python 3.12).
 #
 #   bench/build_gpu_wheels.sh OUT            # OUT: the wheel dir for `gpu_suite.sh --wheels OUT`
 #   bench/build_gpu_wheels.sh OUT --bundle   # also OUT/minilm-fp16 (all-MiniLM-L6-v2 in fp16: the fp32

@@ -1,4 +1,4 @@
-"""The GPU path in one command (issue 13): correctness through the real command lines, throughput
+"""The GPU path in one command: correctness through the real command lines, throughput
 and peak memory, the input pipeline and the process-group backend; <= 8 minutes on one H100/H200.
 
     bench/gpu_suite.sh --out DIR [--wheels DIR] [--model DIR] [--data FILE] [--sts-dev FILE]
@@ -48,7 +48,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIRS = (REPO.parent / "shared" / "data", REPO / "shared" / "data")  # tests/helpers.py's, or a carried copy
 IMPLS = "simcse-z0,simcse-z2,simcse-z3,simcse-z0-compile,plain,st-mnrl"
-TARGETS = {64: 2000.0, 512: 6500.0}  # sentences/s through the trainer at ZeRO 0-2 (issue 13)
+TARGETS = {64: 2000.0, 512: 6500.0}  # sentences/s through the trainer at ZeRO 0-2 (the GPU targets)
 
 
 # ---------------------------------------------------------------------------------------------

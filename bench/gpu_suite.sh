@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU path in one command (issue 13): correctness, throughput + peak memory, input pipeline.
+# The GPU path in one command: correctness, throughput + peak memory, input pipeline.
 #
 #   bench/gpu_suite.sh --out DIR [--wheels WHEELS_DIR] [--model DIR] [--data FILE] [--sts-dev FILE]
 #   bench/gpu_suite.sh --dry-run --out DIR      # CPU, tiny random BERT: checks the suite itself (<= 60 s)

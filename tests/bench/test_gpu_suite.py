@@ -2,7 +2,7 @@
 the suite's whole code path on CPU with a tiny random BERT, and every section must report and pass.
 
 The suite's own comparisons are to independent references (the same run on CPU, gradient
-caching vs plain accumulation, the issue's fixed targets); what this test adds is that the
+caching vs plain accumulation, the fixed GPU targets); what this test adds is that the
 suite runs end to end, every check is there, and the JSON says what was substituted.
 """
 

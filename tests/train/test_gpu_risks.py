@@ -1,4 +1,4 @@
-"""The GPU-path risks that a CPU can show (issue 13, risks 6 and 7).
+"""The GPU-path risks that a CPU can show.
 
 Risk 6, best/ from the fp32 master weights: at bf16 the module holds bf16 copies, the optimizer
 the fp32 masters; a small update changes the masters but not their bf16 rounding. The reference
