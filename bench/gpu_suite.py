@@ -26,8 +26,9 @@ pipeline     data.num_workers=2: DataLoader workers with pinned memory (batches 
 objectives   plain, Matryoshka, guide and distillation runs: they train; the frozen models' cost.
 lora         a Qwen2-0.5B-shaped decoder with LoRA at ZeRO-3, gradient caching and activation
              checkpointing: throughput and peak memory.
-packing      supervised NLI at max_seq_len 32, padded then packed (SDPA, block mask), batch 64
-             and 512, one run at a time: sentences/s; target at 512: packed >= 1.5x padded.
+packing      supervised NLI at max_seq_len 32, padded, packed (SDPA, block mask) and, where
+             flash-attn is installed, packed through flash-attention's varlen kernel, batch 64 and
+             512, one run at a time: sentences/s; target at 512: packed >= 1.5x padded.
 """
 
 from __future__ import annotations
@@ -603,15 +604,27 @@ def lora_check(plan: dict, r: dict) -> dict:
     return check(name, all(math.isfinite(x) for x in r["losses"]), criterion, nums)
 
 
+PACKING_MODES = {"padded": (False, "sdpa"), "packed": (True, "sdpa"), "flash": (True, "flash_attention_2")}
+"""mode -> (data.packing, model.attn_implementation)"""
+
+
+def packing_modes(plan: dict) -> list[str]:
+    """padded and packed; flash (varlen) where flash-attn works (a CUDA device, the package)."""
+    from transformers.utils import is_flash_attn_2_available
+
+    return ["padded", "packed"] + (["flash"] if plan["device"] == "cuda" and is_flash_attn_2_available() else [])
+
+
 def packing_runs(plan: dict) -> dict:
-    """Supervised NLI at max_seq_len 32, padded then packed (SDPA with the block mask), at batch
-    64 and 512, one run at a time (timings): name -> run result."""
+    """Supervised NLI at max_seq_len 32 in each of packing_modes, at batch 64 and 512, one run at a
+    time (timings): name -> run result."""
     nli = find_data("nli-sample.tsv") or str(REPO / "data" / "demo" / "nli-demo.tsv")
     precision = "bf16" if plan["device"] == "cuda" else "fp32"
     runs = {}
     for batch in (8,) if plan["dry"] else (64, 512):
-        for packed in (False, True):
-            name = f"pack-b{batch}-{'packed' if packed else 'padded'}"
+        for mode in packing_modes(plan):
+            packed, attn = PACKING_MODES[mode]
+            name = f"pack-b{batch}-{mode}"
             runs[name] = train_run(
                 plan,
                 name,
@@ -621,7 +634,7 @@ def packing_runs(plan: dict) -> dict:
                     f"train.global_batch_size={batch}",
                     f"train.max_steps={plan['steps'] if batch <= 64 else 10}",
                     f"data.packing={str(packed).lower()}",
-                    "model.attn_implementation=sdpa",
+                    f"model.attn_implementation={attn}",
                     f"engine.precision={precision}",
                 ],
             )
@@ -629,12 +642,12 @@ def packing_runs(plan: dict) -> dict:
 
 
 def packing_checks(plan: dict, runs: dict) -> list[dict]:
-    """sentences/s (median of the second half of the logged steps) packed vs padded per batch;
-    the target at batch 512: packed >= 1.5x padded."""
+    """sentences/s (median of the second half of the logged steps) packed (SDPA; flash varlen where
+    it ran) vs padded per batch; the target at batch 512: packed >= 1.5x padded."""
     checks = []
     for batch in sorted({int(n.split("-")[1][1:]) for n in runs}):
         speeds, bad = {}, None
-        for mode in ("padded", "packed"):
+        for mode in [m for m in PACKING_MODES if f"pack-b{batch}-{m}" in runs]:
             r = runs[f"pack-b{batch}-{mode}"]
             steps = plan["steps"] if batch <= 64 else 10
             bad = bad or ran(r, steps)
@@ -646,6 +659,10 @@ def packing_checks(plan: dict, runs: dict) -> list[dict]:
         ok = bad is None and ratio is not None and (ratio >= 1.5 if target else True)
         criterion = "packed >= 1.5x padded (sentences/s)" if target else "both train; the ratio is recorded"
         nums = {"sentences_per_s": speeds, "packed_over_padded": round(ratio, 3) if ratio else None}
+        if speeds.get("flash") and speeds["padded"]:
+            nums["flash_over_padded"] = round(speeds["flash"] / speeds["padded"], 3)
+        elif "flash" not in speeds:
+            nums["flash"] = "not run: flash-attn is not installed (or no CUDA device)"
         checks.append(check(f"sup NLI 32, batch {batch}: packed vs padded", ok, criterion, nums, bad or ""))
     return checks
 

@@ -89,7 +89,8 @@ class ModelConfig:
     dropout: float | None = None
     """Overrides hidden and attention dropout (0 allowed); None keeps the checkpoint's values (0.1 for BERT)."""
     attn_implementation: str | None = None
-    """Passed to from_pretrained (e.g. sdpa, eager); None lets transformers choose."""
+    """Passed to from_pretrained (e.g. sdpa, eager, flash_attention_2); None: flash_attention_2 for a
+    packed bf16/fp16 run where flash-attn is installed and a GPU is present, else transformers' default (SDPA)."""
     include_prompt: bool = True
     """Whether a prompt's tokens (data.prompt) count in mean pooling; false leaves them out, as
     sentence-transformers' Pooling(include_prompt=False) does (avg pooler only)."""

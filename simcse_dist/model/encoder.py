@@ -101,7 +101,10 @@ class Encoder(nn.Module):
         self.decoder = is_decoder(backbone.config)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> Encoder:
+    def from_config(cls, cfg: ModelConfig, prefer_attention: str | None = None) -> Encoder:
+        """The encoder `cfg` names. `prefer_attention` (model/packing.py preferred_attention) is
+        tried when cfg.attn_implementation is unset; a model that does not take it loads with
+        transformers' default and one line saying so."""
         from transformers import AutoConfig
 
         path = resolve_model_path(cfg.name_or_path)
@@ -112,10 +115,21 @@ class Encoder(nn.Module):
                 raise ValueError(f"model.dropout: {type(hf_config).__name__} has none of {_DROPOUT_KEYS}")
             for key in touched:
                 setattr(hf_config, key, cfg.dropout)
-        kwargs = {"config": hf_config}
-        if cfg.attn_implementation:
-            kwargs["attn_implementation"] = cfg.attn_implementation
-        backbone = load_backbone(path, cfg.pooler, **kwargs)
+        attn = cfg.attn_implementation or prefer_attention
+        rng = torch.get_rng_state()  # a failed load must not move the seed the MLP head is drawn from
+        try:
+            backbone = load_backbone(
+                path, cfg.pooler, config=hf_config, **({"attn_implementation": attn} if attn else {})
+            )
+        except (ValueError, ImportError) as exc:
+            if cfg.attn_implementation or not attn:
+                raise
+            log.info(f"attention: {attn} does not load for {path} ({str(exc).splitlines()[0]}); using the default")
+            torch.set_rng_state(rng)
+            backbone = load_backbone(path, cfg.pooler, config=hf_config)
+        else:
+            if attn and not cfg.attn_implementation:
+                log.info(f"attention: {attn} (packed sentences reach its varlen kernel)")
         if cfg.lora.enabled:
             from simcse_dist.model.lora import add_lora
 

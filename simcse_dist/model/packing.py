@@ -11,8 +11,13 @@ positions read the restarting `position_ids`, as the padded decoder forward numb
 from 0. Which models: encoders with absolute position embeddings indexed by `position_ids` (BERT;
 RoBERTa and XLM-R with their padding_idx + 1 offset) and the rotary decoders Qwen2, Qwen3,
 Llama and Mistral. Everything else runs padded with one line saying why (`unsupported`):
-flash-attention (it ignores a 4-D mask; its varlen path is not wired), relative positions,
-Gemma's sliding windows and soft-capping, other decoders.
+relative positions, Gemma's sliding windows and soft-capping, other decoders.
+
+Flash-attention (any `_attn_implementation` with "flash" in its name, transformers' own rule)
+takes no 4-D mask: the real tokens of all rows go as one row [1, T] with the sentences'
+cumulative lengths (`cu_seq_lens_q/k`, `max_length_q/k`, transformers' FlashAttentionKwargs),
+which its varlen kernel reads, so neither the rows' padding nor a W x W mask is computed. The
+trainer picks it for a packing run when flash-attn is installed (`preferred_attention`).
 """
 
 from __future__ import annotations
@@ -43,9 +48,28 @@ def unsupported(backbone: torch.nn.Module, pooler: str = "cls") -> str | None:
     if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
         return f"{kind} has {cfg.position_embedding_type} position embeddings; packing needs absolute ones"
     impl = getattr(cfg, "_attn_implementation", None) or "eager"
-    if impl not in ("eager", "sdpa"):
-        return f"attention {impl} does not take a 4-D mask; packing runs with eager or sdpa"
+    if impl not in ("eager", "sdpa") and not varlen_attention(backbone):
+        return f"attention {impl} takes neither a 4-D mask nor varlen lengths; packing runs with eager, sdpa or flash"
     return None
+
+
+def varlen_attention(backbone: torch.nn.Module) -> bool:
+    """Whether the model's attention is a flash-attention flavour, which reads packed sentences
+    as cumulative lengths (transformers' is_flash_attention_requested tests the same substring)."""
+    return "flash" in (getattr(backbone.config, "_attn_implementation", None) or "")
+
+
+def preferred_attention(requested: str | None, packing: bool, precision: str) -> str | None:
+    """The attention a run asks transformers for: `model.attn_implementation` when set; else
+    flash_attention_2 for a packed run in bf16 or fp16 when flash-attn works here (installed, a
+    CUDA device: transformers' is_flash_attn_2_available), since its varlen kernel skips the
+    padding and the mask; else None (transformers' default, SDPA). Flash kernels take half
+    precision only, so an fp32 run keeps SDPA."""
+    if requested or not packing or precision not in ("bf16", "fp16"):
+        return requested
+    from transformers.utils import is_flash_attn_2_available
+
+    return "flash_attention_2" if is_flash_attn_2_available() else None
 
 
 def position_offset(backbone: torch.nn.Module) -> int:
@@ -82,20 +106,30 @@ def packed_embeddings(
 ) -> torch.Tensor:
     """Packed rows [R, W] -> [b, k, d] sentence embeddings before any MLP head, equal to the
     padded forward's (encoder.pool) for every pooler of POOLERS."""
-    dtype = backbone.get_input_embeddings().weight.dtype
     offset = position_offset(backbone)
     positions = position_ids + offset if offset else position_ids
     causal = is_causal(backbone)
-    mask = block_mask(pack_segments, dtype, causal)
-    kwargs = {"input_ids": input_ids, "position_ids": positions, "attention_mask": mask}
+    kwargs = {"input_ids": input_ids, "position_ids": positions}
     if token_type_ids is not None:
         kwargs["token_type_ids"] = token_type_ids
+    starts, segments = pack_starts.reshape(-1), pack_segments.reshape(-1)
+    if varlen_attention(backbone):
+        # one row of the real tokens (row padding is segment >= n); sentences stay contiguous, so
+        # their first tokens in order, then the total, are the cumulative lengths
+        keep = segments < starts.numel()
+        kwargs = {key: value.reshape(-1)[keep][None] for key, value in kwargs.items()}
+        starts, segments = (keep.cumsum(0) - 1)[starts], segments[keep]
+        cu = torch.cat([starts.sort().values, starts.new_tensor([segments.numel()])]).to(torch.int32)
+        longest = int(pack_lengths.max())
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    else:
+        dtype = backbone.get_input_embeddings().weight.dtype
+        kwargs["attention_mask"] = block_mask(pack_segments, dtype, causal)
     if causal:
         kwargs["use_cache"] = False
     need_all = pooler in ("avg_first_last", "avg_top2")
     out = backbone(**kwargs, output_hidden_states=need_all, return_dict=True)
     lead = pack_lengths.shape
-    starts = pack_starts.reshape(-1)
     if pooler == "last_token":  # a sentence's last token (the EOS the tokenizer appended)
         d = out.last_hidden_state.shape[-1]
         last = starts + pack_lengths.reshape(-1) - 1
@@ -114,6 +148,6 @@ def packed_embeddings(
     else:
         raise ValueError(f"model.pooler: {pooler!r} cannot be packed")
     n, d = starts.numel(), tokens.shape[-1]
-    segment = pack_segments.reshape(-1).clamp(max=n)  # padding tokens -> a dropped bucket n
+    segment = segments.clamp(max=n)  # padding tokens -> a dropped bucket n
     sums = tokens.new_zeros(n + 1, d).index_add_(0, segment, tokens.reshape(-1, d))[:n]
     return (sums / pack_lengths.reshape(-1, 1).to(sums.dtype)).reshape(*lead, d)

@@ -130,7 +130,8 @@ class Trainer:
                 return self.start_step
         universal = latest is not None and self.ckpt.needs_universal(latest, zero_stage(cfg))
         torch.manual_seed(cfg.train.seed)  # identical initial weights (the MLP head) on every rank
-        self.encoder = Encoder.from_config(cfg.model)
+        attention = packing.preferred_attention(cfg.model.attn_implementation, cfg.data.packing, cfg.engine.precision)
+        self.encoder = Encoder.from_config(cfg.model, prefer_attention=attention)
         if cfg.data.packing:
             reason = packing.unsupported(self.encoder.backbone, cfg.model.pooler)
             if reason is None and not cfg.model.include_prompt and any(any(s.prompts) for s in self.data.sources):

@@ -5,6 +5,8 @@ tokens) is caught."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from helpers import make_tiny_bert, make_tiny_decoder
@@ -37,11 +39,14 @@ def encoder(tmp_path, pooler: str, attn: str | None = None) -> Encoder:
     return enc.train()  # dropout 0: train mode, so the cls pooler's MLP is used
 
 
-def max_diff(enc: Encoder, batch: dict, capacity: int) -> tuple[float, float]:
+def max_diff(enc: Encoder, batch: dict, capacity: int, packed_attention: str | None = None) -> tuple[float, float]:
     """Largest |packed - padded| of the embeddings, and of the gradients of sum(z * w) relative to
-    the largest gradient (summed over many tokens, they reach ~1e0 where fp32 keeps ~7 digits)."""
+    the largest gradient (summed over many tokens, they reach ~1e0 where fp32 keeps ~7 digits).
+    `packed_attention`: the packed forward's attention implementation (the padded one keeps SDPA)."""
     out = []
-    for inputs in (batch, pack(batch, capacity)):
+    for inputs, attn in ((batch, None), (pack(batch, capacity), packed_attention)):
+        if packed_attention:
+            enc.backbone.set_attn_implementation(attn or "sdpa")
         enc.zero_grad()
         z = enc(**inputs)
         w = torch.linspace(-1, 1, z.numel()).view_as(z)
@@ -119,7 +124,9 @@ def test_unpackable_models_are_named():
         reason = unsupported(model)
         assert reason is not None and word in reason, (word, reason)
     bert.config._attn_implementation = "flash_attention_2"  # as from_pretrained(attn_implementation=...) sets it
-    assert "flash_attention_2" in unsupported(bert)
+    assert unsupported(bert) is None  # its varlen path
+    bert.config._attn_implementation = "flex_attention"
+    assert "flex_attention" in unsupported(bert)
     assert "pooler" in unsupported(BertModel(BertConfig(**tiny)), "first_last_avg_typo")
 
 
@@ -185,3 +192,99 @@ def test_a_causal_first_token_is_not_pooled_packed(decoder):
 
     reason = unsupported(AutoModel.from_pretrained(decoder), "cls")
     assert reason is not None and "last_token" in reason
+
+
+# Flash-attention's varlen path, on CPU: a reference attention registered with transformers reads
+# the cumulative lengths the way the flash kernel does (one flattened row, each sentence attending
+# within its span, causal where the module is), so everything up to the kernel is held here; the
+# kernel itself runs in bench/gpu_suite.sh.
+def varlen_reference(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
+    assert attention_mask is None and query.shape[0] == 1, "varlen inputs are one row without a mask"
+    cu = kw["cu_seq_lens_q"].tolist()
+    assert torch.equal(kw["cu_seq_lens_k"], kw["cu_seq_lens_q"]) and cu[-1] == query.shape[2]
+    spans = [slice(a, b) for a, b in zip(cu[:-1], cu[1:], strict=True)]
+    assert kw["max_length_q"] == max(s.stop - s.start for s in spans)
+    causal = module.is_causal if is_causal is None else is_causal
+    spans = [slice(0, cu[-1])] if VARLEN_LEAK else spans
+    out = [
+        torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, s], key[:, :, s], value[:, :, s], scale=scaling, is_causal=bool(causal), enable_gqa=True
+        )
+        for s in spans
+    ]
+    return torch.cat(out, 2).transpose(1, 2).contiguous(), None
+
+
+VARLEN_LEAK = False
+
+
+@pytest.fixture
+def varlen(monkeypatch):
+    """Models set to the reference attention take the varlen path (as a flash one does)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register("varlen_reference", varlen_reference)
+    AttentionMaskInterface.register("varlen_reference", flash_attention_mask)
+    monkeypatch.setattr(
+        model_packing, "varlen_attention", lambda m: m.config._attn_implementation == "varlen_reference"
+    )
+    return "varlen_reference"
+
+
+@pytest.mark.parametrize("pooler", POOLERS)
+def test_varlen_packing_equals_padded(tmp_path, varlen, pooler):
+    enc = encoder(tmp_path, pooler)
+    enc.backbone.set_attn_implementation(varlen)
+    assert unsupported(enc.backbone, pooler) is None
+    dz, dg = max_diff(enc, padded_batch(seed=5), 40, varlen)
+    assert dz < 1e-5 and dg < 1e-5, (dz, dg)
+
+
+@pytest.mark.parametrize("pooler", ["last_token", "avg"])
+def test_varlen_packed_decoder_equals_padded(decoder, varlen, pooler):
+    torch.manual_seed(0)
+    enc = Encoder.from_config(ModelConfig(name_or_path=str(decoder), pooler=pooler, dropout=0.0)).train()
+    for left in (False, True):
+        dz, dg = max_diff(enc, decoder_batch(left), 30, varlen)
+        assert dz < 1e-5 and dg < 1e-5, (left, dz, dg)
+
+
+def test_varlen_lengths_that_leak_are_caught(tmp_path, varlen, monkeypatch):
+    """The reference attending over the whole flattened row instead of each span fails by far:
+    the comparison above does depend on the cumulative lengths."""
+    enc = encoder(tmp_path, "avg")
+    monkeypatch.setattr(sys.modules[__name__], "VARLEN_LEAK", True)
+    dz, _ = max_diff(enc, padded_batch(seed=5), 40, varlen)
+    assert dz > 1e-2
+
+
+def test_flash_attention_is_preferred_for_packed_half_precision_runs(monkeypatch):
+    import transformers.utils
+
+    from simcse_dist.model.packing import preferred_attention
+
+    for installed in (True, False):
+        monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda installed=installed: installed)
+        assert preferred_attention(None, True, "bf16") == ("flash_attention_2" if installed else None)
+        assert preferred_attention(None, True, "fp16") == ("flash_attention_2" if installed else None)
+        assert preferred_attention(None, True, "fp32") is None  # flash kernels take half precision only
+        assert preferred_attention(None, False, "bf16") is None  # padded runs keep transformers' default
+        assert preferred_attention("eager", True, "bf16") == "eager"  # what the config names wins
+
+
+def test_a_preferred_attention_that_does_not_load_falls_back(tmp_path, caplog):
+    """No flash-attn here: the preferred implementation fails to load, the default loads, one line
+    says so, and the MLP head is drawn from the same seed as without the preference."""
+    model = make_tiny_bert(tmp_path / "bert")
+    cfg = ModelConfig(name_or_path=str(model), pooler="cls")
+    torch.manual_seed(0)
+    plain = Encoder.from_config(cfg)
+    torch.manual_seed(0)
+    with caplog.at_level("INFO", logger="simcse_dist"):
+        tried = Encoder.from_config(cfg, prefer_attention="flash_attention_2")
+    assert tried.backbone.config._attn_implementation == plain.backbone.config._attn_implementation
+    assert torch.equal(tried.mlp.dense.weight, plain.mlp.dense.weight)
+    assert [r.message for r in caplog.records if "flash_attention_2 does not load" in r.message]
+    with pytest.raises((ValueError, ImportError)):  # named in the config: no silent fallback
+        Encoder.from_config(ModelConfig(name_or_path=str(model), attn_implementation="flash_attention_2"))
