@@ -55,7 +55,7 @@ def main() -> None:
         import simcse_dist.train.trainer
 
         build = simcse_dist.train.trainer.Encoder.from_config
-        simcse_dist.train.trainer.Encoder.from_config = lambda cfg: randomize_lora_b(build(cfg))
+        simcse_dist.train.trainer.Encoder.from_config = lambda cfg, **kw: randomize_lora_b(build(cfg, **kw))
     out = Path(args.out)
     with process_group() as env:
         for objective in args.objectives.split(","):
