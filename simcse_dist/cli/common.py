@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 
 from simcse_dist import logs
 
@@ -19,6 +20,9 @@ output dir in use, changed data, checkpoint layout); 3 non-finite loss (train.on
 4 a write failed (disk full, read-only, I/O error: the previous checkpoint is intact); 130
 aborted by a second Ctrl-C."""
 
+PEER_REPORT_GRACE_S = 30.0
+"""How long a rank other than 0 waits for rank 0 to report an error that every rank found."""
+
 
 def fail(message: str, code: int = EXIT_BAD_INPUT, all_ranks: bool = False) -> int:
     """A user's mistake or a clean failure: one line `error: ...` on stderr, no traceback, on rank
@@ -26,6 +30,18 @@ def fail(message: str, code: int = EXIT_BAD_INPUT, all_ranks: bool = False) -> i
     this rank with `all_ranks` (what only it knows). Returns the exit code."""
     log.error(message, extra=logs.ALL_RANKS if all_ranks else None)
     return code
+
+
+def fail_before_group(message: str) -> int:
+    """fail() for bad input found before the ranks form a process group: every rank reads the same
+    config and inputs, so every rank finds it and rank 0 reports it. A launcher (torchrun) ends the
+    other ranks as soon as one exits; a rank other than 0 that exited first could get rank 0 killed
+    before it printed, so it waits for the launcher to end it instead. Still alive after
+    PEER_REPORT_GRACE_S (rank 0 went on: the error is this rank's own), it reports it itself."""
+    if logs.env_rank() == 0:
+        return fail(message)
+    time.sleep(PEER_REPORT_GRACE_S)
+    return fail(message, all_ranks=True)
 
 
 def start_logging(quiet: bool = False, level: str = "info") -> None:

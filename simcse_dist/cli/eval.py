@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from simcse_dist import logs
-from simcse_dist.cli.common import fail, start_logging
+from simcse_dist.cli.common import fail, fail_before_group, start_logging
 from simcse_dist.config import POOLER_ALIASES, POOLERS
 from simcse_dist.data.readers import DataError
 from simcse_dist.eval.sts import PAPER_TASKS, TASKS, StsData, TaskNotFound, check_task, load_task, read_pair_file
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         retrieval = load_retrieval(*args.retrieval) if args.retrieval else None
         mteb_tasks = resolve_tasks(args.mteb) if args.mteb else []
     except (DataError, MtebError) as e:
-        return fail(str(e))
+        return fail_before_group(str(e))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = env.world_size > 1 and not du.is_initialized()
     finished = False  # every rank got through: leaving together is safe

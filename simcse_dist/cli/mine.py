@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from simcse_dist.cli.common import EXIT_WRITE_FAILURE, fail, start_logging
+from simcse_dist.cli.common import EXIT_WRITE_FAILURE, fail, fail_before_group, start_logging
 from simcse_dist.config import POOLER_ALIASES, POOLERS
 from simcse_dist.eval.mine import MineOptions
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         pairs, pool, note = read_inputs(job, opts)
     except (ValueError, DataError) as e:  # DataError is a ValueError; both name the file or option
-        return fail(str(e))
+        return fail_before_group(str(e))
     if note:
         log.info(note)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

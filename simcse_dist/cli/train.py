@@ -22,6 +22,7 @@ from simcse_dist.cli.common import (
     EXIT_WRITE_FAILURE,
     checked_config,
     fail,
+    fail_before_group,
     start_logging,
 )
 from simcse_dist.cli.status import STATUS_FILE_ENV
@@ -121,7 +122,7 @@ def _rank_main(args: argparse.Namespace, stop: StopRequest) -> int:
     try:
         env, cfg = checked_config(args)
     except (ConfigError, DistEnvError) as e:
-        return fail(str(e))
+        return fail_before_group(str(e))
     return run_training(cfg, env, stop=stop)
 
 

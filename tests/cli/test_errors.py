@@ -18,6 +18,16 @@ def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_a_bad_override_under_torchrun_is_reported_once_as_from_the_command_line(tmp_path):
+    """Rank 0 is made 3 s slower than rank 1 to reach the error: rank 1 must not exit first, or
+    torchrun ends rank 0 before it printed (what a loaded machine did by chance)."""
+    late_rank_0 = tmp_path / "late_rank_0.py"
+    late_rank_0.write_text(
+        "import os, sys, time\n"
+        "from simcse_dist.cli.train import main\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    time.sleep(3)\n"
+        "sys.exit(main())\n"
+    )
     proc = run(
         [
             sys.executable,
@@ -25,8 +35,7 @@ def test_a_bad_override_under_torchrun_is_reported_once_as_from_the_command_line
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node=2",
-            "-m",
-            "simcse_dist.cli",
+            str(late_rank_0),
             "--config",
             "configs/demo.yaml",
             "model.pooler=nope",
