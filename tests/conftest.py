@@ -50,10 +50,15 @@ def shared_data() -> Path:
 def single_process_group():
     """One in-process gloo group (world size 1) for the whole session: DeepSpeed caches its
     process groups at the first initialize, so a second init after a teardown would hand it
-    stale groups ("Group ... is not registered")."""
+    stale groups ("Group ... is not registered"). The store's address that the init exports is
+    taken back out of os.environ: a command a later test starts would inherit MASTER_PORT, the
+    port this group's store still holds, and fail to bind it (DeepSpeed still reads LOCAL_RANK)."""
     from simcse_dist import distributed as du
 
+    unset = [key for key in ("MASTER_ADDR", "MASTER_PORT") if key not in os.environ]
     env = du.DistEnv.from_env({})
     du.init_distributed(env, timeout_s=60)
+    for key in unset:
+        os.environ.pop(key, None)
     yield env
     du.teardown()

@@ -48,23 +48,11 @@ _EXTENSIONS = {
     ".parquet": "parquet",
     ".pq": "parquet",
 }
-# Accepted column / key layouts, each in output order (sent0, sent1, hard_neg).
-_TABLE_LAYOUTS = (
-    ("sent0",),
-    ("text",),
-    ("sentence",),
-    ("sent0", "sent1"),
-    ("sent0", "sent1", "hard_neg"),
-    ("anchor", "entailment", "contradiction"),
-)
-_JSON_LAYOUTS = (
-    ("sent0",),
-    ("text",),
-    ("origin",),
-    ("sent0", "sent1"),
-    ("sent0", "sent1", "hard_neg"),
-    ("origin", "entailment", "contradiction"),
-)
+# Accepted column / key layouts, each in output order (sent0, sent1, hard_neg): those of every
+# format, then those of csv/tsv headers, then those of JSON lines and parquet columns.
+_LAYOUTS = (("sent0",), ("text",), ("sent0", "sent1"), ("sent0", "sent1", "hard_neg"))
+_TABLE_LAYOUTS = (*_LAYOUTS, ("sentence",), ("anchor", "entailment", "contradiction"))
+_JSON_LAYOUTS = (*_LAYOUTS, ("origin",), ("origin", "entailment", "contradiction"))
 _STS_B_FIELDS = "genre, file, year, id, score, sentence1, sentence2"
 
 
