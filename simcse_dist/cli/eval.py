@@ -290,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = [list(sts[d].values()) for d in sizes]
             tables.append(format_table(titles, rows, *(([str(d) for d in sizes], "dims") if dims else ())))
             missing = (
-                [t for t in PAPER_TASKS[args.split] if t not in data] if args.tasks.strip().lower() == "all" else []
+                [t for t in PAPER_TASKS[args.split] if t not in data]
+                if args.data_dir and args.tasks.strip().lower() == "all"
+                else []
             )
             if missing:
                 tables.append(f"note: Avg. is over {len(data)} tasks; skipped (no data): {', '.join(missing)}")

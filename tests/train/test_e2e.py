@@ -22,9 +22,9 @@ def test_two_ranks_train_minilm_on_wiki_sample(shared_data, tmp_path):
                 "--config",
                 "configs/demo.yaml",
                 f"data.train_file={shared_data / 'wiki1m-sample.txt'}",
-                f"eval.sts_dev_file={shared_data / 'stsb' / 'dev.tsv'}",
-                "eval.every_steps=15",
-                "train.max_steps=30",
+                f"eval.sts_dev_file={DEMO_DATA / 'sts-demo.tsv'}",  # 101 pairs: STS-B dev's 1,500 add nothing here
+                "eval.every_steps=10",
+                "train.max_steps=20",
                 "train.global_batch_size=16",
                 "log.every_steps=1",
                 "log.wandb_mode=disabled",
@@ -42,13 +42,13 @@ def test_two_ranks_train_minilm_on_wiki_sample(shared_data, tmp_path):
     assert entry.name.startswith("wiki1m-sample.txt.") and (entry / "manifest.json").is_file()
     rows = read_jsonl(out / "metrics.jsonl")
     train = [r for r in rows if "train/loss" in r]
-    assert [r["step"] for r in train] == list(range(1, 31))
+    assert [r["step"] for r in train] == list(range(1, 21))
     for r in train:
         assert TRAIN_FIELDS <= r.keys() and all(math.isfinite(r[k]) for k in TRAIN_FIELDS)
     losses = [r["train/loss"] for r in train]
-    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10, f"loss did not fall: {losses}"
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, f"loss did not fall: {losses}"
     evals = [r for r in rows if "eval/stsb_spearman" in r]
-    assert [r["step"] for r in evals] == [15, 30]
+    assert [r["step"] for r in evals] == [10, 20]
     assert all(0.5 < r["eval/stsb_spearman"] < 1 for r in evals)  # MiniLM is a strong model already
     assert all(0 < r["eval/align"] < 2 and -4 < r["eval/uniform"] < 0 for r in evals)  # the paper's Fig. 2 axes
 
