@@ -1,6 +1,10 @@
 """Run under torchrun (or alone for one rank): build the Trainer for a run dir holding a
 checkpoint, resume from it, and save (rank 0) each parameter's fp32 weight, Adam moments and
-step as the engine now holds them, by parameter name: what tests compare across layouts."""
+step as the engine now holds them, by parameter name: what tests compare across layouts.
+
+With --train-steps N the run dir is first trained to step N in this process (the Trainer's
+loop, as simcse-train runs it; it saves its checkpoint at step N): the run and its resume at
+this world size in one launch instead of two."""
 
 import argparse
 
@@ -36,9 +40,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dump", required=True)
     p.add_argument("--config")
+    p.add_argument("--train-steps", type=int, help="first train the run dir to this step")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     with process_group() as env:
+        if args.train_steps:
+            build_trainer(env, [*args.overrides, f"train.max_steps={args.train_steps}"], args.config).train()
         trainer = build_trainer(env, args.overrides, args.config)
         stage = trainer.cfg.engine.zero_stage
         route = "universal" if trainer.ckpt.needs_universal(trainer.ckpt.latest(), stage) else "direct"
