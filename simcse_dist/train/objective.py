@@ -32,6 +32,8 @@ from simcse_dist.train.loss import (
     padding_mask,
 )
 
+Maybe = torch.Tensor | None  # an input or output a step may not have (step.py's LossFn)
+
 
 @dataclass(frozen=True, slots=True)
 class ObjectiveSpec:
@@ -88,13 +90,8 @@ class Objective:
         self.spec, self.rank, self.world_size = spec, rank, world_size
 
     def __call__(
-        self,
-        z: torch.Tensor,
-        row_valid: torch.Tensor | None = None,
-        ids: torch.Tensor | None = None,
-        guide: torch.Tensor | None = None,
-        teacher: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, z: torch.Tensor, row_valid: Maybe = None, ids: Maybe = None, guide: Maybe = None, teacher: Maybe = None
+    ) -> tuple[torch.Tensor, Maybe]:
         """z [b, k, d]; guide / teacher [b, k, d'] (no gradient) -> (this rank's loss, the pairs
         masked as false negatives, or None when nothing is masked)."""
         s = self.spec
