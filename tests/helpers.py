@@ -67,6 +67,28 @@ def run_gloo(script: Path, nproc: int, args: list[str], timeout: int = 300, env:
     return proc.stdout
 
 
+GRAD_WORKER = REPO / "tests" / "workers" / "grad_worker.py"
+
+
+def grad_worker_args(
+    out: Path,
+    data: dict[str, Path],
+    hard_negative_weight: float,
+    *,
+    stages: str = "0,1,2,3",
+    accums: str = "1",
+    objectives: str = "unsup,sup",
+    step: int = 0,
+) -> list[str]:
+    """GRAD_WORKER's arguments for one case (the config overrides follow them): its gradients
+    go to `out`; `data` holds the unsup and sup training files."""
+    return [
+        *("--out", str(out), "--stages", stages, "--grad-accums", accums, "--objectives", objectives),
+        *("--data-unsup", str(data["unsup"]), "--data-sup", str(data["sup"])),
+        *("--hard-negative-weight", str(hard_negative_weight), "--step", str(step)),
+    ]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

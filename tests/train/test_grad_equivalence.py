@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEMO_DATA, REPO, make_tiny_decoder, randomize_lora_b, run_gloo
+from helpers import DEMO_DATA, GRAD_WORKER, grad_worker_args, make_tiny_decoder, randomize_lora_b, run_gloo
 from reference import global_batch_indices, reference_simcse_loss
 from transformers import AutoTokenizer
 
@@ -25,7 +25,6 @@ from simcse_dist.data.readers import read_train_examples
 from simcse_dist.model.encoder import Encoder
 from simcse_dist.model.tokenizer import load_tokenizer
 
-WORKER = REPO / "tests" / "workers" / "grad_worker.py"
 SEED, TAU, HNW = 7, 0.05, 0.3
 DATA = {"unsup": DEMO_DATA / "wiki-demo.txt", "sup": DEMO_DATA / "nli-demo.tsv"}
 
@@ -50,34 +49,13 @@ def case_args(
     model: Path,
     global_batch: int,
     *,
-    accums: str = "1",
-    stages: str = "0,1,2,3",
     data: dict | None = None,
-    step: int = 0,
     extra: tuple = (),
-    objectives: str = "unsup,sup",
+    **worker: str | int,
 ) -> list[str]:
-    """grad_worker's arguments for one case: its gradients go to `out`."""
-    data = data or DATA
-    return [
-        "--out",
-        str(out),
-        "--stages",
-        stages,
-        "--grad-accums",
-        accums,
-        "--objectives",
-        objectives,
-        "--data-unsup",
-        str(data["unsup"]),
-        "--data-sup",
-        str(data["sup"]),
-        "--hard-negative-weight",
-        str(HNW),
-        "--step",
-        str(step),
-        *overrides(model, global_batch, *extra),
-    ]
+    """grad_worker's arguments for one case: its gradients go to `out`; `worker`: stages,
+    accums, objectives, step (helpers.grad_worker_args)."""
+    return [*grad_worker_args(out, data or DATA, HNW, **worker), *overrides(model, global_batch, *extra)]
 
 
 def launch(tmp: Path, world: int, by_name: dict[str, list[str]]) -> dict[str, str]:
@@ -86,7 +64,7 @@ def launch(tmp: Path, world: int, by_name: dict[str, list[str]]) -> dict[str, st
     tmp.mkdir(parents=True, exist_ok=True)
     spec = tmp / f"cases-{world}.json"
     spec.write_text(json.dumps(list(by_name.values())))
-    log = run_gloo(WORKER, world, ["--cases", str(spec)], timeout=1200)
+    log = run_gloo(GRAD_WORKER, world, ["--cases", str(spec)], timeout=1200)
     outs = {args[args.index("--out") + 1]: name for name, args in by_name.items()}
     parts = re.split(r"^case (\S+)$", log, flags=re.M)
     return {outs[out]: text for out, text in zip(parts[1::2], parts[2::2], strict=True)}
@@ -343,7 +321,7 @@ def test_duplicate_premises_are_not_negatives(tiny_bert, launched):
 def test_reference_detects_dropped_cross_rank_terms(tiny_bert, tmp_path):
     """Sanity of the comparison itself: 2 ranks with the official code's no-grad gather (each
     rank's gradient reaches only its own rows) fail it by far."""
-    run_gloo(WORKER, 2, ["--no-grad-gather", *case_args(tmp_path, tiny_bert, 12, stages="0", objectives="sup")])
+    run_gloo(GRAD_WORKER, 2, ["--no-grad-gather", *case_args(tmp_path, tiny_bert, 12, stages="0", objectives="sup")])
     ref = reference_grads(tiny_bert, "sup", DATA["sup"], [global_batch_indices(n_examples(DATA["sup"]), 12, SEED)])
     got = torch.load(tmp_path / "grads-sup-z0-a1.pt")["grads"]
     rel, _ = max_rel_diff(got, ref)
@@ -393,7 +371,7 @@ def test_grad_cache_with_activation_checkpointing_and_dropout(tiny_bert, launche
         )
         settings = (GRAD_CACHE, *DROPOUT_PADDED, "engine.activation_checkpointing=true", *extra)
         args = case_args(out, model, 24, accums="2", stages="0,3", extra=settings)
-        run_gloo(WORKER, 2, ["--random-lora-b", *args], timeout=900)
+        run_gloo(GRAD_WORKER, 2, ["--random-lora-b", *args], timeout=900)
     for objective in ("unsup", "sup"):
         idx = global_batch_indices(n_examples(DATA[objective]), 24, SEED)
         ref = reference_grads_dropout(model, objective, DATA[objective], idx, 2, 2, extra)

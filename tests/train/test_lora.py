@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEMO_DATA, REPO, make_tiny_decoder, randomize_lora_b, run_gloo
+from helpers import DEMO_DATA, GRAD_WORKER, grad_worker_args, make_tiny_decoder, randomize_lora_b, run_gloo
 from reference import global_batch_indices, reference_simcse_loss
 
 from simcse_dist.data.readers import read_train_examples
 
-WORKER = REPO / "tests" / "workers" / "grad_worker.py"
 SEED, TAU, HNW, MAX_LEN, BATCH = 7, 0.05, 0.3, 32, 8
 R, ALPHA, TARGETS = 4, 8.0, ["q_proj", "v_proj"]
 DATA = {"unsup": DEMO_DATA / "wiki-demo.txt", "sup": DEMO_DATA / "nli-demo.tsv"}
@@ -75,28 +74,8 @@ def reference(model: Path, objective: str) -> tuple[dict[str, torch.Tensor], flo
 
 
 def run_worker(tmp_path: Path, world: int, model: Path, accums: str, *extra: str) -> None:
-    run_gloo(
-        WORKER,
-        world,
-        [
-            "--out",
-            str(tmp_path),
-            "--stages",
-            "0,3",
-            "--grad-accums",
-            accums,
-            "--data-unsup",
-            str(DATA["unsup"]),
-            "--data-sup",
-            str(DATA["sup"]),
-            "--hard-negative-weight",
-            str(HNW),
-            "--random-lora-b",
-            *lora_overrides(model),
-            *extra,
-        ],
-        timeout=900,
-    )
+    args = grad_worker_args(tmp_path, DATA, HNW, stages="0,3", accums=accums)
+    run_gloo(GRAD_WORKER, world, ["--random-lora-b", *args, *lora_overrides(model), *extra], timeout=900)
 
 
 def norm(grads: dict[str, torch.Tensor]) -> float:
