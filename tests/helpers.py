@@ -40,17 +40,13 @@ def make_tiny_bert(out_dir: Path, seed: int = 0, **overrides) -> Path:
     return out_dir
 
 
+FORKRUN = REPO / "tests" / "workers" / "forkrun.py"
+
+
 def run_gloo(script: Path, nproc: int, args: list[str], timeout: int = 300, env: dict | None = None) -> str:
-    """Run `script` under torchrun with `nproc` CPU ranks; returns stdout, raises with the log on failure."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        str(script),
-        *args,
-    ]
+    """Run `script` with `nproc` CPU ranks started by torch's elastic agent (forked after the
+    common imports: workers/forkrun.py); returns stdout, raises with the log on failure."""
+    cmd = [sys.executable, str(FORKRUN), str(nproc), str(script), *args]
     full_env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import process_group
+from harness import process_group, say
 
 from simcse_dist.config import CheckpointConfig
 from simcse_dist.train.checkpoint import CheckpointManager
@@ -21,7 +21,7 @@ def main() -> int:
         try:
             manager.load(None, ckpt, universal=True)  # converts first: fails on rank 0 (no engine files)
         except BaseException as e:  # noqa: BLE001 - what ended each rank is the result
-            print(f"rank {env.rank}: {type(e).__name__} after {time.monotonic() - t0:.1f} s", flush=True)
+            say(f"rank {env.rank}: {type(e).__name__} after {time.monotonic() - t0:.1f} s")
             if env.rank == 0:
                 time.sleep(8)
             raise SystemExit(0) from None

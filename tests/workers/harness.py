@@ -30,6 +30,13 @@ def process_group(timeout_s: int = 120):
         du.teardown(together=ok)
 
 
+def say(line: str) -> None:
+    """One line from one rank in a single write: ranks share the launcher's stdout, and under
+    PYTHONUNBUFFERED print() writes the text and its newline apart, so two ranks' lines can mix."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def config(env: du.DistEnv, overrides: list[str], path: str | None = None) -> Config:
     cfg = load_config(path, overrides)
     cfg.validate(env.world_size)

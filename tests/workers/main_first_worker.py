@@ -5,7 +5,7 @@ import sys
 import time
 
 import torch.distributed as dist
-from harness import process_group
+from harness import process_group, say
 
 from simcse_dist import distributed as du
 
@@ -19,12 +19,12 @@ def main() -> int:
 
     with process_group(timeout_s=3) as env:
         result = du.main_first(work, every_s=1.0)
-        print(f"rank {env.rank}: main_first -> {result}", flush=True)
+        say(f"rank {env.rank}: main_first -> {result}")
         if sys.argv[1:] == ["--barrier"]:  # the control: one long wait in a single collective
             if env.rank == 0:
                 time.sleep(8)
             dist.barrier()
-            print(f"rank {env.rank}: barrier passed", flush=True)
+            say(f"rank {env.rank}: barrier passed")
     return 0
 
 

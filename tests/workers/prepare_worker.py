@@ -10,7 +10,7 @@ import argparse
 import sys
 import traceback
 
-from harness import process_group
+from harness import process_group, say
 
 from simcse_dist import distributed as du
 
@@ -68,13 +68,13 @@ def main() -> int:
                 )
             except Exception as e:  # noqa: BLE001 - what each rank saw is the test's subject
                 read = any(f.filename.endswith("inputs.py") for f in traceback.extract_tb(e.__traceback__))
-                print(f"rank {env.rank}: {type(e).__name__}: {e}", flush=True)
+                say(f"rank {env.rank}: {type(e).__name__}: {e}")
                 if read:  # this rank read the bad row; the others were told
-                    print(f"rank {env.rank} read it", flush=True)
+                    say(f"rank {env.rank} read it")
                 if isinstance(e, du.PeerFailed):
                     raise
                 return 3
-            print(f"rank {env.rank}: ok {corpus.directory} {corpus.num_rows} {corpus.built}", flush=True)
+            say(f"rank {env.rank}: ok {corpus.directory} {corpus.num_rows} {corpus.built}")
     return 0
 
 
