@@ -40,13 +40,11 @@ def make_tiny_bert(out_dir: Path, seed: int = 0, **overrides) -> Path:
     return out_dir
 
 
-FORKRUN = REPO / "tests" / "workers" / "forkrun.py"
-
-
 def run_gloo(script: Path, nproc: int, args: list[str], timeout: int = 300, env: dict | None = None) -> str:
-    """Run `script` with `nproc` CPU ranks started by torch's elastic agent (forked after the
-    common imports: workers/forkrun.py); returns stdout, raises with the log on failure."""
-    cmd = [sys.executable, str(FORKRUN), str(nproc), str(script), *args]
+    """Run `script` with `nproc` CPU ranks under torch's elastic agent (ranks forked from a
+    pre-imported server: zygote.py); returns stdout, raises with the log on failure."""
+    import zygote
+
     full_env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -55,10 +53,11 @@ def run_gloo(script: Path, nproc: int, args: list[str], timeout: int = 300, env:
         "PYTHONPATH": str(REPO),
         **(env or {}),
     }
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    proc = zygote.run([str(script)], args, ranks=nproc, env=full_env, cwd=REPO, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
-            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+            f"{script} {' '.join(args)} on {nproc} ranks failed ({proc.returncode}):\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
         )
     return proc.stdout
 
@@ -103,10 +102,16 @@ def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: flo
 CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def cli(args: list[str], launcher: str = "python", nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    if launcher == "python":
-        cmd = [sys.executable, "-m", "simcse_dist.cli", *args]
-    elif launcher == "torchrun":
+def cli(args: list[str], launcher: str = "forked", nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """simcse-train ARGS: "forked" from the tests' pre-imported server (zygote.py), one process
+    or, with nproc > 1, that many ranks under torch's elastic agent; "torchrun" and "deepspeed"
+    start the real launchers."""
+    if launcher == "forked":
+        import zygote
+
+        ranks = nproc if nproc > 1 else None
+        return zygote.run(["-m", "simcse_dist.cli"], args, ranks=ranks, env=CLI_ENV, cwd=REPO, timeout=timeout)
+    if launcher == "torchrun":
         cmd = [
             sys.executable,
             "-m",

@@ -31,7 +31,7 @@ def test_two_source_mixture_gives_the_same_losses_on_one_and_two_ranks(tiny_bert
         "checkpoint.every_steps=0",
     ]
     one = ok(cli([*common, f"train.output_dir={tmp_path / 'one'}"]))
-    ok(cli([*common, f"train.output_dir={tmp_path / 'two'}"], launcher="torchrun", nproc=2))
+    ok(cli([*common, f"train.output_dir={tmp_path / 'two'}"], nproc=2))
     assert "wiki: 660 examples" in one.stdout and "nli: 216 examples" in one.stdout, one.stdout
     rows = {n: read_jsonl(tmp_path / n / "metrics.jsonl") for n in ("one", "two")}
     assert len(rows["one"]) == len(rows["two"]) == 6
@@ -70,7 +70,7 @@ def test_resumed_mixture_continues_the_schedule_and_its_counts(tiny_bert, tmp_pa
     ok(cli([*common, f"train.output_dir={tmp_path / 'whole'}"]))
     shutil.copytree(tmp_path / "whole", tmp_path / "cut")
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-00000006")  # as if stopped after step 3
-    resumed = ok(cli([*common, f"train.output_dir={tmp_path / 'cut'}"], launcher="torchrun", nproc=2))
+    resumed = ok(cli([*common, f"train.output_dir={tmp_path / 'cut'}"], nproc=2))
     assert "resumed from step 3" in resumed.stdout
     whole, cut = (read_jsonl(tmp_path / n / "metrics.jsonl") for n in ("whole", "cut"))
     assert [r["step"] for r in cut] == list(range(1, 7))

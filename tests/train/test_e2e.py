@@ -165,7 +165,7 @@ def test_malformed_row_names_file_and_line(tiny_bert, tmp_path, nproc):
             f"train.output_dir={tmp_path / 'out'}",
             "log.wandb_mode=disabled",
         ],
-        launcher="python" if nproc == 1 else "torchrun",
+        launcher="forked" if nproc == 1 else "torchrun",
         nproc=nproc,
     )
     assert proc.returncode == (2 if nproc == 1 else 1)  # torchrun reports a failed rank with 1

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import zygote
 from helpers import DEMO_DATA, REPO, read_jsonl, run_gloo
 from helpers import wait_for_step as wait_for_metrics
 
@@ -62,6 +63,11 @@ def start(cmd: list[str], **kw) -> subprocess.Popen:
 
 def python_cli(*a: str) -> list[str]:
     return [sys.executable, "-m", "simcse_dist.cli", *a]
+
+
+def run_cli(*a: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """simcse-train to its end, forked from the tests' pre-imported server (zygote.py)."""
+    return zygote.run(["-m", "simcse_dist.cli"], list(a), env=ENV, cwd=REPO, timeout=timeout)
 
 
 def wait_for_step(out: Path, step: int, proc: subprocess.Popen) -> None:
@@ -245,22 +251,17 @@ def test_two_runs_in_one_output_dir_and_a_stale_lock(tiny_bert, tmp_path):
     first = start(python_cli(*args(tiny_bert, out, steps=100000)))
     wait_for_step(out, 1, first)
     t0 = time.time()
-    second = subprocess.run(
-        python_cli(*args(tiny_bert, out)), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120
-    )
+    second = run_cli(*args(tiny_bert, out), timeout=120)
     assert second.returncode == 2 and time.time() - t0 < 60
     lock = json.loads((out / ".lock").read_text())
     assert f"train.output_dir: {out} is in use by another run (host {lock['host']}, pid {first.pid}" in second.stderr
     os.killpg(first.pid, signal.SIGKILL)  # the first run dies without releasing its lock
     first.wait()
-    third = subprocess.run(
-        python_cli(
-            *args(tiny_bert, out, steps=100000), "checkpoint.resume=false", "train.max_steps=2", "train.overwrite=true"
-        ),
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
+    third = run_cli(
+        *args(tiny_bert, out, steps=100000),
+        "checkpoint.resume=false",
+        "train.max_steps=2",
+        "train.overwrite=true",
         timeout=120,
     )
     assert third.returncode == 0, third.stderr[-3000:]
@@ -289,7 +290,7 @@ def test_checkpoint_in_another_data_order_is_refused_through_the_cli(tiny_bert, 
     and the checkpoint left as it was."""
     out = tmp_path / "run"
     over = args(tiny_bert, out, steps=2, **{"log.progress_bar": "false"})
-    first = subprocess.run(python_cli(*over), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    first = run_cli(*over)
     assert first.returncode == 0, first.stderr[-3000:]
     (ckpt,) = (out / "checkpoints").iterdir()
     state_file = ckpt / "trainer_state.json"
@@ -297,9 +298,7 @@ def test_checkpoint_in_another_data_order_is_refused_through_the_cli(tiny_bert, 
     assert state["sampler"] == "feistel-v1"
     state["sampler"] = "another-order-v0"
     state_file.write_text(json.dumps(state))
-    again = subprocess.run(
-        python_cli(*over, "train.max_steps=4"), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300
-    )
+    again = run_cli(*over, "train.max_steps=4")
     assert again.returncode == 2, again.stderr[-3000:]
     err = again.stderr.strip().splitlines()[-1]
     assert (

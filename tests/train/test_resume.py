@@ -2,7 +2,8 @@
 NaN losses, interrupted checkpoint writes, and two runs in one output dir.
 
 Nearly all the cost of these tests is starting processes (each rank imports torch, transformers
-and DeepSpeed); steps are cheap. So a run is launched only where a test needs a new one: the
+and DeepSpeed); steps are cheap. So runs to their end are forked from a pre-imported server
+(zygote.py), and a run is launched only where a test needs a new one: the
 uninterrupted 1-rank run (`one_rank_run`) is the reference and the source run dir of several
 tests, and a killed run's own log is the reference its resumed run must repeat."""
 
@@ -21,6 +22,7 @@ import psutil
 import pytest
 import torch
 import yaml
+import zygote
 from helpers import DEMO_DATA, REPO, read_jsonl, wait_for_step
 
 from simcse_dist.config import CheckpointConfig
@@ -70,8 +72,11 @@ def command(args: list[str], nproc: int, module: str = "simcse_dist.cli") -> lis
 
 
 def run(args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        command(args, nproc), capture_output=True, text=True, cwd=REPO, env={**ENV, **(env or {})}, timeout=timeout
+    """A run to its end, forked from the tests' pre-imported server (zygote.py); `start` starts
+    the real command, for the tests that signal or kill it."""
+    ranks = nproc if nproc > 1 else None
+    return zygote.run(
+        ["-m", "simcse_dist.cli"], args, ranks=ranks, env={**ENV, **(env or {})}, cwd=REPO, timeout=timeout
     )
 
 
@@ -283,10 +288,8 @@ def test_bf16_layout_changes_restore_the_exact_optimizer_state(tiny_bert, tmp_pa
         dump = tmp_path / f"on{nproc}.pt"
         train = ["--train-steps", "4"] if nproc == 2 else []
         # a finished run skips building its engine: one more step to go makes the worker restore it
-        cmd = [str(worker), "--dump", str(dump), *train, *args, "train.max_steps=5"]
-        if nproc > 1:
-            cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
-        ok(subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300))
+        argv = ["--dump", str(dump), *train, *args, "train.max_steps=5"]
+        ok(zygote.run([str(worker)], argv, ranks=nproc if nproc > 1 else None, env=ENV, cwd=REPO, timeout=300))
         dumps[nproc] = torch.load(dump, weights_only=False)
     own, other = dumps[2], dumps[1]
     assert own["route"] == "direct" and other["route"] == "universal"
