@@ -53,7 +53,7 @@ def run_gloo(script: Path, nproc: int, args: list[str], timeout: int = 300, env:
         "PYTHONPATH": str(REPO),
         **(env or {}),
     }
-    proc = zygote.run([str(script)], args, ranks=nproc, env=full_env, cwd=REPO, timeout=timeout)
+    proc = zygote.run([str(script), *args], ranks=nproc, env=full_env, cwd=REPO, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
             f"{script} {' '.join(args)} on {nproc} ranks failed ({proc.returncode}):\n"
@@ -110,7 +110,7 @@ def cli(args: list[str], launcher: str = "forked", nproc: int = 1, timeout: int 
         import zygote
 
         ranks = nproc if nproc > 1 else None
-        return zygote.run(["-m", "simcse_dist.cli"], args, ranks=ranks, env=CLI_ENV, cwd=REPO, timeout=timeout)
+        return zygote.run(["-m", "simcse_dist.cli", *args], ranks=ranks, env=CLI_ENV, cwd=REPO, timeout=timeout)
     if launcher == "torchrun":
         cmd = [
             sys.executable,

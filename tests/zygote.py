@@ -75,18 +75,18 @@ def _child(target: list[str], argv: list[str], ranks: int | None, env: dict, cwd
 
 
 def run(
-    target: list[str],
-    argv: list[str],
+    command: list[str],
     *,
     ranks: int | None = None,
     env: dict | None = None,
     cwd: Path | str = ".",
     timeout: float = 300,
 ) -> subprocess.CompletedProcess:
-    """`python *target *argv` (target: [SCRIPT] or ["-m", MODULE]), or under torchrun with
-    `ranks` ranks, forked from the server; the result as subprocess.run(capture_output=True,
-    text=True) gives it. A command still running after `timeout` s is killed with its children
-    (subprocess.TimeoutExpired)."""
+    """`python *command` (command: [SCRIPT, *ARGS] or ["-m", MODULE, *ARGS]), or under
+    torchrun with `ranks` ranks, forked from the server; the result as
+    subprocess.run(capture_output=True, text=True) gives it. A command still running after
+    `timeout` s is killed with its children (subprocess.TimeoutExpired)."""
+    target, argv = forkrun.split_target(command)
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
         out.touch()
@@ -104,7 +104,7 @@ def run(
                     with contextlib.suppress(psutil.NoSuchProcess):
                         p.kill()
             proc.join()
-            raise subprocess.TimeoutExpired([*target, *argv], timeout, out.read_text(), err.read_text())
+            raise subprocess.TimeoutExpired(command, timeout, out.read_text(), err.read_text())
         return subprocess.CompletedProcess(
-            [*target, *argv], proc.exitcode, out.read_text(errors="replace"), err.read_text(errors="replace")
+            command, proc.exitcode, out.read_text(errors="replace"), err.read_text(errors="replace")
         )

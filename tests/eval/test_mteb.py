@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+import zygote
 from helpers import REPO, SHARED_DATA
 
 from simcse_dist.cli.eval import main as eval_cli
@@ -113,14 +113,7 @@ def test_eval_cli_mteb_on_two_ranks(tmp_path, tiny_bert):
     with quiet_transformers():
         export_model(tiny_bert, tmp_path / "tiny", pooler="avg_first_last")
     out = tmp_path / "two-ranks.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "simcse_dist.cli.eval",
+    args = [
         "--model",
         str(tmp_path / "tiny"),
         "--batch-size",
@@ -138,7 +131,7 @@ def test_eval_cli_mteb_on_two_ranks(tmp_path, tiny_bert):
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONPATH": str(REPO),
     }
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    proc = zygote.run(["-m", "simcse_dist.cli.eval", *args], ranks=2, env=env, cwd=REPO, timeout=300)
     assert proc.returncode != 0 and proc.stderr.count("error: MTEB task STSBenchmark:") == 1, proc.stderr[-4000:]
     assert "2 rank(s)" in proc.stdout
     got = json.loads(out.read_text())

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zygote
 from helpers import REPO, SHARED_DATA
 
 from simcse_dist.cli.eval import main as eval_cli
@@ -228,14 +227,7 @@ def test_eval_cli_retrieval_on_two_ranks_matches_sentence_transformers(tmp_path,
     with quiet_transformers():  # avg_first_last: the layer pooler, WeightedLayerPooling on the ST side
         export_model(tiny_bert, model_dir, pooler="avg_first_last")
     out = tmp_path / "two-ranks.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "simcse_dist.cli.eval",
+    args = [
         "--model",
         str(model_dir),
         "--retrieval",
@@ -248,7 +240,7 @@ def test_eval_cli_retrieval_on_two_ranks_matches_sentence_transformers(tmp_path,
         str(out),
         "--no-progress",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=240)
+    proc = zygote.run(["-m", "simcse_dist.cli.eval", *args], ranks=2, env=ENV, cwd=REPO, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 rank(s)" in proc.stdout and proc.stdout.count("nDCG@10 |") == 1  # rank 0 prints once
     got = json.loads(out.read_text())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zygote
 from eval_reference import cosine, documented_embeddings, spearman_by_hand
 from helpers import REPO, SHARED_DATA
 
@@ -137,14 +138,7 @@ def test_eval_cli_sharded_over_two_ranks(tmp_path, tiny_bert):
     emb = documented_embeddings(tiny_bert, [r[0] for r in rows] + [r[1] for r in rows], pooler="cls_before_pooler")
     expected = 100 * spearman_by_hand(cosine(emb[: len(rows)], emb[len(rows) :]), [r[2] for r in rows])
     out = tmp_path / "two-ranks.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "simcse_dist.cli.eval",
+    args = [
         "--model",
         str(tiny_bert),
         "--pooler",
@@ -158,7 +152,7 @@ def test_eval_cli_sharded_over_two_ranks(tmp_path, tiny_bert):
         "--batch-size",
         "4",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=180)
+    proc = zygote.run(["-m", "simcse_dist.cli.eval", *args], ranks=2, env=ENV, cwd=REPO, timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 rank(s)" in proc.stdout and proc.stdout.count("STS12 |") == 1  # rank 0 prints once
     assert json.loads(out.read_text())["sts12"] == pytest.approx(expected, abs=1e-6)

@@ -67,7 +67,7 @@ def python_cli(*a: str) -> list[str]:
 
 def run_cli(*a: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """simcse-train to its end, forked from the tests' pre-imported server (zygote.py)."""
-    return zygote.run(["-m", "simcse_dist.cli"], list(a), env=ENV, cwd=REPO, timeout=timeout)
+    return zygote.run(["-m", "simcse_dist.cli", *a], env=ENV, cwd=REPO, timeout=timeout)
 
 
 def wait_for_step(out: Path, step: int, proc: subprocess.Popen) -> None:

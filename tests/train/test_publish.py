@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import zygote
 from helpers import CLI_ENV, DEMO_DATA, REPO, read_jsonl
 
 
@@ -29,10 +30,18 @@ def overrides(model: Path, out: Path, **kw) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def train(*args: str, status: Path | None = None, worker: list[str] | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, *(worker or ["-m", "simcse_dist.cli"]), *args]
+def train(
+    *args: str, status: Path | None = None, worker: list[str] | None = None, fresh: bool = False
+) -> subprocess.CompletedProcess:
+    """simcse-train (or a worker script taking its arguments), forked from the tests'
+    pre-imported server (zygote.py), or `fresh`: a new interpreter, to see what it imports."""
     env = {**CLI_ENV, "PYTHONPATH": str(REPO), **({"SIMCSE_STATUS_FILE": str(status)} if status else {})}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    command = [*(worker or ["-m", "simcse_dist.cli"]), *args]
+    if fresh:
+        return subprocess.run(
+            [sys.executable, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+    return zygote.run(command, env=env, cwd=REPO, timeout=300)
 
 
 def size(path: Path) -> int:
@@ -94,7 +103,7 @@ def test_a_finished_run_rerun_starts_nothing_and_says_how_to_extend(tiny_bert, t
     over = overrides(tiny_bert, out, **{"log.wandb_mode": "offline"})
     assert train(*over).returncode == 0
     runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
-    again = train(*over, status=status)
+    again = train(*over, status=status, fresh=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "nothing to train" in again.stdout and "raise train.max_steps" in again.stdout, again.stdout
     assert f"final model in {out / 'best'}" in again.stdout

@@ -76,7 +76,7 @@ def run(args: list[str], nproc: int = 2, env: dict | None = None, timeout: int =
     the real command, for the tests that signal or kill it."""
     ranks = nproc if nproc > 1 else None
     return zygote.run(
-        ["-m", "simcse_dist.cli"], args, ranks=ranks, env={**ENV, **(env or {})}, cwd=REPO, timeout=timeout
+        ["-m", "simcse_dist.cli", *args], ranks=ranks, env={**ENV, **(env or {})}, cwd=REPO, timeout=timeout
     )
 
 
@@ -289,7 +289,7 @@ def test_bf16_layout_changes_restore_the_exact_optimizer_state(tiny_bert, tmp_pa
         train = ["--train-steps", "4"] if nproc == 2 else []
         # a finished run skips building its engine: one more step to go makes the worker restore it
         argv = ["--dump", str(dump), *train, *args, "train.max_steps=5"]
-        ok(zygote.run([str(worker)], argv, ranks=nproc if nproc > 1 else None, env=ENV, cwd=REPO, timeout=300))
+        ok(zygote.run([str(worker), *argv], ranks=nproc if nproc > 1 else None, env=ENV, cwd=REPO, timeout=300))
         dumps[nproc] = torch.load(dump, weights_only=False)
     own, other = dumps[2], dumps[1]
     assert own["route"] == "direct" and other["route"] == "universal"
